@@ -1,0 +1,15 @@
+"""vllm-cmasd: Confidence-Modulated Adaptive Speculative Decoding for vLLM 0.32.
+
+``register`` is the ``vllm.general_plugins`` entry point. vLLM calls it in
+every process it starts; it installs the hooks in :mod:`vllm_cmasd.vllm_patch`,
+which do nothing unless a request's engine was configured with
+``--additional-config '{"cmasd": {...}}'``.
+"""
+
+__version__ = "0.1.0"
+
+
+def register() -> None:
+    from vllm_cmasd import vllm_patch
+
+    vllm_patch.install()

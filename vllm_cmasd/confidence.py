@@ -1,0 +1,53 @@
+"""How sure the drafter is about each token it drafts.
+
+All functions take a batch of drafter logits ``[batch, vocab]`` and return one
+value per row in ``[0, 1]``, 1 meaning certain. They run batched on the
+logits' device; there is no loop over tokens. Equations: docs/confidence.md.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from vllm_cmasd.config import CmasdConfig
+
+
+def entropy_confidence(logits: torch.Tensor) -> torch.Tensor:
+    """1 - H(p) / log V: 1 for a one-hot distribution, 0 for a uniform one."""
+    log_probs = torch.log_softmax(logits.float(), dim=-1)
+    entropy = -(log_probs.exp() * log_probs).nansum(dim=-1)
+    return (1.0 - entropy / math.log(logits.shape[-1])).clamp(0.0, 1.0)
+
+
+def softmax_margin(logits: torch.Tensor) -> torch.Tensor:
+    """p1 - p2, the gap between the two most likely tokens' probabilities."""
+    top2 = torch.softmax(logits.float(), dim=-1).topk(2, dim=-1).values
+    return top2[:, 0] - top2[:, 1]
+
+
+def logit_margin_confidence(logits: torch.Tensor, scale: float) -> torch.Tensor:
+    """tanh((l1 - l2) / scale): the raw logit gap, squashed into [0, 1).
+
+    Unlike the softmax margin it does not saturate at 1 when one token is far
+    ahead, and unlike entropy it ignores the tail; ``scale`` is the gap that
+    maps to tanh(1) = 0.76.
+    """
+    top2 = logits.float().topk(2, dim=-1).values
+    return torch.tanh((top2[:, 0] - top2[:, 1]) / scale)
+
+
+def unified_confidence(logits: torch.Tensor, config: CmasdConfig) -> torch.Tensor:
+    """Weighted mean of the three signals, weights from ``config.weights``."""
+    w_entropy, w_softmax, w_logit = config.normalized_weights
+    score = torch.zeros(logits.shape[0], device=logits.device, dtype=torch.float32)
+    # Skip signals with zero weight: each costs a pass over the vocabulary.
+    if w_entropy:
+        score += w_entropy * entropy_confidence(logits)
+    if w_softmax:
+        score += w_softmax * softmax_margin(logits)
+    if w_logit:
+        score += w_logit * logit_margin_confidence(logits, config.logit_margin_scale)
+    # NaN logits (a broken drafter) count as no confidence at all.
+    return torch.nan_to_num(score, nan=0.0).clamp(0.0, 1.0)

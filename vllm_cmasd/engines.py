@@ -1,0 +1,117 @@
+"""Engine settings shared by the demo, the benchmark and the tests.
+
+One place knows how to ask vLLM for plain decoding, vLLM's own speculation
+and CM-ASD, so every comparison runs the engines under identical settings.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+DEFAULT_TARGET = REPO_ROOT / "models" / "smollm2-135m-instruct"
+DEFAULT_DRAFT = REPO_ROOT / "models" / "smollm2-135m-draft-l4"
+
+
+def on_cpu() -> bool:
+    from vllm.platforms import current_platform
+
+    return current_platform.is_cpu()
+
+
+def llm_kwargs(
+    target: str | Path,
+    *,
+    draft: str | Path | None = None,
+    num_speculative_tokens: int = 8,
+    cmasd: dict[str, Any] | None = None,
+    ngram: bool = False,
+    max_model_len: int = 2048,
+    gpu_memory_utilization: float = 0.25,
+    **overrides: Any,
+) -> dict[str, Any]:
+    """Keyword arguments for ``vllm.LLM``.
+
+    ``draft`` alone: vLLM's draft-model speculation at fixed k; ``draft`` and
+    ``cmasd``: CM-ASD with k_max = ``num_speculative_tokens``; ``ngram``:
+    vLLM's n-gram speculation; none of them: plain decoding.
+    """
+    kwargs: dict[str, Any] = dict(
+        model=str(target),
+        max_model_len=max_model_len,
+        gpu_memory_utilization=gpu_memory_utilization,
+        seed=0,
+        # Keep vLLM's stats on: speculative-decoding counters come from them.
+        disable_log_stats=False,
+    )
+    if on_cpu():
+        # fp32 is the fast dtype on AVX2-only CPUs; graph compilation costs
+        # ~2 minutes per engine there and was no faster.
+        kwargs.update(dtype="float32", enforce_eager=True)
+    if ngram:
+        kwargs["speculative_config"] = {
+            "method": "ngram",
+            "num_speculative_tokens": num_speculative_tokens,
+            "prompt_lookup_min": 2,
+            "prompt_lookup_max": 5,
+        }
+    elif draft is not None:
+        kwargs["speculative_config"] = {
+            "method": "draft_model",
+            "model": str(draft),
+            "num_speculative_tokens": num_speculative_tokens,
+        }
+        if cmasd is not None:
+            kwargs["additional_config"] = {"cmasd": dict(cmasd)}
+    elif cmasd is not None:
+        raise ValueError("cmasd needs a draft model")
+    kwargs.update(overrides)
+    return kwargs
+
+
+def preload_openmp_and_reexec() -> None:
+    """Re-run this process with the venv's Intel OpenMP preloaded (CPU only).
+
+    LD_PRELOAD only takes effect at process start; vLLM's workers inherit it.
+    """
+    lib = Path(sys.prefix) / "lib" / "libiomp5.so"
+    preload = os.environ.get("LD_PRELOAD", "")
+    if not lib.exists() or "libiomp5" in preload or os.environ.get("CMASD_NO_REEXEC"):
+        return
+    env = dict(os.environ, LD_PRELOAD=f"{lib}:{preload}" if preload else str(lib))
+    env["CMASD_NO_REEXEC"] = "1"
+    os.execve(sys.executable, [sys.executable, *sys.orig_argv[1:]], env)
+
+
+def shutdown(llm) -> None:
+    """Stop an LLM's engine process now, so the next engine gets its memory."""
+    import gc
+
+    llm.llm_engine.engine_core.shutdown()
+    del llm
+    gc.collect()
+
+
+def spec_decode_counters(llm) -> dict[str, float]:
+    """vLLM's own speculative-decoding counters, summed over the engine's life."""
+    from vllm.v1.metrics.reader import Counter, Vector
+
+    wanted = {
+        "vllm:spec_decode_num_drafts": "num_drafts",
+        "vllm:spec_decode_num_draft_tokens": "num_draft_tokens",
+        "vllm:spec_decode_num_accepted_tokens": "num_accepted_tokens",
+    }
+    out: dict[str, Any] = {name: 0 for name in wanted.values()}
+    out["accepted_per_position"] = []
+    for metric in llm.get_metrics():
+        if isinstance(metric, Counter) and metric.name in wanted:
+            out[wanted[metric.name]] += metric.value
+        elif isinstance(metric, Vector) and metric.name == "vllm:spec_decode_num_accepted_tokens_per_pos":
+            out["accepted_per_position"] = list(metric.values)
+    drafts = out["num_drafts"]
+    out["mean_draft_length"] = out["num_draft_tokens"] / drafts if drafts else 0.0
+    out["mean_acceptance_length"] = 1 + out["num_accepted_tokens"] / drafts if drafts else 1.0
+    return out

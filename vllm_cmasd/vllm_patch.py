@@ -1,0 +1,129 @@
+"""Every place vllm-cmasd touches vLLM internals (pinned: vLLM 0.32.0).
+
+Two hooks, both inert unless the engine's ``additional_config`` has a
+``"cmasd"`` key, so installing the plugin changes nothing for anyone else:
+
+1. ``VllmConfig.__post_init__``: validate the CM-ASD settings against the
+   speculative config at startup (front-end process, before any worker
+   starts) and turn off async scheduling, whose fixed-shape draft buffers
+   cannot carry per-request draft lengths.
+2. ``GPUModelRunner.__init__`` (the CPU runner inherits it): after vLLM built
+   its draft-model proposer and rejection sampler, swap in CM-ASD's proposer
+   and verifier. vLLM's runner then drives them unchanged.
+
+On a platform where Triton cannot run (vLLM's CPU build), CM-ASD's
+verification kernels are replaced by their torch implementations through
+vLLM's kernel dispatcher, as vLLM does for its own rejection kernels.
+"""
+
+from __future__ import annotations
+
+import functools
+
+from vllm_cmasd.config import CONFIG_KEY, CmasdConfig, CmasdConfigError
+
+_installed = False
+
+
+def cmasd_config_of(vllm_config) -> CmasdConfig | None:
+    """The validated CM-ASD config of an engine, or None if CM-ASD is off."""
+    extra = vllm_config.additional_config
+    if not isinstance(extra, dict) or CONFIG_KEY not in extra:
+        return None
+    spec = vllm_config.speculative_config
+    if spec is None:
+        raise CmasdConfigError(
+            f"additional_config.{CONFIG_KEY}: CM-ASD needs --speculative-config with "
+            "method 'draft_model', a draft 'model' and num_speculative_tokens (= k_max)"
+        )
+    if spec.method != "draft_model":
+        raise CmasdConfigError(
+            f"speculative_config.method: CM-ASD supports ['draft_model']; got {spec.method!r}"
+        )
+    if spec.draft_model_config is None:
+        raise CmasdConfigError("speculative_config.model: CM-ASD needs a draft model path")
+    if spec.use_heterogeneous_vocab:
+        raise CmasdConfigError(
+            "speculative_config.use_heterogeneous_vocab: CM-ASD supports [false] "
+            "(draft and target must share one tokenizer)"
+        )
+    target_vocab = spec.target_model_config.get_vocab_size()
+    draft_vocab = spec.draft_model_config.get_vocab_size()
+    if target_vocab != draft_vocab:
+        raise CmasdConfigError(
+            f"speculative_config.model: draft vocabulary ({draft_vocab}) must equal "
+            f"the target's ({target_vocab})"
+        )
+    if spec.parallel_drafting:
+        raise CmasdConfigError("speculative_config.parallel_drafting: CM-ASD supports [false]")
+    if spec.rejection_sample_method != "standard":
+        raise CmasdConfigError(
+            "speculative_config.rejection_sample_method: CM-ASD supports ['standard'] "
+            f"(its own verifier replaces it); got {spec.rejection_sample_method!r}"
+        )
+    return CmasdConfig.from_dict(extra[CONFIG_KEY], k_max=spec.num_speculative_tokens)
+
+
+def _validate_at_startup(original_post_init):
+    @functools.wraps(original_post_init)
+    def __post_init__(self):
+        if cmasd_config_of(self) is not None:
+            scheduler = self.scheduler_config
+            if scheduler.async_scheduling:
+                raise CmasdConfigError(
+                    "scheduler_config.async_scheduling: CM-ASD supports [false] "
+                    "(drafts differ in length per request); drop --async-scheduling"
+                )
+            scheduler.async_scheduling = False
+        original_post_init(self)
+
+    return __post_init__
+
+
+def _swap_in_cmasd(original_init):
+    @functools.wraps(original_init)
+    def __init__(self, vllm_config, device, *args, **kwargs):
+        original_init(self, vllm_config, device, *args, **kwargs)
+        config = cmasd_config_of(vllm_config)
+        # Only the last pipeline stage owns a drafter.
+        if config is None or not hasattr(self, "drafter"):
+            return
+        from vllm_cmasd.proposer import CmasdProposer
+        from vllm_cmasd.verification import CmasdRejectionSampler, register_cpu_kernels
+
+        # vLLM already built a DraftModelProposer (buffers only, no weights
+        # yet); replacing it here keeps vLLM's own construction order intact.
+        drafter = CmasdProposer(vllm_config, device, self, config)
+        self.drafter = drafter
+        self.rejection_sampler = CmasdRejectionSampler(
+            self.sampler,
+            self.speculative_config,
+            device,
+            config,
+            confidence_source=lambda metadata: drafter.confidence_for(
+                self.input_batch.req_ids, metadata.num_draft_tokens
+            ),
+        )
+        _register_cpu_kernels_if_needed(register_cpu_kernels)
+
+    return __init__
+
+
+def _register_cpu_kernels_if_needed(register_cpu_kernels) -> None:
+    from vllm.platforms import current_platform
+    from vllm.triton_utils import HAS_TRITON
+
+    if current_platform.is_cpu() and not HAS_TRITON:
+        register_cpu_kernels()
+
+
+def install() -> None:
+    global _installed
+    if _installed:
+        return
+    _installed = True
+    from vllm.config import VllmConfig
+    from vllm.v1.worker.gpu_model_runner import GPUModelRunner
+
+    VllmConfig.__post_init__ = _validate_at_startup(VllmConfig.__post_init__)
+    GPUModelRunner.__init__ = _swap_in_cmasd(GPUModelRunner.__init__)
