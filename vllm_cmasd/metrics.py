@@ -12,6 +12,8 @@ class DraftStats:
     num_draft_tokens: int = 0
     num_early_stops: int = 0
     """Drafts that stopped before k_max because confidence fell."""
+    num_mixed_steps: int = 0
+    """Steps whose batch carried drafts of different lengths."""
     length_histogram: list[int] = field(default_factory=list)
     """length_histogram[n] = number of drafts with n tokens."""
 
@@ -19,6 +21,8 @@ class DraftStats:
         self.length_histogram = [0] * (self.k_max + 1)
 
     def record_drafts(self, lengths: list[int]) -> None:
+        """Record one step's drafts, one length per request in the batch."""
+        self.num_mixed_steps += len(set(lengths)) > 1
         for n in lengths:
             self.length_histogram[n] += 1
             self.num_drafts += 1

@@ -1,0 +1,89 @@
+"""Confidence signals and the drafting window, on hand-made distributions."""
+
+import math
+
+import pytest
+import torch
+
+from vllm_cmasd.confidence import (
+    entropy_confidence,
+    logit_margin_confidence,
+    softmax_margin,
+    unified_confidence,
+)
+from vllm_cmasd.config import CmasdConfig
+from vllm_cmasd.proposer import DraftWindow
+
+
+def test_signals_on_extremes():
+    vocab = 50
+    uniform = torch.zeros(1, vocab)
+    peaked = torch.full((1, vocab), -30.0)
+    peaked[0, 7] = 30.0
+    assert entropy_confidence(uniform).item() == pytest.approx(0.0, abs=1e-6)
+    assert entropy_confidence(peaked).item() == pytest.approx(1.0, abs=1e-6)
+    assert softmax_margin(uniform).item() == pytest.approx(0.0, abs=1e-6)
+    assert softmax_margin(peaked).item() == pytest.approx(1.0, abs=1e-6)
+    assert logit_margin_confidence(peaked, scale=2.0).item() == pytest.approx(1.0, abs=1e-6)
+
+
+def test_signal_values():
+    logits = torch.tensor([[2.0, 1.0, 0.0, 0.0]])
+    probs = torch.softmax(logits, -1)[0]
+    entropy = -(probs * probs.log()).sum().item()
+    assert entropy_confidence(logits).item() == pytest.approx(1 - entropy / math.log(4), rel=1e-5)
+    assert softmax_margin(logits).item() == pytest.approx((probs[0] - probs[1]).item(), rel=1e-5)
+    assert logit_margin_confidence(logits, scale=2.0).item() == pytest.approx(math.tanh(0.5), rel=1e-5)
+
+
+def test_unified_is_weighted_mean_and_orders_rows():
+    torch.manual_seed(0)
+    sharp = torch.randn(4, 100) * 8
+    flat = torch.randn(4, 100) * 0.1
+    config = CmasdConfig.from_dict({"weights": {"entropy": 0.25, "softmax_margin": 0.25, "logit_margin": 0.5}}, k_max=4)
+    expected = (
+        entropy_confidence(sharp) + softmax_margin(sharp) + 2 * logit_margin_confidence(sharp, 2.0)
+    ) / 4
+    assert torch.allclose(unified_confidence(sharp, config), expected, atol=1e-6)
+    assert (unified_confidence(sharp, config) > unified_confidence(flat, config)).all()
+
+
+def test_nan_logits_give_zero_confidence():
+    config = CmasdConfig.from_dict({}, k_max=4)
+    logits = torch.full((2, 10), float("nan"))
+    assert unified_confidence(logits, config).tolist() == [0.0, 0.0]
+
+
+def _run_window(config, confidences):
+    """Feed per-position confidences [positions][batch]; return lengths, positions run."""
+    window = DraftWindow(len(confidences[0]), config, torch.device("cpu"))
+    positions = 0
+    for row in confidences:
+        positions += 1
+        tokens = torch.zeros(len(row), dtype=torch.int64)
+        if not window.add(tokens, None, torch.tensor(row)):
+            break
+    return window.lengths.tolist(), positions
+
+
+def test_window_product_rule_gives_per_request_lengths():
+    config = CmasdConfig.from_dict({"threshold": 0.5, "stop_rule": "product"}, k_max=5)
+    # request 0 confident throughout, 1 drops at position 2, 2 fails at once
+    lengths, positions = _run_window(config, [[0.99, 0.9, 0.3]] * 2 + [[0.99, 0.3, 0.3]] * 3)
+    assert lengths == [5, 2, 1]  # k_min=1 keeps request 2's first token
+    assert positions == 5
+
+
+def test_window_stops_loop_when_nobody_drafts():
+    config = CmasdConfig.from_dict({"threshold": 0.5}, k_max=8)
+    lengths, positions = _run_window(config, [[0.9, 0.9]] * 2 + [[0.1, 0.1]] * 6)
+    assert lengths == [2, 2]
+    assert positions == 3  # the loop ended at the first failing position, not at k_max
+
+
+def test_window_mean_rule_and_k_min():
+    config = CmasdConfig.from_dict({"threshold": 0.5, "stop_rule": "mean", "k_min": 3}, k_max=6)
+    # running means 0.2, 0.2, 0.47, 0.5, 0.42: k_min keeps three despite the
+    # low start, the fourth passes (0.5 >= 0.5), the fifth ends the draft.
+    lengths, _ = _run_window(config, [[0.2], [0.2], [1.0], [0.6], [0.1], [1.0]])
+    assert lengths == [4]
