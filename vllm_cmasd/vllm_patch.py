@@ -10,6 +10,10 @@ Two hooks, both inert unless the engine's ``additional_config`` has a
 2. ``GPUModelRunner.__init__`` (the CPU runner inherits it): after vLLM built
    its draft-model proposer and rejection sampler, swap in CM-ASD's proposer
    and verifier. vLLM's runner then drives them unchanged.
+3. ``PrometheusStatLogger.__init__``: add CM-ASD's series (draft-length
+   histogram, early stops, drafts per position, policy) beside vLLM's
+   speculative-decoding counters, fed from the same scheduler stats. They
+   reach ``/metrics`` and ``LLM.get_metrics()`` like vLLM's own.
 
 On a platform where Triton cannot run (vLLM's CPU build), CM-ASD's
 verification kernels are replaced by their torch implementations through
@@ -109,6 +113,27 @@ def _swap_in_cmasd(original_init):
     return __init__
 
 
+def _add_cmasd_metrics(original_init):
+    @functools.wraps(original_init)
+    def __init__(self, vllm_config, *args, **kwargs):
+        original_init(self, vllm_config, *args, **kwargs)
+        config = cmasd_config_of(vllm_config)
+        if config is None:
+            return
+        from vllm_cmasd.metrics import CmasdPrometheus
+
+        ours = CmasdPrometheus(config, ["model_name", "engine"], self.per_engine_labelvalues)
+        vllm_observe = self.spec_decoding_prom.observe
+
+        def observe(stats, engine_idx: int = 0):
+            vllm_observe(stats, engine_idx)
+            ours.observe(stats, engine_idx)
+
+        self.spec_decoding_prom.observe = observe
+
+    return __init__
+
+
 def _register_cpu_kernels_if_needed(register_cpu_kernels) -> None:
     from vllm.platforms import current_platform
     from vllm.triton_utils import HAS_TRITON
@@ -123,7 +148,9 @@ def install() -> None:
         return
     _installed = True
     from vllm.config import VllmConfig
+    from vllm.v1.metrics.loggers import PrometheusStatLogger
     from vllm.v1.worker.gpu_model_runner import GPUModelRunner
 
     VllmConfig.__post_init__ = _validate_at_startup(VllmConfig.__post_init__)
     GPUModelRunner.__init__ = _swap_in_cmasd(GPUModelRunner.__init__)
+    PrometheusStatLogger.__init__ = _add_cmasd_metrics(PrometheusStatLogger.__init__)
