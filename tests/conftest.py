@@ -1,0 +1,55 @@
+"""Shared fixtures: the tiny random-weight model pair and a real vLLM engine runner."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+
+import pytest
+
+# Engines run inside the test process, so tests can look at the model
+# runner's proposer and sampler (what vLLM really used, not what we asked for).
+os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+
+
+@pytest.fixture(scope="session")
+def tiny_pair(tmp_path_factory):
+    from vllm_cmasd.testing import make_tiny_pair
+
+    return make_tiny_pair(tmp_path_factory.mktemp("tiny-models"))
+
+
+@dataclass
+class EngineRun:
+    outputs: list  # vLLM RequestOutput per prompt
+    drafter: object | None = None
+    sampler: object | None = None
+    counters: dict = field(default_factory=dict)  # vLLM's spec-decode counters
+    num_preemptions: int = 0
+
+    @property
+    def token_ids(self) -> list[list[int]]:
+        return [list(o.outputs[0].token_ids) for o in self.outputs]
+
+
+def run_engine(prompts, params, **engine_kwargs) -> EngineRun:
+    """Start a real vLLM engine, generate, record what ran, shut it down."""
+    from vllm import LLM
+
+    from vllm_cmasd.engines import shutdown, spec_decode_counters
+
+    llm = LLM(**engine_kwargs)
+    try:
+        outputs = llm.generate(prompts, params, use_tqdm=False)
+        runner = llm.llm_engine.model_executor.driver_worker.worker.model_runner
+        return EngineRun(
+            outputs=outputs,
+            drafter=getattr(runner, "drafter", None),
+            sampler=getattr(runner, "rejection_sampler", None),
+            counters=spec_decode_counters(llm),
+            num_preemptions=sum(
+                m.value for m in llm.get_metrics() if m.name == "vllm:num_preemptions"
+            ),
+        )
+    finally:
+        shutdown(llm)

@@ -1,0 +1,126 @@
+"""CM-ASD inside real vLLM engines on the tiny pair: lossless, variable drafts, inert when off."""
+
+from __future__ import annotations
+
+import pytest
+from conftest import run_engine
+
+from vllm_cmasd.config import CmasdConfigError
+from vllm_cmasd.engines import llm_kwargs
+
+pytestmark = pytest.mark.engine
+
+# Mixed lengths: short, medium and long prompts in one batch.
+PROMPTS = [
+    "def",
+    "import os\nimport sys\n\n",
+    "class Encoder(object):\n    def __init__(self, skipkeys=False):\n        self.skipkeys = skipkeys\n",
+    "Return a JSON string",
+    "The decoder reads a document and returns the object it encodes, " * 6,
+    "for key, value in",
+    "raise ValueError(",
+    "# Copyright",
+]
+CMASD = {"threshold": 0.3, "verification": "exact"}
+
+
+def engine(target, **kwargs):
+    """llm_kwargs for the tiny pair (its max_position_embeddings is 1024)."""
+    return llm_kwargs(target, **{"max_model_len": 512, **kwargs})
+
+
+def greedy(max_tokens=48):
+    from vllm import SamplingParams
+
+    return SamplingParams(temperature=0.0, max_tokens=max_tokens, ignore_eos=True)
+
+
+def test_plugin_is_inert_without_cmasd(tiny_pair):
+    from vllm.v1.sample.rejection_sampler import RejectionSampler
+    from vllm.v1.spec_decode.draft_model import DraftModelProposer
+
+    from vllm_cmasd.proposer import CmasdProposer
+
+    target, draft = tiny_pair
+    run = run_engine(PROMPTS[:2], greedy(8), **engine(target, draft=draft, num_speculative_tokens=4))
+    assert type(run.drafter) is DraftModelProposer
+    assert type(run.sampler) is RejectionSampler
+    assert not isinstance(run.drafter, CmasdProposer)
+
+
+def test_exact_greedy_is_identical_to_plain_decoding(tiny_pair):
+    target, draft = tiny_pair
+    settings = dict(enable_prefix_caching=True, enable_chunked_prefill=True, max_num_batched_tokens=64)
+    plain = run_engine(PROMPTS, greedy(), **engine(target, **settings))
+    ours = run_engine(
+        PROMPTS, greedy(), **engine(target, draft=draft, num_speculative_tokens=6, cmasd=CMASD, **settings)
+    )
+    assert type(ours.drafter).__name__ == "CmasdProposer"
+    assert type(ours.sampler).__name__ == "CmasdRejectionSampler"
+    assert ours.token_ids == plain.token_ids
+    stats = ours.drafter.stats
+    # Drafts of different lengths really shared batches, and some stopped early.
+    assert stats.num_mixed_steps > 0, stats
+    assert stats.num_early_stops > 0, stats
+    assert len({n for n, count in enumerate(stats.length_histogram) if count}) > 1, stats
+    # vLLM's own counters saw the same variable-length drafts.
+    assert ours.counters["num_draft_tokens"] == pytest.approx(stats.num_draft_tokens, rel=0.2)
+    assert ours.counters["num_accepted_tokens"] > 0
+
+
+def test_exact_greedy_under_preemption(tiny_pair):
+    """A KV cache too small for the batch forces preemption and recompute."""
+    target, draft = tiny_pair
+    # CPU attention uses 128-token blocks. Prompts of ~100 tokens fill one
+    # block each; while decoding every request needs a second one, and 6
+    # blocks cannot give that to 12 requests at once.
+    settings = dict(num_gpu_blocks_override=6, max_model_len=256)
+    prompts = [PROMPTS[4] + p for p in PROMPTS + PROMPTS[:4]]
+    plain = run_engine(prompts, greedy(64), **engine(target, **settings))
+    ours = run_engine(
+        prompts, greedy(64), **engine(target, draft=draft, num_speculative_tokens=6, cmasd=CMASD, **settings)
+    )
+    assert ours.num_preemptions > 0 and plain.num_preemptions > 0
+    assert ours.token_ids == plain.token_ids
+
+
+def test_seeded_sampling_is_reproducible(tiny_pair):
+    from vllm import SamplingParams
+
+    target, draft = tiny_pair
+    params = [SamplingParams(temperature=0.9, top_p=0.95, seed=100 + i, max_tokens=32) for i in range(len(PROMPTS))]
+    kwargs = engine(target, draft=draft, num_speculative_tokens=4, cmasd=CMASD)
+    first = run_engine(PROMPTS, params, **kwargs)
+    second = run_engine(PROMPTS, params, **kwargs)
+    assert first.token_ids == second.token_ids
+    assert len({tuple(t) for t in first.token_ids}) > 1
+
+
+@pytest.mark.parametrize(
+    "cmasd, spec_overrides, field",
+    [
+        ({"k_min": 5}, {}, "cmasd.k_min"),
+        ({"verification": "loose"}, {}, "cmasd.verification"),
+        ({"weights": {"entropy": 2.0}}, {}, "cmasd.weights.entropy"),
+    ],
+)
+def test_invalid_config_fails_at_startup(tiny_pair, cmasd, spec_overrides, field):
+    from vllm import LLM
+
+    target, draft = tiny_pair
+    with pytest.raises(CmasdConfigError, match=field):
+        LLM(**engine(target, draft=draft, num_speculative_tokens=4, cmasd=cmasd))
+
+
+def test_cmasd_without_draft_model_fails_at_startup(tiny_pair):
+    from vllm import LLM
+
+    target, _ = tiny_pair
+    kwargs = engine(target, ngram=True, num_speculative_tokens=4)
+    kwargs["additional_config"] = {"cmasd": {}}
+    with pytest.raises(CmasdConfigError, match="speculative_config.method"):
+        LLM(**kwargs)
+    kwargs = engine(target)
+    kwargs["additional_config"] = {"cmasd": {}}
+    with pytest.raises(CmasdConfigError, match="speculative-config"):
+        LLM(**kwargs)
