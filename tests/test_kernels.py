@@ -1,0 +1,282 @@
+"""The verification kernels equal their torch twins, and compile for GPUs.
+
+Triton's interpreter runs the kernels on CPU tensors, but only when
+TRITON_INTERPRET=1 is set before triton is first imported (triton.language's
+own helpers are decorated at import). Setting it inside this pytest process
+would come too late, and would leak into everything else the process runs, so
+``test_kernels_match_torch_under_interpreter`` runs this module again in a
+child pytest with TRITON_INTERPRET=1: there the ``interpreted`` tests run and
+the compile tests skip (the compiler needs the non-interpreted triton.language).
+Run the child directly with ``TRITON_INTERPRET=1 pytest tests/test_kernels.py``.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.backends.nvidia.compiler import get_ptxas
+from triton.compiler import ASTSource
+from vllm.triton_utils.dispatcher import KernelOverride
+
+from vllm_cmasd.kernels import verify
+from vllm_cmasd.kernels.verify import Policy
+
+pytestmark = pytest.mark.kernels
+
+INTERPRETING = os.environ.get("TRITON_INTERPRET") == "1"
+interpreted = pytest.mark.skipif(
+    not INTERPRETING, reason="runs in the TRITON_INTERPRET=1 child of test_kernels_match_torch_under_interpreter"
+)
+compiled = pytest.mark.skipif(INTERPRETING, reason="the compiler needs triton imported without TRITON_INTERPRET")
+
+
+def test_kernels_match_torch_under_interpreter():
+    if INTERPRETING:
+        pytest.skip("this is the interpreter run")
+    start = time.monotonic()
+    child = subprocess.run(
+        [sys.executable, "-m", "pytest", __file__, "-x", "-q", "-p", "no:cacheprovider"],
+        env={**os.environ, "TRITON_INTERPRET": "1"},
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    summary = child.stdout.strip().splitlines()[-1] if child.stdout.strip() else ""
+    print(f"interpreter run ({time.monotonic() - start:.0f}s): {summary}")
+    assert child.returncode == 0, child.stdout[-6000:] + child.stderr[-3000:]
+    assert " passed" in summary
+
+
+# --------------------------------------------------------------------------
+# Interpreted kernels vs torch twins.
+# --------------------------------------------------------------------------
+
+# name: (draft lengths per request, vocab size, which requests are greedy,
+#        draft_probs given, vocabulary block size, extra knobs)
+SCENARIOS = {
+    "mixed": ([3, 0, 5, 1, 4], 100, [1, 0, 0, 1, 0], True, 32, {}),
+    "all_greedy": ([4, 2, 0, 3], 77, [1, 1, 1, 1], False, 16, {}),
+    "all_random": ([2, 5, 3], 64, [0, 0, 0], True, 64, {}),
+    "one_hot_drafts": ([3, 4], 50, [0, 0], False, 16, {}),
+    "padded_and_empty": ([0, 3, 0, 2, 1], 40, [0, 1, 0, 0, 1], True, 16, {"pad": 0.4}),
+    "ties": ([4, 4, 3], 40, [1, 0, 0], True, 8, {"ties": True}),
+    "bad_values": ([3, 2, 4], 48, [1, 0, 0], True, 16, {"bad_values": True}),
+    "no_drafts": ([0, 0, 0], 32, [0, 1, 0], True, 32, {}),
+    "wide_vocab": ([2, 1], 1000, [0, 1], True, 256, {}),
+}
+
+
+def make_inputs(draft_lengths, vocab_size, greedy, with_draft_probs, pad=0.0, ties=False, bad_values=False, seed=0):
+    """Random verification inputs whose drafts are often right, so walks go deep."""
+    g = torch.Generator().manual_seed(seed)
+    batch_size, num_tokens = len(draft_lengths), sum(draft_lengths)
+    logits = torch.randn(num_tokens, vocab_size, generator=g) * 3
+    if ties:  # integer logits: many equal probabilities, including the maximum
+        logits = logits.round()
+    target_probs = logits.softmax(dim=-1)
+    draft_probs = (logits + torch.randn(num_tokens, vocab_size, generator=g) * 0.5).softmax(dim=-1)
+    draft_ids = torch.multinomial(draft_probs, 1, generator=g).squeeze(1)
+    # Greedy-style drafts: the target's argmax half of the time.
+    take_argmax = torch.rand(num_tokens, generator=g) < 0.5
+    draft_ids = torch.where(take_argmax, target_probs.argmax(dim=-1), draft_ids).int()
+    draft_ids[torch.rand(num_tokens, generator=g) < pad] = -1
+    if bad_values and num_tokens >= 3:
+        target_probs[0] = float("nan")
+        target_probs[1, :5] = float("inf")
+        target_probs[2, ::3] = float("nan")
+        draft_probs[1, draft_ids[1].clamp(min=0)] = 0.0
+        draft_probs[2, ::2] = float("nan")
+        draft_ids[-1] = vocab_size + 3  # out of range, like padding
+    is_greedy = torch.tensor(greedy, dtype=torch.bool)
+    all_greedy = bool(is_greedy.all())
+    return dict(
+        target_probs=target_probs,
+        draft_probs=draft_probs if with_draft_probs else None,
+        draft_token_ids=draft_ids,
+        cu_num_draft_tokens=torch.tensor(draft_lengths).cumsum(0).int(),
+        inverse_noise=None if all_greedy else torch.empty(batch_size, vocab_size).exponential_(generator=g).reciprocal(),
+        bonus_token_ids=torch.randint(vocab_size, (batch_size, 1), generator=g),
+        uniform_probs=None if all_greedy else torch.rand(num_tokens, dtype=torch.float64, generator=g),
+        confidence=torch.rand(num_tokens, generator=g),
+        is_greedy=None if all_greedy else is_greedy,
+        max_spec_len=max(draft_lengths),
+    )
+
+
+def verify_batch(inputs, policy, confidence=True, leniency=1.5, confidence_floor=0.3, topk_beta=3, topk_tau=1.0):
+    stats = verify.compute_draft_token_stats(
+        inputs["target_probs"],
+        inputs["draft_probs"],
+        inputs["draft_token_ids"],
+        inputs["cu_num_draft_tokens"],
+        inputs["inverse_noise"],
+        policy,
+    )
+    output = verify.walk_acceptance(
+        stats,
+        inputs["draft_token_ids"],
+        inputs["cu_num_draft_tokens"],
+        inputs["bonus_token_ids"],
+        inputs["uniform_probs"],
+        inputs["confidence"] if confidence else None,
+        inputs["is_greedy"],
+        inputs["max_spec_len"],
+        policy,
+        leniency,
+        confidence_floor,
+        topk_beta,
+        topk_tau,
+    )
+    return stats, output
+
+
+def run_kernels_and_twins(monkeypatch, fn):
+    """fn() with the (interpreted) Triton kernels, then with the torch twins."""
+    results = []
+    for use_twin in (False, True):
+        for kernel, twin in verify.KERNELS_AND_TWINS:
+            monkeypatch.setattr(verify, kernel.__name__, KernelOverride(kernel, twin) if use_twin else kernel)
+        results.append(fn())
+    return results
+
+
+def assert_same(kernel_result, twin_result):
+    (kernel_stats, kernel_output), (twin_stats, twin_output) = kernel_result, twin_result
+    for field, a, b in zip(kernel_stats._fields, kernel_stats, twin_stats):
+        if a is None or b is None:
+            assert a is None and b is None, field
+        else:
+            assert a.dtype == b.dtype and torch.equal(a, b), (field, a, b)
+    for a, b in zip(kernel_output, twin_output):
+        assert a.dtype == b.dtype == torch.int32 and torch.equal(a, b), (a, b)
+
+
+@interpreted
+@pytest.mark.parametrize("policy", list(Policy), ids=lambda p: p.name)
+@pytest.mark.parametrize("scenario", list(SCENARIOS))
+def test_kernels_equal_twins(monkeypatch, scenario, policy):
+    draft_lengths, vocab_size, greedy, with_draft_probs, block_size, knobs = SCENARIOS[scenario]
+    monkeypatch.setattr(verify, "VOCAB_BLOCK_SIZE", block_size)
+    monkeypatch.setattr(verify, "TWIN_CHUNK_ELEMENTS", 3 * vocab_size)  # chunks of 3 rows
+    inputs = make_inputs(draft_lengths, vocab_size, greedy, with_draft_probs, **knobs)
+    kernel_result, twin_result = run_kernels_and_twins(monkeypatch, lambda: verify_batch(inputs, policy))
+    assert_same(kernel_result, twin_result)
+    output_token_ids, num_accepted = kernel_result[1]
+    assert ((output_token_ids >= -1) & (output_token_ids < vocab_size)).all()
+
+
+@interpreted
+@pytest.mark.parametrize("seed", [1, 2, 3])
+def test_kernels_equal_twins_across_knobs(monkeypatch, seed):
+    """Other policy knobs, and CONFIDENCE without a confidence signal."""
+    monkeypatch.setattr(verify, "VOCAB_BLOCK_SIZE", 16)
+    inputs = make_inputs([2, 4, 3, 1], 60, [0, 1, 0, 0], True, seed=seed)
+    for policy, kwargs in [
+        (Policy.CONFIDENCE, dict(confidence=False)),
+        (Policy.CONFIDENCE, dict(leniency=0.0)),
+        (Policy.CONFIDENCE, dict(leniency=6.0, confidence_floor=0.0)),
+        (Policy.TOPK_TOLERANCE, dict(topk_beta=1, topk_tau=0.0)),
+        (Policy.TOPK_TOLERANCE, dict(topk_beta=10, topk_tau=5.0)),
+    ]:
+        results = run_kernels_and_twins(monkeypatch, lambda: verify_batch(inputs, policy, **kwargs))
+        assert_same(*results)
+
+
+# --------------------------------------------------------------------------
+# GPU compilation (no GPU needed: triton compiles to PTX and ptxas to cubin).
+# --------------------------------------------------------------------------
+
+STATS_SIGNATURE = dict(
+    target_probs="*fp32",
+    draft_probs="*fp32",
+    draft_token_ids="*i32",
+    token_request_ids="*i64",
+    inverse_noise="*fp32",
+    target_prob_of_draft="*fp32",
+    draft_prob_of_draft="*fp32",
+    target_max_prob="*fp32",
+    target_argmax="*i32",
+    num_more_likely="*i32",
+    recovered_token_ids="*i32",
+    vocab_size="i32",
+    POLICY="constexpr",
+    BLOCK_SIZE="constexpr",
+)
+WALK_SIGNATURE = dict(
+    output_token_ids="*i32",
+    num_accepted="*i32",
+    cu_num_draft_tokens="*i32",
+    draft_token_ids="*i32",
+    target_prob_of_draft="*fp32",
+    draft_prob_of_draft="*fp32",
+    target_max_prob="*fp32",
+    target_argmax="*i32",
+    num_more_likely="*i32",
+    recovered_token_ids="*i32",
+    uniform_probs="*fp64",
+    confidence="*fp32",
+    is_greedy="*i1",
+    bonus_token_ids="*i64",
+    max_spec_len="i32",
+    leniency="fp32",
+    confidence_floor="fp32",
+    confidence_span="fp32",
+    topk_beta="i32",
+    topk_tau="fp32",
+    POLICY="constexpr",
+)
+# Arguments that are None (compile-time) in an all-greedy batch without draft
+# probs; num_more_likely is None as well unless the policy is TOPK_TOLERANCE.
+ALL_GREEDY_NONE = {
+    "draft_token_stats_kernel": ("draft_probs", "token_request_ids", "inverse_noise", "recovered_token_ids"),
+    "acceptance_walk_kernel": ("recovered_token_ids", "uniform_probs", "confidence", "is_greedy"),
+}
+
+
+@compiled
+@pytest.mark.parametrize("capability", [80, 90])
+@pytest.mark.parametrize("batch", ["mixed", "all_greedy"])
+@pytest.mark.parametrize("policy", list(Policy), ids=lambda p: p.name)
+@pytest.mark.parametrize("kernel", [k for k, _ in verify.KERNELS_AND_TWINS], ids=lambda k: k.__name__)
+def test_kernel_compiles_for_gpu(kernel, policy, batch, capability):
+    is_stats = kernel.__name__ == "draft_token_stats_kernel"
+    signature = dict(STATS_SIGNATURE if is_stats else WALK_SIGNATURE)
+    constexprs = {"POLICY": int(policy)}
+    if is_stats:
+        constexprs["BLOCK_SIZE"] = verify.VOCAB_BLOCK_SIZE
+    none_args = ALL_GREEDY_NONE[kernel.__name__] if batch == "all_greedy" else ()
+    if policy != Policy.TOPK_TOLERANCE:
+        none_args += ("num_more_likely",)
+    for name in none_args:
+        signature[name] = "constexpr"
+        constexprs[name] = None
+    target = GPUTarget("cuda", capability, 32)
+    binary = triton.compile(ASTSource(fn=kernel, signature=signature, constexprs=constexprs), target=target)
+
+    # Registers and spills are only known to ptxas (triton reads them from the
+    # driver at load time), so ask the ptxas triton itself used.
+    ptx = binary.asm["ptx"]
+    arch = re.search(r"^\.target (\S+)", ptx, re.MULTILINE).group(1)
+    report = subprocess.run(
+        [get_ptxas(capability).path, f"-arch={arch}", "-v", "-", "-o", os.devnull],
+        input=ptx,
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stderr
+    registers = int(re.search(r"Used (\d+) registers", report).group(1))
+    spill_stores = int(re.search(r"(\d+) bytes spill stores", report).group(1))
+    print(f"{kernel.__name__} {policy.name} {batch} sm_{capability}: "
+          f"{registers} registers, {spill_stores} B spilled, {binary.metadata.shared} B shared")
+    assert "cubin" in binary.asm and binary.metadata.num_warps == 4
+    assert registers <= 128  # >= 4 resident 4-warp blocks per SM
+    assert spill_stores == 0
+    assert binary.metadata.shared <= 4096

@@ -1,0 +1,418 @@
+"""CM-ASD verification end to end: the policies' rules, EXACT == vLLM, robustness.
+
+On vLLM's CPU build (no usable Triton) these run the torch twins through
+vLLM's kernel dispatcher, exactly as the plugin sets them up on CPU, and
+compare against vLLM's own CPU rejection kernels. Where Triton can run they
+run the Triton kernels on CUDA. Kernel == twin is tests/test_kernels.py.
+"""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from vllm.platforms import current_platform
+from vllm.triton_utils import HAS_TRITON
+from vllm.triton_utils.dispatcher import KernelOverride
+from vllm.v1.sample import rejection_sampler
+from vllm.v1.sample.logits_processor import LogitsProcessors
+from vllm.v1.sample.metadata import SamplingMetadata
+from vllm.v1.sample.rejection_sampler import RejectionSampler, rejection_sample
+from vllm.v1.sample.sampler import Sampler
+from vllm.v1.spec_decode.metadata import SpecDecodeMetadata
+
+from vllm_cmasd.config import VERIFICATION_POLICIES, CmasdConfig
+from vllm_cmasd.kernels import verify
+from vllm_cmasd.kernels.verify import Policy
+from vllm_cmasd.verification import (
+    CmasdRejectionSampler,
+    PolicyParams,
+    cmasd_rejection_sample,
+    register_cpu_kernels,
+)
+
+pytestmark = pytest.mark.kernels
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+EXACT = PolicyParams(Policy.EXACT)
+# Inputs come from their own seeds: drawn from the same stream as the
+# verifier's uniforms, drafts would correlate with their acceptance tests.
+DATA_SEED = 12345
+
+
+@pytest.fixture(scope="module", autouse=True)
+def kernels_for_this_platform():
+    """What vLLM's CPU worker and the plugin do when Triton cannot run."""
+    if not HAS_TRITON:
+        current_platform.import_kernels()
+        current_platform.register_triton_kernel_overrides()  # vLLM's own rejection kernels
+        register_cpu_kernels()
+
+
+def make_sampling_metadata(temperatures, seeds=None, max_num_logprobs=None):
+    """SamplingMetadata for a batch; ``seeds[i]`` gives request i its own generator."""
+    generators = {i: torch.Generator(DEVICE).manual_seed(seed) for i, seed in (seeds or {}).items()}
+    batch_size = len(temperatures)
+    return SamplingMetadata(
+        temperature=torch.tensor(temperatures, dtype=torch.float32, device=DEVICE),
+        all_greedy=all(t == 0 for t in temperatures),
+        all_random=all(t > 0 for t in temperatures),
+        top_p=None,
+        top_k=None,
+        generators=generators,
+        max_num_logprobs=max_num_logprobs,
+        no_penalties=True,
+        prompt_token_ids=None,
+        frequency_penalties=torch.zeros(batch_size, device=DEVICE),
+        presence_penalties=torch.zeros(batch_size, device=DEVICE),
+        repetition_penalties=torch.ones(batch_size, device=DEVICE),
+        output_token_ids=[[] for _ in range(batch_size)],
+        allowed_token_ids_mask=None,
+        bad_words_token_ids={},
+        logitsprocs=LogitsProcessors(),
+    )
+
+
+def make_batch(draft_lengths, vocab_size, with_draft_probs, seed=0):
+    """Target logits, draft distributions close to the target, and drafts from them."""
+    g = torch.Generator().manual_seed(DATA_SEED + seed)
+    num_tokens = sum(draft_lengths)
+    target_logits = torch.randn(num_tokens, vocab_size, generator=g) * 3
+    draft_probs = (target_logits + torch.randn(num_tokens, vocab_size, generator=g)).softmax(dim=-1)
+    draft_ids = torch.multinomial(draft_probs, 1, generator=g).squeeze(1)
+    take_argmax = torch.rand(num_tokens, generator=g) < 0.5
+    draft_ids = torch.where(take_argmax, target_logits.argmax(dim=-1), draft_ids)
+    return dict(
+        draft_token_ids=draft_ids.int().to(DEVICE),
+        num_draft_tokens=list(draft_lengths),
+        max_spec_len=max(draft_lengths),
+        cu_num_draft_tokens=torch.tensor(draft_lengths).cumsum(0).int().to(DEVICE),
+        draft_probs=draft_probs.to(DEVICE) if with_draft_probs else None,
+        target_logits=target_logits.to(DEVICE),
+        bonus_token_ids=torch.randint(vocab_size, (len(draft_lengths), 1), generator=g).to(DEVICE),
+    )
+
+
+def run_cmasd(batch, temperatures, policy_params=EXACT, confidence=None, seeds=None, rng_seed=0):
+    torch.manual_seed(rng_seed)
+    return cmasd_rejection_sample(
+        **batch,
+        sampling_metadata=make_sampling_metadata(temperatures, seeds),
+        confidence=confidence,
+        policy_params=policy_params,
+    )
+
+
+def assert_well_formed(output_token_ids, num_accepted, num_draft_tokens, vocab_size):
+    """Each row: accepted drafts, one recovered/bonus token, then -1 only."""
+    for row, accepted, num_draft in zip(output_token_ids.tolist(), num_accepted.tolist(), num_draft_tokens):
+        assert 0 <= accepted <= num_draft
+        assert all(0 <= token < vocab_size for token in row[: accepted + 1]), row
+        assert all(token == -1 for token in row[accepted + 1 :]), row
+
+
+# --------------------------------------------------------------------------
+# EXACT is vLLM's rejection sampler.
+# --------------------------------------------------------------------------
+
+TEMPERATURES = {
+    "greedy": [0.0] * 6,
+    "random": [1.0, 0.7, 1.3, 1.0, 0.5, 1.0],
+    "mixed": [0.0, 1.0, 0.0, 0.8, 1.0, 0.0],
+}
+
+
+@pytest.mark.parametrize("seeded", [False, True], ids=["global_rng", "seeded"])
+@pytest.mark.parametrize("with_draft_probs", [True, False], ids=["draft_probs", "one_hot"])
+@pytest.mark.parametrize("kind", list(TEMPERATURES))
+def test_exact_matches_vllm_token_for_token(kind, with_draft_probs, seeded):
+    temperatures = TEMPERATURES[kind]
+    seeds = {1: 11, 3: 33, 4: 44} if seeded else None
+    for seed in range(4):
+        batch = make_batch([3, 5, 0, 2, 4, 1], 300, with_draft_probs, seed=seed)
+        ours, num_accepted = run_cmasd(batch, temperatures, seeds=seeds, rng_seed=seed)
+        torch.manual_seed(seed)
+        theirs = rejection_sample(**batch, sampling_metadata=make_sampling_metadata(temperatures, seeds))
+        assert torch.equal(ours, theirs), (seed, ours, theirs)
+        assert torch.equal(num_accepted, ((ours != -1).sum(dim=1) - 1).int())
+
+
+def test_exact_reproduces_the_target_distribution():
+    """The first emitted token of 200k one-token drafts is distributed as p, not q."""
+    p = torch.tensor([0.30, 0.20, 0.15, 0.10, 0.10, 0.08, 0.05, 0.02])
+    q = torch.tensor([0.05, 0.10, 0.30, 0.05, 0.20, 0.05, 0.05, 0.20])
+    n = 200_000
+    g = torch.Generator().manual_seed(DATA_SEED)
+    batch = dict(
+        draft_token_ids=torch.multinomial(q, n, replacement=True, generator=g).int().to(DEVICE),
+        num_draft_tokens=[1] * n,
+        max_spec_len=1,
+        cu_num_draft_tokens=torch.arange(1, n + 1, dtype=torch.int32, device=DEVICE),
+        draft_probs=q.expand(n, -1).contiguous().to(DEVICE),
+        target_logits=p.log().expand(n, -1).contiguous().to(DEVICE),
+        bonus_token_ids=torch.zeros(n, 1, dtype=torch.long, device=DEVICE),
+    )
+    output_token_ids, num_accepted = run_cmasd(batch, [1.0] * n)
+    counts = torch.bincount(output_token_ids[:, 0].long().cpu(), minlength=8).double()
+    expected = n * p.double()
+    chi_square = ((counts - expected) ** 2 / expected).sum().item()
+    assert chi_square < 24.32, (chi_square, counts)  # chi2(7 dof) at p = 0.001
+    # ... and the acceptance rate is the textbook sum_x min(p, q).
+    assert abs(num_accepted.float().mean().item() - torch.minimum(p, q).sum().item()) < 0.005
+
+
+# --------------------------------------------------------------------------
+# The relaxed policies follow their rules.
+# --------------------------------------------------------------------------
+
+# One request, three positions with the same target distribution.
+TARGET = torch.tensor([0.5, 0.3, 0.15, 0.05])
+
+
+def fixed_target_batch(draft_ids):
+    n = len(draft_ids)
+    return dict(
+        draft_token_ids=torch.tensor(draft_ids, dtype=torch.int32, device=DEVICE),
+        num_draft_tokens=[n],
+        max_spec_len=n,
+        cu_num_draft_tokens=torch.tensor([n], dtype=torch.int32, device=DEVICE),
+        draft_probs=None,
+        target_logits=TARGET.log().expand(n, -1).contiguous().to(DEVICE),
+        bonus_token_ids=torch.tensor([[3]], device=DEVICE),
+    )
+
+
+@pytest.mark.parametrize("temperature", [0.0, 1.0], ids=["greedy", "random"])
+@pytest.mark.parametrize(
+    "beta, tau, expected_accepted",
+    [
+        (2, 1.0, 2),  # token 2 is the third most likely: beyond beta = 2
+        (3, 1.0, 2),  # within beta, but log .15 < log .5 - 1
+        (3, 1.5, 3),  # both conditions hold
+        (1, 0.0, 0),  # beta = 1: only the argmax passes
+    ],
+)
+def test_topk_tolerance_rule(temperature, beta, tau, expected_accepted):
+    """Drafts [1, 1, 2] under p = [.5, .3, .15, .05], the same rule for greedy and random."""
+    params = PolicyParams(Policy.TOPK_TOLERANCE, topk_beta=beta, topk_tau=tau)
+    output, num_accepted = run_cmasd(fixed_target_batch([1, 1, 2]), [temperature], params)
+    assert num_accepted.tolist() == [expected_accepted]
+    row = output[0].tolist()
+    assert row[:expected_accepted] == [1, 1, 2][:expected_accepted]
+    if expected_accepted == 3:
+        assert row[3] == 3  # the bonus token
+    elif temperature == 0.0:
+        assert row[expected_accepted] == 0  # greedy rejection emits the argmax
+
+
+@pytest.mark.parametrize(
+    "leniency, confidence, accepted",
+    [
+        (0.6, 1.0, True),  # delta = 0.6 >= log(.5/.3) = 0.51
+        (0.6, 0.75, False),  # delta = 0.6 * (.75 - .5) / .5 = 0.3
+        (2.0, 0.5, False),  # at the floor: strict
+        (0.0, 1.0, False),  # no leniency: strict
+    ],
+)
+def test_confidence_rule_greedy(leniency, confidence, accepted):
+    params = PolicyParams(Policy.CONFIDENCE, leniency=leniency, confidence_floor=0.5)
+    output, num_accepted = run_cmasd(
+        fixed_target_batch([1]), [0.0], params, confidence=torch.tensor([confidence], device=DEVICE)
+    )
+    assert output[0].tolist() == ([1, 3] if accepted else [0, -1])
+    assert num_accepted.tolist() == [int(accepted)]
+
+
+@pytest.mark.parametrize("leniency, rate", [(0.0, 0.3), (math.log(2.0), 0.6), (5.0, 1.0)])
+def test_confidence_rule_random(leniency, rate):
+    """One-hot draft of token 1 (p = .3): accepted with probability min(1, .3 e^delta)."""
+    n = 40_000
+    batch = dict(
+        draft_token_ids=torch.ones(n, dtype=torch.int32, device=DEVICE),
+        num_draft_tokens=[1] * n,
+        max_spec_len=1,
+        cu_num_draft_tokens=torch.arange(1, n + 1, dtype=torch.int32, device=DEVICE),
+        draft_probs=None,
+        target_logits=TARGET.log().expand(n, -1).contiguous().to(DEVICE),
+        bonus_token_ids=torch.zeros(n, 1, dtype=torch.long, device=DEVICE),
+    )
+    params = PolicyParams(Policy.CONFIDENCE, leniency=leniency, confidence_floor=0.2)
+    output, num_accepted = run_cmasd(batch, [1.0] * n, params, confidence=torch.ones(n, device=DEVICE))
+    assert abs(num_accepted.float().mean().item() - rate) < 0.015
+    # Rejected positions emit the residual max(0, p - onehot(1)): never token 1.
+    assert not ((num_accepted == 0) & (output[:, 0] == 1)).any()
+
+
+@pytest.mark.parametrize("kind", list(TEMPERATURES))
+def test_confidence_is_monotone_in_leniency(kind):
+    temperatures = TEMPERATURES[kind]
+    for seed in range(3):
+        batch = make_batch([4, 6, 0, 3, 5, 2], 200, True, seed=seed)
+        confidence = torch.rand(batch["draft_token_ids"].shape[0], generator=torch.Generator().manual_seed(DATA_SEED))
+        confidence = confidence.to(DEVICE)
+        exact, _ = run_cmasd(batch, temperatures, EXACT, rng_seed=seed)
+        previous = None
+        for leniency in [0.0, 0.05, 0.3, 1.0, 2.0, 5.0, 20.0]:
+            params = PolicyParams(Policy.CONFIDENCE, leniency=leniency, confidence_floor=0.3)
+            output, num_accepted = run_cmasd(batch, temperatures, params, confidence, rng_seed=seed)
+            if leniency == 0.0:
+                assert torch.equal(output, exact)
+            else:
+                assert (num_accepted >= previous).all(), (leniency, num_accepted, previous)
+            previous = num_accepted
+        # No confidence signal, or confidence at the floor, is EXACT too.
+        for strict_confidence in (None, torch.full_like(confidence, 0.3)):
+            params = PolicyParams(Policy.CONFIDENCE, leniency=5.0, confidence_floor=0.3)
+            output, _ = run_cmasd(batch, temperatures, params, strict_confidence, rng_seed=seed)
+            assert torch.equal(output, exact)
+
+
+# --------------------------------------------------------------------------
+# Walk layout and bad inputs.
+# --------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("policy", list(Policy), ids=lambda p: p.name)
+def test_walk_layout_with_empty_and_padded_drafts(policy):
+    """Greedy rows: stop at the first miss (or padding), bonus after a full match."""
+    target_logits = torch.eye(6)[[0, 1, 2, 3, 4, 5, 0]] * 10  # argmax of token i is row i's hot entry
+    # requests: [0, 1, miss] | [] | [padding, 4] | [5] | [0]
+    draft_ids = [0, 1, 4, -1, 4, 5, 0]
+    batch = dict(
+        draft_token_ids=torch.tensor(draft_ids, dtype=torch.int32, device=DEVICE),
+        num_draft_tokens=[3, 0, 2, 1, 1],
+        max_spec_len=3,
+        cu_num_draft_tokens=torch.tensor([3, 3, 5, 6, 7], dtype=torch.int32, device=DEVICE),
+        draft_probs=None,
+        target_logits=target_logits.to(DEVICE),
+        bonus_token_ids=torch.tensor([[1], [2], [3], [4], [5]], device=DEVICE),
+    )
+    params = PolicyParams(policy, leniency=1.0, confidence_floor=0.0, topk_beta=1, topk_tau=0.0)
+    output, num_accepted = run_cmasd(batch, [0.0] * 5, params)
+    assert output.tolist() == [[0, 1, 2, -1], [2, -1, -1, -1], [3, -1, -1, -1], [5, 4, -1, -1], [0, 5, -1, -1]]
+    assert num_accepted.tolist() == [2, 0, 0, 1, 1]
+
+
+@pytest.mark.parametrize("with_draft_probs", [True, False], ids=["draft_probs", "one_hot"])
+@pytest.mark.parametrize("policy", list(Policy), ids=lambda p: p.name)
+@pytest.mark.parametrize("kind", list(TEMPERATURES))
+def test_bad_numbers_never_leave_the_vocabulary(kind, policy, with_draft_probs):
+    vocab_size = 64
+    batch = make_batch([3, 5, 0, 2, 4, 1], vocab_size, with_draft_probs, seed=7)
+    logits = batch["target_logits"]
+    logits[0] = float("nan")
+    logits[1, :10] = float("inf")
+    logits[2] = float("-inf")
+    logits[3, 5] = float("nan")
+    logits[4, -3:] = float("inf")
+    if with_draft_probs:
+        draft_probs = batch["draft_probs"]
+        draft_probs[5].zero_()
+        draft_probs[6, batch["draft_token_ids"][6]] = 0.0
+        draft_probs[7] = float("nan")
+    batch["draft_token_ids"][8] = -1
+    batch["draft_token_ids"][9] = vocab_size + 5
+    params = PolicyParams(policy, leniency=2.0, confidence_floor=0.2, topk_beta=4, topk_tau=3.0)
+    confidence = torch.rand(logits.shape[0], device=DEVICE)
+    confidence[0] = float("nan")
+    output, num_accepted = run_cmasd(batch, TEMPERATURES[kind], params, confidence)
+    assert_well_formed(output, num_accepted, batch["num_draft_tokens"], vocab_size)
+
+
+# --------------------------------------------------------------------------
+# The sampler module and its wiring.
+# --------------------------------------------------------------------------
+
+
+def spec_decode_metadata(draft_token_ids, num_draft_tokens):
+    """Metadata for logits laid out per request as [its drafted positions..., bonus]."""
+    cu_sampled = torch.tensor(num_draft_tokens).add(1).cumsum(0)
+    starts = cu_sampled - torch.tensor(num_draft_tokens) - 1
+    target_indices = torch.cat([start + torch.arange(n) for start, n in zip(starts.tolist(), num_draft_tokens)])
+    return SpecDecodeMetadata(
+        draft_token_ids=draft_token_ids,
+        num_draft_tokens=num_draft_tokens,
+        cu_num_draft_tokens=torch.tensor(num_draft_tokens).cumsum(0).int().to(DEVICE),
+        cu_num_sampled_tokens=cu_sampled.int().to(DEVICE),
+        target_logits_indices=target_indices.int().to(DEVICE),
+        bonus_logits_indices=(cu_sampled - 1).int().to(DEVICE),
+        logits_indices=torch.arange(int(cu_sampled[-1]), dtype=torch.int32, device=DEVICE),
+    )
+
+
+@pytest.mark.parametrize("kind", list(TEMPERATURES))
+def test_sampler_matches_vllm_with_logprobs(kind):
+    num_draft_tokens = [3, 5, 0, 2, 4, 1]
+    batch = make_batch(num_draft_tokens, 300, True, seed=3)
+    metadata = spec_decode_metadata(batch["draft_token_ids"], num_draft_tokens)
+    logits = torch.randn(sum(num_draft_tokens) + len(num_draft_tokens), 300, device=DEVICE) * 3
+    logits[metadata.target_logits_indices.long()] = batch["target_logits"]  # drafts often right
+    config = CmasdConfig(k_max=8, verification="exact")
+    asked = []
+    ours = CmasdRejectionSampler(Sampler(), None, DEVICE, config, lambda m: asked.append(m))
+    theirs = RejectionSampler(Sampler())
+    results = []
+    for sampler in (ours, theirs):
+        torch.manual_seed(0)
+        sampling_metadata = make_sampling_metadata(TEMPERATURES[kind], {1: 5}, max_num_logprobs=2)
+        results.append(sampler(metadata, batch["draft_probs"], logits.clone(), sampling_metadata))
+    assert torch.equal(results[0].sampled_token_ids, results[1].sampled_token_ids)
+    for a, b in zip(results[0].logprobs_tensors, results[1].logprobs_tensors):
+        assert (a is None and b is None) or torch.equal(a, b)
+    assert asked == [metadata]
+    assert torch.equal(ours.last_num_accepted, ((results[0].sampled_token_ids != -1).sum(dim=1) - 1).int())
+
+
+def test_sampler_uses_the_confidence_source():
+    num_draft_tokens = [4, 4, 4]
+    batch = make_batch(num_draft_tokens, 100, True, seed=5)
+    metadata = spec_decode_metadata(batch["draft_token_ids"], num_draft_tokens)
+    logits = torch.randn(15, 100, device=DEVICE)  # every p(d) > e^-20 p_max
+    accepted = {}
+    for name, leniency in [("strict", 0.0), ("lenient", 20.0)]:
+        config = CmasdConfig(k_max=4, verification="confidence", leniency=leniency, confidence_floor=0.0)
+        sampler = CmasdRejectionSampler(
+            Sampler(), None, DEVICE, config, lambda m: torch.ones(m.draft_token_ids.shape[0], device=DEVICE)
+        )
+        torch.manual_seed(0)
+        sampler(metadata, batch["draft_probs"], logits.clone(), make_sampling_metadata([0.0, 1.0, 0.0]))
+        accepted[name] = sampler.last_num_accepted
+    # Leniency 20 with full confidence accepts any draft with p(d) > e^-20 p_max.
+    assert accepted["lenient"].tolist() == [4, 4, 4]
+    assert (accepted["strict"] <= accepted["lenient"]).all()
+
+
+def test_policy_params_from_config():
+    for name in VERIFICATION_POLICIES:
+        params = PolicyParams.from_config(
+            CmasdConfig(k_max=4, verification=name, leniency=2, confidence_floor=0.25, topk_beta=5, topk_tau=1.5)
+        )
+        assert params.policy.name == name.upper().replace("-", "_")
+        assert (params.leniency, params.confidence_floor, params.topk_beta, params.topk_tau) == (2, 0.25, 5, 1.5)
+
+
+@pytest.mark.skipif(HAS_TRITON, reason="registration is for platforms without Triton")
+def test_register_cpu_kernels_is_idempotent():
+    def registered():
+        return [getattr(verify, kernel.__name__) for kernel, _ in verify.KERNELS_AND_TWINS] + [
+            rejection_sampler.expand_kernel
+        ]
+
+    before = registered()
+    for override, (_, twin) in zip(before, verify.KERNELS_AND_TWINS):
+        assert isinstance(override, KernelOverride) and override.func is twin
+    register_cpu_kernels()
+    assert registered() == before
+
+
+@pytest.mark.skipif(HAS_TRITON, reason="the fix is for vLLM's CPU override")
+def test_cpu_expand_fix_gives_per_token_temperatures():
+    """vLLM 0.32's CPU expand override returns uninitialised memory for floats."""
+    cu_num_tokens = torch.tensor([2, 2, 5], dtype=torch.int32)
+    temperature = rejection_sampler.expand_batch_to_tokens(
+        torch.tensor([0.7, 0.5, 0.0]), cu_num_tokens, 5, replace_from=0, replace_to=1
+    )
+    assert temperature.tolist() == pytest.approx([0.7, 0.7, 1.0, 1.0, 1.0])
+    top_k = rejection_sampler.expand_batch_to_tokens(torch.tensor([5, 7, 9], dtype=torch.int32), cu_num_tokens, 5)
+    assert top_k.tolist() == [5, 5, 9, 9, 9]

@@ -1,0 +1,250 @@
+"""CM-ASD verification: vLLM's rejection sampler with a choice of acceptance policy.
+
+``CmasdRejectionSampler`` takes the place of vLLM's ``RejectionSampler`` in the
+model runner. Everything around verification (bonus tokens, logits
+processors, temperature/top-k/top-p, logprobs) is vLLM's own code; only the
+accept/reject step is CM-ASD's, :func:`cmasd_rejection_sample`, which runs the
+two kernels of :mod:`vllm_cmasd.kernels.verify`. Policies and their equations:
+docs/verification.md.
+
+Random numbers are drawn exactly as vLLM draws them (same calls, same order,
+same per-request generators), so with the ``exact`` policy a seeded request
+produces vLLM's tokens, and every policy is reproducible under a seed.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, replace
+
+import torch
+from vllm.v1.outputs import SamplerOutput
+from vllm.v1.sample import rejection_sampler
+from vllm.v1.sample.metadata import SamplingMetadata
+from vllm.v1.sample.rejection_sampler import (
+    GREEDY_TEMPERATURE,
+    MAX_SPEC_LEN,
+    RejectionSampler,
+    apply_sampling_constraints,
+    generate_uniform_probs,
+)
+from vllm.v1.spec_decode.metadata import SpecDecodeMetadata
+
+from vllm_cmasd.config import CmasdConfig
+from vllm_cmasd.kernels import verify
+from vllm_cmasd.kernels.verify import Policy, compute_draft_token_stats, walk_acceptance
+
+_POLICY_BY_NAME = {
+    "exact": Policy.EXACT,
+    "confidence": Policy.CONFIDENCE,
+    "topk-tolerance": Policy.TOPK_TOLERANCE,
+}
+
+
+@dataclass(frozen=True)
+class PolicyParams:
+    """The acceptance policy and its knobs (see CmasdConfig for their meaning)."""
+
+    policy: Policy = Policy.EXACT
+    leniency: float = 0.0
+    confidence_floor: float = 0.0
+    topk_beta: int = 1
+    topk_tau: float = 0.0
+
+    @classmethod
+    def from_config(cls, config: CmasdConfig) -> PolicyParams:
+        return cls(
+            policy=_POLICY_BY_NAME[config.verification],
+            leniency=config.leniency,
+            confidence_floor=config.confidence_floor,
+            topk_beta=config.topk_beta,
+            topk_tau=config.topk_tau,
+        )
+
+
+def sample_inverse_exponential_noise(
+    num_draft_tokens: list[int],
+    vocab_size: int,
+    generators: dict[int, torch.Generator],
+    device: torch.device,
+    use_fp64_gumbel: bool = False,
+) -> torch.Tensor:
+    """1 / E, E ~ Exp(1), per request and vocabulary entry: [batch, vocab].
+
+    Drawn with the same calls in the same order as vLLM's
+    ``sample_recovered_tokens``, which does not expose this step on its own.
+    """
+    dtype = torch.float64 if use_fp64_gumbel else torch.float32
+    noise = torch.empty((len(num_draft_tokens), vocab_size), dtype=dtype, device=device)
+    noise.exponential_()
+    for request, generator in generators.items():
+        # A request without drafts leaves its generator untouched, as in vLLM.
+        if num_draft_tokens[request] > 0:
+            noise[request].exponential_(generator=generator)
+    return noise.reciprocal_()
+
+
+def cmasd_rejection_sample(
+    draft_token_ids: torch.Tensor,  # [num_tokens]
+    num_draft_tokens: list[int],  # [batch_size]
+    max_spec_len: int,
+    cu_num_draft_tokens: torch.Tensor,  # [batch_size]
+    draft_probs: torch.Tensor | None,  # [num_tokens, vocab_size]; None = one-hot drafts
+    target_logits: torch.Tensor,  # [num_tokens, vocab_size], after sampling constraints
+    bonus_token_ids: torch.Tensor,  # [batch_size, 1]
+    sampling_metadata: SamplingMetadata,
+    confidence: torch.Tensor | None,  # [num_tokens] in [0, 1]; None = 0 (strict)
+    policy_params: PolicyParams,
+    use_fp64_gumbel: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """vLLM's ``rejection_sample`` with a CM-ASD acceptance policy.
+
+    Returns ``output_token_ids`` [batch, max_spec_len + 1] int32 (accepted
+    drafts, then the recovered or bonus token, then -1) and ``num_accepted``
+    [batch] int32 (accepted drafted tokens per request).
+
+    Non-finite target logits do not raise: their probabilities count as 0, so
+    such a position rejects its draft and emits an in-vocabulary token
+    (token 0 when the whole row is non-finite).
+    """
+    num_tokens, vocab_size = target_logits.shape
+    assert draft_token_ids.shape == (num_tokens,) and draft_token_ids.is_contiguous()
+    assert draft_probs is None or (draft_probs.shape == target_logits.shape and draft_probs.is_contiguous())
+    assert confidence is None or (confidence.shape == (num_tokens,) and confidence.is_contiguous())
+    assert cu_num_draft_tokens.shape == (len(num_draft_tokens),)
+    assert bonus_token_ids.is_contiguous()
+    device = target_logits.device
+
+    is_greedy = uniform_probs = inverse_noise = None
+    if not sampling_metadata.all_greedy:
+        is_greedy = sampling_metadata.temperature == GREEDY_TEMPERATURE
+        # Uniforms first, then noise: vLLM's order, so generators stay in step.
+        uniform_probs = generate_uniform_probs(
+            num_tokens, num_draft_tokens, sampling_metadata.generators, device
+        )
+        inverse_noise = sample_inverse_exponential_noise(
+            num_draft_tokens, vocab_size, sampling_metadata.generators, device, use_fp64_gumbel
+        )
+
+    target_probs = target_logits.softmax(dim=-1, dtype=torch.float32)
+    stats = compute_draft_token_stats(
+        target_probs, draft_probs, draft_token_ids, cu_num_draft_tokens, inverse_noise, policy_params.policy
+    )
+    return walk_acceptance(
+        stats,
+        draft_token_ids,
+        cu_num_draft_tokens,
+        bonus_token_ids,
+        uniform_probs,
+        confidence,
+        is_greedy,
+        max_spec_len,
+        policy_params.policy,
+        policy_params.leniency,
+        policy_params.confidence_floor,
+        policy_params.topk_beta,
+        policy_params.topk_tau,
+    )
+
+
+class CmasdRejectionSampler(RejectionSampler):
+    """vLLM's rejection sampler, verifying with :func:`cmasd_rejection_sample`.
+
+    ``confidence_source(metadata)`` returns the drafter's confidence per
+    drafted token, in ``metadata.draft_token_ids`` order (or None).
+    ``last_num_accepted`` holds the latest step's accepted count per request.
+    """
+
+    def __init__(
+        self,
+        sampler,
+        spec_config,
+        device: torch.device | None,
+        cmasd_config: CmasdConfig,
+        confidence_source: Callable[[SpecDecodeMetadata], torch.Tensor | None],
+    ):
+        super().__init__(sampler, spec_config, device)
+        self.policy_params = PolicyParams.from_config(cmasd_config)
+        self.confidence_source = confidence_source
+        self.last_num_accepted: torch.Tensor | None = None
+
+    def forward(
+        self,
+        metadata: SpecDecodeMetadata,
+        draft_probs: torch.Tensor | None,
+        logits: torch.Tensor,
+        sampling_metadata: SamplingMetadata,
+    ) -> SamplerOutput:
+        # The steps around verification follow RejectionSampler.forward.
+        assert metadata.max_spec_len <= MAX_SPEC_LEN
+        bonus_output = self.sampler(
+            logits=logits[metadata.bonus_logits_indices],
+            sampling_metadata=replace(sampling_metadata, max_num_logprobs=-1),
+            predict_bonus_token=True,
+            # Logits, not logprobs: the accepted tokens' logprobs are computed below.
+            logprobs_mode_override="processed_logits" if self.is_processed_logprobs_mode else "raw_logits",
+        )
+        # Indexing copies, so the processors below may work in place.
+        raw_target_logits = logits[metadata.target_logits_indices].to(torch.float32)
+        target_logits = raw_target_logits if self.is_processed_logprobs_mode else raw_target_logits.clone()
+        target_logits = self.apply_logits_processors(target_logits, sampling_metadata, metadata)
+        target_logits = apply_sampling_constraints(target_logits, metadata.cu_num_draft_tokens, sampling_metadata)
+
+        output_token_ids, self.last_num_accepted = cmasd_rejection_sample(
+            metadata.draft_token_ids,
+            metadata.num_draft_tokens,
+            metadata.max_spec_len,
+            metadata.cu_num_draft_tokens,
+            draft_probs,
+            target_logits,
+            bonus_output.sampled_token_ids,
+            sampling_metadata,
+            self.confidence_source(metadata),
+            self.policy_params,
+            use_fp64_gumbel=self.use_fp64_gumbel,
+        )
+
+        logprobs_tensors = None
+        if sampling_metadata.max_num_logprobs is not None:
+            logprobs_tensors = self._get_logprobs_tensors(
+                sampling_metadata.max_num_logprobs,
+                metadata,
+                logits,
+                target_logits if self.is_processed_logprobs_mode else raw_target_logits,
+                bonus_output.logprobs_tensors.logprobs,
+                output_token_ids,
+            )
+        return SamplerOutput(sampled_token_ids=output_token_ids, logprobs_tensors=logprobs_tensors)
+
+
+def register_cpu_kernels() -> None:
+    """Route the verification kernels to their torch twins via vLLM's dispatcher.
+
+    For platforms where Triton cannot run (vLLM's CPU build, where
+    ``vllm.triton_utils.HAS_TRITON`` is False); the plugin calls it there,
+    after vLLM registered its own CPU kernels. Calling it again does nothing.
+    """
+    from vllm.triton_utils.dispatcher import register_kernels
+
+    pending = {
+        f"{verify.__name__}.{kernel.__name__}": twin
+        for kernel, twin in verify.KERNELS_AND_TWINS
+        if getattr(verify, kernel.__name__) is kernel  # not yet replaced
+    }
+    if getattr(rejection_sampler.expand_kernel, "func", None) is not _expand_kernel_torch:
+        pending[f"{rejection_sampler.__name__}.expand_kernel"] = _expand_kernel_torch
+    if pending:
+        register_kernels(pending)
+
+
+def _expand_kernel_torch(output, input, cu_num_tokens, replace_from, replace_to, MAX_NUM_TOKENS):  # noqa: A002
+    """vLLM's ``expand_kernel`` (per-request values to per-token values) in torch.
+
+    Replaces vLLM 0.32's own CPU version, which hands the C++ op int64 copies
+    of ``output`` and ``input`` and never copies back: float temperatures and
+    int32 top-k come out as uninitialised memory, so ``apply_sampling_constraints``
+    (which verification relies on) scales logits by garbage on CPU.
+    """
+    num_tokens_per_request = torch.diff(cu_num_tokens, prepend=cu_num_tokens.new_zeros(1))
+    values = torch.where(input == replace_from, replace_to, input)
+    output.copy_(torch.repeat_interleave(values, num_tokens_per_request, output_size=output.shape[0]))
