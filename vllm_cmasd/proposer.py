@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import torch
 
+from vllm.distributed import get_tp_group
 from vllm.v1.spec_decode.draft_model import DraftModelProposer
 
 from vllm_cmasd.config import CmasdConfig
@@ -85,7 +86,11 @@ class CmasdProposer(DraftModelProposer):
         # draft distribution comes back too, for lossless verification.
         tokens, probs = self._sample_from_logits(logits, sampling_metadata)
         assert self._window is not None
-        if not self._window.add(tokens, probs, unified_confidence(logits, self.config)):
+        # Every tensor-parallel rank runs this loop, and CPU reductions may
+        # round differently per thread count: rank 0's confidences decide for
+        # all, so the ranks stop together (each draft pass holds collectives).
+        confidence = get_tp_group().broadcast(unified_confidence(logits, self.config).contiguous(), src=0)
+        if not self._window.add(tokens, probs, confidence):
             raise _DraftingFinished
         return tokens, probs
 
