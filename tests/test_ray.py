@@ -75,14 +75,23 @@ def ray_cluster():
         env[SWITCH] = "1"
     saved = {name: os.environ.get(name) for name in [*env, "RAY_ADDRESS"]}
     started = time.monotonic()
-    ray.init(
-        address="local",  # never someone else's cluster
-        num_cpus=TP if on_cpu else None,
-        num_gpus=None if on_cpu else TP,
-        resources={RAY_RESOURCE: TP} if on_cpu else None,
-        include_dashboard=False,
-        log_to_driver=False,
-    )
+    for attempt in range(3):
+        try:
+            ray.init(
+                address="local",  # never someone else's cluster
+                num_cpus=TP if on_cpu else None,
+                num_gpus=None if on_cpu else TP,
+                resources={RAY_RESOURCE: TP} if on_cpu else None,
+                include_dashboard=False,
+                log_to_driver=False,
+            )
+            break
+        except Exception as error:
+            # Ray gives its raylet a fixed 30 s to register; on a loaded
+            # 2-core machine that can run out. Start again from scratch.
+            if "timed out during startup" not in str(error) or attempt == 2:
+                raise
+            ray.shutdown()
     # Set after ray.init on purpose: Ray's own processes do not inherit the
     # switch, so the workers get it only the way the platform hands it to them
     # (the actors' runtime env), as on a cluster started without it.
