@@ -403,7 +403,22 @@ def prepare(
     else:
         log(f"target: {target_dir} already prepared, skipping download/extract/convert")
     make_truncated_draft(target_dir, draft_dir, draft_layers)
+    assemble_trained_draft(target_dir, models_dir)
     return target_dir, draft_dir
+
+
+TRAINED_DRAFT = "smollm2-135m-draft-rv"
+
+
+def assemble_trained_draft(target_dir: Path, models_dir: Path) -> Path:
+    """The committed self-distilled draft (drafts/), assembled next to the target."""
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from train_draft import assemble_draft
+
+    shipped = Path(__file__).resolve().parent.parent / "drafts" / TRAINED_DRAFT
+    out_dir = models_dir / TRAINED_DRAFT
+    log(f"trained draft: assembling {out_dir} from {shipped}")
+    return assemble_draft(target_dir, shipped, out_dir)
 
 
 # --------------------------------------------------------------------------- step 5

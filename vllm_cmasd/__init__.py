@@ -10,6 +10,8 @@ __version__ = "0.1.0"
 
 
 def register() -> None:
-    from vllm_cmasd import vllm_patch
+    from vllm_cmasd import draft_model, vllm_patch
 
     vllm_patch.install()
+    # The trained reduced-vocabulary draft's architecture (a new name only).
+    draft_model.register()

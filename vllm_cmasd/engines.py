@@ -13,7 +13,8 @@ from typing import Any
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_TARGET = REPO_ROOT / "models" / "smollm2-135m-instruct"
-DEFAULT_DRAFT = REPO_ROOT / "models" / "smollm2-135m-draft-l4"
+# Self-distilled, reduced output vocabulary: scripts/train_draft.py, drafts/.
+DEFAULT_DRAFT = REPO_ROOT / "models" / "smollm2-135m-draft-rv"
 
 
 def on_cpu() -> bool:

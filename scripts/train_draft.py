@@ -1,0 +1,842 @@
+#!/usr/bin/env python
+"""Train a small draft model for a HF Llama-family target by self-distillation on CPU.
+
+Usage (every stage is resumable / skipped when its output exists; ~100 min on 2 cores
+using one thread: ~23 min data, 74 min training, evals)::
+
+    export LD_PRELOAD=$PWD/.venv/lib/libiomp5.so VLLM_CPU_OMP_THREADS_BIND=nobind \
+           OMP_NUM_THREADS=1 VLLM_ENABLE_V1_MULTIPROCESSING=0
+    .venv/bin/python scripts/train_draft.py all      # data -> train -> export -> assemble
+    .venv/bin/python scripts/train_draft.py bench    # vLLM: target, draft, draft_model spec
+
+Defaults: target ``models/smollm2-135m-instruct``, work dir ``models/.cache/draft-train``,
+shipped result ``drafts/smollm2-135m-draft-rv``, assembled checkpoint
+``models/smollm2-135m-draft-rv``.
+
+Stages:
+
+``data``      build instruction prompts ("Explain what this Python function does",
+              "Summarize: <paragraph>", "Translate to French: <sentence>", "Continue this
+              text: ...", ...) from text that exists offline on every machine here (Python
+              standard-library sources/docstrings, Debian's /usr/share/common-licenses),
+              split by a fixed hash of the *source item* into train / held-out (a held-out
+              paragraph or function never appears in training under any template), and let
+              the target answer them greedily with vLLM in batches. vLLM returns the
+              target's top-16 log-probs at every response position (``logprobs=16``): the
+              cached teacher, so training needs no teacher forward. ``--prompt-logprobs 1``
+              also caches them on prompt positions (+25% generation time; off by default,
+              prompt tokens then only serve as context). Stops after ``--gen-minutes``.
+``train``     draft = target's input embedding (frozen, shared, not shipped) + first
+              ``--layers`` decoder layers + final norm + a reduced-vocabulary LM head over the
+              ``--keep-vocab`` most frequent target tokens of the training data (rows
+              initialised from the tied embedding). Loss: KL(target || draft) on the cached
+              top-16 teacher probabilities (renormalised over kept tokens). AdamW, warmup +
+              cosine decay over ``--steps`` or ``--max-minutes`` (whichever ends first),
+              length-bucketed batches of ``--batch-tokens`` tokens in a seeded order,
+              ``torch.set_num_threads(--threads)``; checkpoints every ``--ckpt-every`` steps
+              (``ckpt.pt``, resumed automatically; best held-out in ``best.pt``), tqdm shows
+              loss and top-1 agreement; at the end prints teacher-forced top-1 agreement
+              with the target on the held-out split.
+``export``    write what differs from the target (trained layers, norm, small head, kept
+              token ids; bf16 safetensors) + ``draft.json`` record to ``--out``.
+``assemble``  :func:`assemble_draft` -> ``--assemble-to``.
+``bench``     plain decoding of target and draft alone and vLLM ``draft_model``
+              speculative decoding (greedy, k=4) at batch 1 on held-out prompts.
+
+:func:`assemble_draft` builds the full vLLM-loadable draft checkpoint (architecture
+``CmasdReducedVocabLlamaForCausalLM``, see :mod:`vllm_cmasd.draft_model`) from the target
+and the shipped ``drafts/<name>/`` files.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ast
+import hashlib
+import json
+import math
+import os
+import random
+import re
+import shutil
+import sys
+import time
+from pathlib import Path
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+DRAFT_ARCH = "CmasdReducedVocabLlamaForCausalLM"
+DEFAULT_DRAFT_NAME = "smollm2-135m-draft-rv"
+TOKENIZER_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "chat_template.jinja",
+    "generation_config.json",
+)
+TOPK = 16  # teacher top-k cached per position
+
+
+def log(msg: str) -> None:
+    print(f"[train_draft {time.strftime('%H:%M:%S')}] {msg}", flush=True)
+
+
+# --------------------------------------------------------------------------------------
+# Offline text -> instruction prompts
+# --------------------------------------------------------------------------------------
+
+def _h(s: str) -> int:
+    return int(hashlib.sha1(s.encode("utf-8", "replace")).hexdigest()[:8], 16)
+
+
+def _clean(s: str) -> str:
+    return re.sub(r"[ \t]+", " ", s).strip()
+
+
+def _stdlib_items(max_files: int | None = None):
+    """(source_id, kind, text) from the standard library: docstrings and small functions."""
+    import sysconfig
+
+    stdlib = Path(sysconfig.get_paths()["stdlib"])
+    files = sorted(p for p in stdlib.rglob("*.py")
+                   if "test" not in p.parts and "site-packages" not in p.parts
+                   and "idlelib" not in p.parts and "lib2to3" not in p.parts)
+    if max_files:
+        files = files[:max_files]
+    for path in files:
+        try:
+            src = path.read_text(encoding="utf-8")
+            tree = ast.parse(src)
+        except Exception:
+            continue
+        rel = str(path.relative_to(stdlib))
+        lines = src.splitlines()
+        mdoc = ast.get_docstring(tree)
+        if mdoc and len(mdoc) > 80:
+            yield (f"{rel}", "moddoc", rel[:-3].replace("/", "."), mdoc)
+        for node in ast.walk(tree):
+            if isinstance(node, (ast.FunctionDef, ast.ClassDef, ast.AsyncFunctionDef)):
+                doc = ast.get_docstring(node)
+                if node.name.startswith("_"):
+                    continue
+                sid = f"{rel}:{node.name}:{node.lineno}"
+                if doc and len(doc) > 60:
+                    yield (sid, "doc", node.name, doc)
+                if isinstance(node, ast.FunctionDef) and node.end_lineno:
+                    n = node.end_lineno - node.lineno + 1
+                    if 4 <= n <= 30:
+                        code = "\n".join(lines[node.lineno - 1: node.end_lineno])
+                        yield (sid + ":src", "code", node.name, code)
+
+
+def _license_items():
+    root = Path("/usr/share/common-licenses")
+    for path in sorted(root.iterdir()):
+        if not path.is_file():
+            continue
+        try:
+            text = path.read_text(encoding="utf-8", errors="replace")
+        except Exception:
+            continue
+        paras = [_clean(p.replace("\n", " ")) for p in re.split(r"\n\s*\n", text)]
+        for i, p in enumerate(paras):
+            if 120 <= len(p) <= 1500:
+                yield (f"lic:{path.name}:{i}", "para", path.name, p)
+
+
+def _first_sentence(text: str) -> str:
+    m = re.match(r"(.{20,300}?[.!?])(\s|$)", text.replace("\n", " "))
+    return _clean(m.group(1) if m else text[:200])
+
+
+def _prompts_for(item, rng: random.Random):
+    sid, kind, name, text = item
+    out = []
+    if kind == "code":
+        out.append(f"Explain what this Python function does:\n\n```python\n{text}\n```")
+        if rng.random() < 0.3:
+            out.append(f"Write a docstring for this Python function:\n\n```python\n{text}\n```")
+    elif kind in ("doc", "moddoc"):
+        doc = text[:1200]
+        what = "module" if kind == "moddoc" else "Python API"
+        t = rng.choice([
+            f"Summarize this documentation of the {what} `{name}` in two sentences:\n\n{doc}",
+            f"Explain in simple terms what `{name}` does, based on its documentation:\n\n{doc}",
+            f"Write a short Python example that uses `{name}`. Its documentation says:\n\n{doc}",
+        ])
+        out.append(t)
+        if rng.random() < 0.25:
+            out.append(f"Translate to French: {_first_sentence(doc)}")
+    elif kind == "para":
+        t = rng.choice([
+            f"Summarize: {text}",
+            f"Explain this license text in plain English:\n\n{text}",
+            f"What are the key points of this text?\n\n{text}",
+            f"Continue this text: {text[: max(80, len(text) // 2)]}",
+        ])
+        out.append(t)
+        if rng.random() < 0.3:
+            out.append(f"Translate to French: {_first_sentence(text)}")
+        if rng.random() < 0.2:
+            out.append(f"Rewrite this sentence so that a child can understand it: {_first_sentence(text)}")
+    return out
+
+
+def build_prompts(seed: int, n_train: int, n_eval: int, eval_frac: float = 0.1):
+    """Deterministic prompt lists. The split is by source item (hash), so no held-out
+    paragraph/function is ever seen in training, under any prompt template."""
+    items = list(_stdlib_items()) + list(_license_items())
+    # dedupe on text
+    seen, uniq = set(), []
+    for it in items:
+        k = it[3]
+        if k in seen:
+            continue
+        seen.add(k)
+        uniq.append(it)
+    train, held = [], []
+    for it in uniq:
+        (held if (_h(it[0]) % 1000) < eval_frac * 1000 else train).append(it)
+    rng = random.Random(seed)
+    # balance: licenses are few, stdlib many; sample items in a fixed order
+    def sample(pool, n):
+        by_kind = {}
+        for it in pool:
+            by_kind.setdefault(it[2 - 1], []).append(it)
+        rng.shuffle(pool)
+        lic = [it for it in pool if it[1] == "para"]
+        rest = [it for it in pool if it[1] != "para"]
+        prompts = []
+        for it in lic + rest:  # all license paragraphs first (small), then stdlib
+            for p in _prompts_for(it, rng):
+                prompts.append({"sid": it[0], "kind": it[1], "prompt": p})
+        rng.shuffle(prompts)
+        return prompts[:n]
+    return sample(train, n_train), sample(held, n_eval)
+
+
+# --------------------------------------------------------------------------------------
+# Stage: data (target answers with vLLM, teacher top-k log-probs cached)
+# --------------------------------------------------------------------------------------
+
+def _chat_ids(tok, prompt: str, max_prompt_tokens: int):
+    msgs = [{"role": "user", "content": prompt}]
+    ids = tok.apply_chat_template(msgs, add_generation_prompt=True, tokenize=True)
+    if hasattr(ids, "input_ids"):
+        ids = ids["input_ids"]
+    ids = list(ids)
+    if len(ids) > max_prompt_tokens:
+        return None
+    return ids
+
+
+def _pack_logprobs(lp_list, n):
+    """list (len n) of dict{token_id: Logprob} -> (ids int32 [n,K], lps fp16 [n,K])."""
+    import torch
+
+    ids = torch.full((n, TOPK), -1, dtype=torch.int32)
+    lps = torch.full((n, TOPK), -1e4, dtype=torch.float32)
+    for i, d in enumerate(lp_list):
+        if not d:
+            continue
+        items = sorted(d.items(), key=lambda kv: kv[1].rank if kv[1].rank is not None else 1 << 30)
+        # dedupe: the sampled token may be added on top of the top-k
+        items = sorted(d.items(), key=lambda kv: -kv[1].logprob)[:TOPK]
+        for j, (t, lp) in enumerate(items):
+            ids[i, j] = t
+            lps[i, j] = lp.logprob
+    return ids, lps
+
+
+def stage_data(args) -> None:
+    import torch
+    from transformers import AutoTokenizer
+
+    work = Path(args.work)
+    work.mkdir(parents=True, exist_ok=True)
+    out_path = work / "data.pt"
+    if out_path.exists():
+        log(f"data: {out_path} exists, skipping")
+        return
+    tok = AutoTokenizer.from_pretrained(args.target)
+    train_p, eval_p = build_prompts(args.seed, args.n_train, args.n_eval)
+    log(f"data: {len(train_p)} train prompts, {len(eval_p)} held-out prompts")
+    (work / "prompts.json").write_text(json.dumps({"train": train_p, "eval": eval_p}, indent=0))
+
+    from vllm import LLM, SamplingParams
+
+    llm = LLM(model=args.target, enforce_eager=True, dtype="float32",
+              gpu_memory_utilization=args.gpu_mem, seed=args.seed,
+              max_model_len=args.max_prompt_tokens + args.max_new_tokens + 8,
+              max_num_seqs=args.gen_batch)
+    sp = SamplingParams(temperature=0.0, max_tokens=args.max_new_tokens,
+                        logprobs=TOPK, prompt_logprobs=TOPK if args.prompt_logprobs else None)
+    records = {"train": [], "eval": []}
+    t0 = time.time()
+    n_tok = 0
+    stop_at = t0 + args.gen_minutes * 60 if args.gen_minutes else None
+    for split, plist in (("eval", eval_p), ("train", train_p)):
+        chunk = args.gen_chunk
+        for c0 in range(0, len(plist), chunk):
+            if split == "train" and stop_at and time.time() > stop_at:
+                log(f"data: --gen-minutes reached, stopping at {c0} train prompts")
+                break
+            batch = []
+            for p in plist[c0: c0 + chunk]:
+                ids = _chat_ids(tok, p["prompt"], args.max_prompt_tokens)
+                if ids is not None:
+                    batch.append((p, ids))
+            if not batch:
+                continue
+            outs = llm.generate([{"prompt_token_ids": ids} for _, ids in batch], sp,
+                                use_tqdm=False)
+            for (p, ids), o in zip(batch, outs):
+                c = o.outputs[0]
+                resp = list(c.token_ids)
+                # teacher distribution for predicting token t+1 at position t:
+                # prompt_logprobs[i] is for token i (given <i); [0] is None.
+                plp = (o.prompt_logprobs[1:] if args.prompt_logprobs
+                       else [None] * (len(ids) - 1))  # predicting prompt tokens 1..P-1
+                glp = list(c.logprobs)  # predicting response tokens 0..R-1
+                seq = ids + resp
+                lp_list = list(plp) + glp  # position t predicts seq[t+1]
+                n = len(lp_list)
+                tids, tlps = _pack_logprobs(lp_list, n)
+                records[split].append({
+                    "sid": p["sid"], "kind": p["kind"],
+                    "ids": torch.tensor(seq, dtype=torch.int32),
+                    "n_prompt": len(ids),
+                    "t_ids": tids, "t_lps": tlps.to(torch.float16),
+                    "finished": c.finish_reason == "stop",
+                })
+                n_tok += len(seq)
+            el = time.time() - t0
+            log(f"data: {split} {min(c0 + chunk, len(plist))}/{len(plist)} prompts, "
+                f"{n_tok} tokens, {el:.0f}s ({n_tok / el:.0f} tok/s incl. prompts)")
+    torch.save(records, out_path.with_suffix(".tmp"))
+    os.replace(out_path.with_suffix(".tmp"), out_path)
+    log(f"data: wrote {out_path} in {time.time() - t0:.0f}s")
+    try:
+        from vllm_cmasd.engines import shutdown  # type: ignore
+        shutdown(llm)
+    except Exception:
+        pass
+
+
+# --------------------------------------------------------------------------------------
+# Draft model (pure torch, for training; vLLM uses vllm_cmasd.draft_model)
+# --------------------------------------------------------------------------------------
+
+def _load_target_state(target_dir):
+    from safetensors.torch import load_file
+
+    sd = {}
+    for f in sorted(Path(target_dir).glob("*.safetensors")):
+        sd.update(load_file(str(f)))
+    return sd
+
+
+def build_draft(target_dir, n_layers: int, kept_ids):
+    """transformers LlamaModel with the first n_layers of the target + small head."""
+    import torch
+    from transformers import LlamaConfig, LlamaModel
+
+    cfg = LlamaConfig.from_pretrained(target_dir)
+    cfg.num_hidden_layers = n_layers
+    cfg.use_cache = False
+    sd = _load_target_state(target_dir)
+    body = LlamaModel(cfg)
+    mine = {}
+    for k, v in sd.items():
+        k2 = k[len("model."):] if k.startswith("model.") else k
+        if k2.startswith("layers."):
+            li = int(k2.split(".")[1])
+            if li >= n_layers:
+                continue
+        if k2.startswith("lm_head"):
+            continue
+        mine[k2] = v
+    missing, unexpected = body.load_state_dict(mine, strict=False)
+    missing = [m for m in missing if "rotary" not in m]
+    assert not missing and not unexpected, (missing, unexpected)
+    body.embed_tokens.weight.requires_grad_(False)
+    kept = torch.as_tensor(kept_ids, dtype=torch.long)
+    head = torch.nn.Linear(cfg.hidden_size, len(kept), bias=False)
+    with torch.no_grad():
+        head.weight.copy_(body.embed_tokens.weight[kept])
+    return cfg, body, head, kept
+
+
+# --------------------------------------------------------------------------------------
+# Stage: train
+# --------------------------------------------------------------------------------------
+
+def choose_kept_vocab(records, tok, keep: int):
+    """Most frequent target tokens in the training data (text + teacher top-1), plus all
+    special tokens. Returned sorted by id."""
+    import torch
+
+    cnt = torch.zeros(len(tok), dtype=torch.float64)
+    for r in records:
+        n_p = r["n_prompt"]
+        ids = r["ids"].long()
+        w = torch.ones(len(ids), dtype=torch.float64)
+        w[n_p:] = 3.0  # response tokens count more: they are what the draft must predict
+        cnt.index_add_(0, ids, w)
+        top1 = r["t_ids"][:, 0].long()
+        ok = top1 >= 0
+        cnt.index_add_(0, top1[ok], torch.full((int(ok.sum()),), 1.0, dtype=torch.float64))
+    # slots left after every seen token (small data sets) go to the lowest ids: in a BPE
+    # vocabulary lower ids are earlier merges, i.e. more frequent pieces. (The shipped
+    # smollm2 draft predates this tie-break: its 1927 spare slots hold arbitrary ids.)
+    cnt += 1e-3 * (1.0 - torch.arange(len(cnt), dtype=torch.float64) / len(cnt))
+    special = set(tok.all_special_ids) | {0, 1, 2}
+    for s in special:
+        cnt[s] += 1e12
+    kept = torch.topk(cnt, keep).indices.sort().values
+    return kept
+
+
+def _make_batches(records, max_tokens: int, rng: random.Random, max_len: int):
+    """Length-bucketed batches of record indices (padded tokens <= max_tokens)."""
+    order = sorted(range(len(records)), key=lambda i: (min(len(records[i]["ids"]), max_len), rng.random()))
+    batches, cur, cur_max = [], [], 0
+    for i in order:
+        L = min(len(records[i]["ids"]), max_len)
+        if cur and max(cur_max, L) * (len(cur) + 1) > max_tokens:
+            batches.append(cur)
+            cur, cur_max = [], 0
+        cur.append(i)
+        cur_max = max(cur_max, L)
+    if cur:
+        batches.append(cur)
+    rng.shuffle(batches)
+    return batches
+
+
+def _collate(records, idxs, t2k, max_len, prompt_weight):
+    import torch
+
+    L = max(min(len(records[i]["ids"]), max_len) for i in idxs)
+    B = len(idxs)
+    inp = torch.zeros(B, L, dtype=torch.long)
+    att = torch.zeros(B, L, dtype=torch.long)
+    tk = torch.full((B, L, TOPK), -1, dtype=torch.long)  # teacher ids in kept index space
+    tl = torch.full((B, L, TOPK), -1e4, dtype=torch.float32)
+    top1 = torch.full((B, L), -1, dtype=torch.long)  # teacher top-1 target id
+    w = torch.zeros(B, L)
+    is_resp = torch.zeros(B, L, dtype=torch.bool)
+    for b, i in enumerate(idxs):
+        r = records[i]
+        n = min(len(r["ids"]), L)
+        inp[b, :n] = r["ids"][:n].long()
+        att[b, :n] = 1
+        m = min(n, r["t_ids"].shape[0])  # positions with a teacher (all but last token)
+        ids = r["t_ids"][:m].long()
+        k = torch.where(ids >= 0, t2k[ids.clamp(min=0)], torch.full_like(ids, -1))
+        tk[b, :m] = k
+        tl[b, :m] = r["t_lps"][:m].float()
+        top1[b, :m] = ids[:, 0]
+        ww = torch.full((m,), prompt_weight)
+        resp_from = r["n_prompt"] - 1  # position n_prompt-1 predicts the first response token
+        ww[resp_from:] = 1.0
+        w[b, :m] = ww
+        is_resp[b, resp_from:m] = True
+    return inp, att, tk, tl, top1, w, is_resp
+
+
+def _loss_and_stats(body, head, kept, batch):
+    import torch
+
+    inp, att, tk, tl, top1, w, is_resp = batch
+    hs = body(input_ids=inp, attention_mask=att).last_hidden_state
+    # only positions with a teacher distribution go through the head (prompt positions
+    # without cached teacher log-probs still shape the context through attention)
+    sel = (tk >= 0).any(-1) & (w > 0) & (top1 >= 0)
+    hs, tk, tl, top1, w, is_resp = hs[sel], tk[sel], tl[sel], top1[sel], w[sel], is_resp[sel]
+    logits = head(hs)  # [N, Vk]
+    logq = torch.log_softmax(logits.float(), dim=-1)
+    valid = tk >= 0
+    p = torch.where(valid, tl, torch.full_like(tl, -1e4))
+    p = torch.softmax(p, dim=-1) * valid  # teacher top-k renormalised over kept tokens
+    lq = torch.gather(logq, -1, tk.clamp(min=0))
+    ce = -(p * lq).sum(-1)  # cross-entropy; + H(p) = KL(p || q)
+    ent = -(p * torch.log(p.clamp(min=1e-12))).sum(-1)
+    kl = ce - ent
+    loss = (kl * w).sum() / w.sum().clamp(min=1e-6)
+    with torch.no_grad():
+        pred = kept[logits.argmax(-1)]
+        agree = pred == top1
+        stats = {
+            "agree_resp": int((agree & is_resp).sum()), "n_resp": int(is_resp.sum()),
+            "agree_all": int(agree.sum()), "n_all": int(agree.numel()),
+            "kl_sum": float((kl * w).sum()), "w_sum": float(w.sum()),
+        }
+    return loss, stats
+
+
+def evaluate(body, head, kept, records, t2k, max_len, max_tokens=4096):
+    import torch
+
+    body.eval()
+    tot = {"agree_resp": 0, "n_resp": 0, "agree_all": 0, "n_all": 0, "kl_sum": 0.0, "w_sum": 0.0}
+    rng = random.Random(0)
+    with torch.no_grad():
+        for idxs in _make_batches(records, max_tokens, rng, max_len):
+            batch = _collate(records, idxs, t2k, max_len, 1.0)
+            _, st = _loss_and_stats(body, head, kept, batch)
+            for k in tot:
+                tot[k] += st[k]
+    body.train()
+    return {
+        "top1_agreement_response": tot["agree_resp"] / max(1, tot["n_resp"]),
+        "top1_agreement_all": tot["agree_all"] / max(1, tot["n_all"]),
+        "kl": tot["kl_sum"] / max(1e-9, tot["w_sum"]),
+        "n_response_tokens": tot["n_resp"], "n_tokens": tot["n_all"],
+    }
+
+
+def stage_train(args) -> None:
+    import torch
+    from tqdm import tqdm
+    from transformers import AutoTokenizer
+
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(args.seed)
+    work = Path(args.work)
+    data = torch.load(work / "data.pt", weights_only=False)
+    tok = AutoTokenizer.from_pretrained(args.target)
+    recs, ev = data["train"], data["eval"]
+    kept_path = work / "kept_ids.pt"
+    if kept_path.exists():
+        kept = torch.load(kept_path)
+    else:
+        kept = choose_kept_vocab(recs, tok, args.keep_vocab)
+        torch.save(kept, kept_path)
+    t2k = torch.full((len(tok) if len(tok) > 49152 else 49152,), -1, dtype=torch.long)
+    t2k[kept] = torch.arange(len(kept))
+    cfg, body, head, kept = build_draft(args.target, args.layers, kept)
+    params = [p for p in body.parameters() if p.requires_grad] + list(head.parameters())
+    opt = torch.optim.AdamW(params, lr=args.lr, weight_decay=0.0, betas=(0.9, 0.98))
+    n_tr_tok = sum(len(r["ids"]) for r in recs)
+    n_resp = sum(len(r["ids"]) - r["n_prompt"] for r in recs)
+    cov = float(sum((t2k[r["ids"][r["n_prompt"]:].long()] >= 0).sum() for r in recs)) / max(1, n_resp)
+    log(f"train: {len(recs)} seqs, {n_tr_tok} tokens ({n_resp} response), kept vocab "
+        f"{len(kept)} covers {cov:.4f} of response tokens; {args.layers} layers")
+    step, epoch, t_used = 0, 0, 0.0
+    ck = work / "ckpt.pt"
+    hist = []
+    best = {}
+    if ck.exists():
+        st = torch.load(ck, weights_only=False)
+        body.load_state_dict(st["body"])
+        head.load_state_dict(st["head"])
+        opt.load_state_dict(st["opt"])
+        step, t_used, hist = st["step"], st["t_used"], st.get("hist", [])
+        best.update(st.get("best", {}))
+        log(f"train: resumed from step {step} ({t_used / 60:.1f} min used)")
+
+    def lr_at(s):
+        if s < args.warmup:
+            return args.lr * (s + 1) / args.warmup
+        prog = (s - args.warmup) / max(1, args.steps - args.warmup)
+        if args.max_minutes:  # deadline-aware: decay over whichever budget runs out first
+            prog = max(prog, t_used / (args.max_minutes * 60))
+        prog = min(1.0, prog)
+        return args.lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * prog)))
+
+    def save(path=ck):
+        tmp = path.with_suffix(".tmp")
+        torch.save({"body": body.state_dict(), "head": head.state_dict(), "opt": opt.state_dict(),
+                    "step": step, "t_used": t_used, "hist": hist, "kept": kept,
+                    "layers": args.layers, "best": dict(best)}, tmp)
+        os.replace(tmp, path)
+
+    # deterministic batch order: epoch e uses Random(seed + e); resume skips done steps
+    sched = []
+    e = 0
+    while len(sched) < args.steps:
+        sched.extend(_make_batches(recs, args.batch_tokens, random.Random(args.seed + e), args.max_len))
+        e += 1
+    body.train()
+    pbar = tqdm(total=args.steps, initial=step, desc="distill", dynamic_ncols=True, mininterval=5)
+    ema_loss, ema_agree = None, None
+    t_start = time.time() - t_used
+    while step < args.steps:
+        idxs = sched[step]
+        batch = _collate(recs, idxs, t2k, args.max_len, args.prompt_weight)
+        for g in opt.param_groups:
+            g["lr"] = lr_at(step)
+        loss, st = _loss_and_stats(body, head, kept, batch)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        step += 1
+        a = st["agree_resp"] / max(1, st["n_resp"])
+        ema_loss = loss.item() if ema_loss is None else 0.95 * ema_loss + 0.05 * loss.item()
+        ema_agree = a if ema_agree is None else 0.95 * ema_agree + 0.05 * a
+        pbar.set_postfix(loss=f"{ema_loss:.3f}", agree=f"{ema_agree:.3f}", lr=f"{lr_at(step):.1e}")
+        pbar.update(1)
+        t_used = time.time() - t_start
+        if step % args.ckpt_every == 0 or step == args.steps:
+            hist.append({"step": step, "min": round(t_used / 60, 2), "loss": round(ema_loss, 4),
+                         "agree_resp_train_ema": round(ema_agree, 4)})
+            if args.eval_every and step % args.eval_every == 0:
+                r = evaluate(body, head, kept, ev[: args.eval_subset], t2k, args.max_len)
+                hist[-1]["heldout"] = r
+                if r["top1_agreement_response"] >= best.get("top1_agreement_response", -1):
+                    best.clear()
+                    best.update(r, step=step)
+                    save(work / "best.pt")
+                log(f"train: step {step} held-out top-1 agreement (response) "
+                    f"{r['top1_agreement_response']:.4f} all {r['top1_agreement_all']:.4f} kl {r['kl']:.3f}")
+            save()
+        if args.max_minutes and t_used > args.max_minutes * 60:
+            log(f"train: --max-minutes reached at step {step}")
+            save()
+            break
+    pbar.close()
+    save()
+    r = evaluate(body, head, kept, ev, t2k, args.max_len)
+    log(f"train: FINAL held-out teacher-forced top-1 agreement with the target: "
+        f"response tokens {r['top1_agreement_response']:.4f} ({r['n_response_tokens']} tokens), "
+        f"all tokens {r['top1_agreement_all']:.4f}, KL {r['kl']:.4f}")
+    (work / "final_eval.json").write_text(json.dumps({"step": step, "minutes": t_used / 60, **r}, indent=1))
+
+
+# --------------------------------------------------------------------------------------
+# Stage: export (what differs from the target) and assemble (full vLLM checkpoint)
+# --------------------------------------------------------------------------------------
+
+def stage_export(args) -> None:
+    import torch
+    from safetensors.torch import save_file
+
+    work = Path(args.work)
+    st = torch.load(work / args.export_from, weights_only=False)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    tensors = {}
+    for k, v in st["body"].items():
+        if k.startswith("embed_tokens") or "rotary" in k:
+            continue  # shared with the target, not stored
+        tensors["model." + k] = v.to(torch.bfloat16).contiguous()
+    tensors["lm_head.weight"] = st["head"]["weight"].to(torch.bfloat16).contiguous()
+    tensors["kept_token_ids"] = st["kept"].to(torch.int64).contiguous()
+    save_file(tensors, str(out / "draft.safetensors"))
+    fe = {}
+    if (work / "final_eval.json").exists():
+        fe = json.loads((work / "final_eval.json").read_text())
+    data = torch.load(work / "data.pt", weights_only=False)
+    rec = {
+        "architecture": DRAFT_ARCH,
+        "layers": st["layers"],
+        "layer_init": f"target layers 0..{st['layers'] - 1}",
+        "keep_vocab": int(len(st["kept"])),
+        "steps": st["step"],
+        "train_minutes": round(st["t_used"] / 60, 1),
+        "seed": args.seed,
+        "threads": args.threads,
+        "hparams": {k: getattr(args, k) for k in ("lr", "warmup", "steps", "max_minutes", "batch_tokens",
+                                                    "max_len", "keep_vocab", "layers")},
+        "data": {
+            "sources": ["Python stdlib docstrings/sources (%s)" % sys.version.split()[0],
+                        "/usr/share/common-licenses"],
+            "teacher": (f"target greedy responses via vLLM (chat template, max {args.max_new_tokens} new "
+                        f"tokens); target top-{TOPK} log-probs cached at response positions"
+                        + (" and prompt positions" if args.prompt_logprobs else
+                           " (prompt positions: context only)")),
+            "train_seqs": len(data["train"]), "eval_seqs": len(data["eval"]),
+            "train_tokens": int(sum(len(r["ids"]) for r in data["train"])),
+            "train_response_tokens": int(sum(len(r["ids"]) - r["n_prompt"] for r in data["train"])),
+            "eval_tokens": int(sum(len(r["ids"]) for r in data["eval"])),
+            "eval_response_tokens": int(sum(len(r["ids"]) - r["n_prompt"] for r in data["eval"])),
+        },
+        "heldout_final": fe,
+        "history": st.get("hist", []),
+    }
+    (out / "draft.json").write_text(json.dumps(rec, indent=1))
+    log(f"export: wrote {out}/draft.safetensors and draft.json")
+
+
+def assemble_draft(target_dir, drafts_dir, out_dir) -> Path:
+    """Build the full vLLM-loadable draft checkpoint in ``out_dir`` from the target
+    checkpoint (embeddings, tokenizer, config) and the shipped trained tensors in
+    ``drafts_dir`` (``draft.safetensors`` + ``draft.json``). Idempotent, atomic."""
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    target_dir, drafts_dir, out_dir = Path(target_dir), Path(drafts_dir), Path(out_dir)
+    rec = json.loads((drafts_dir / "draft.json").read_text())
+    small = load_file(str(drafts_dir / "draft.safetensors"))
+    tsd = _load_target_state(target_dir)
+    emb = tsd.get("model.embed_tokens.weight")
+    if emb is None:
+        emb = tsd["embed_tokens.weight"]
+    cfg = json.loads((target_dir / "config.json").read_text())
+    cfg["architectures"] = [DRAFT_ARCH]
+    cfg["num_hidden_layers"] = int(rec["layers"])
+    cfg["tie_word_embeddings"] = False
+    cfg["draft_vocab_size"] = int(small["kept_token_ids"].numel())
+    cfg["dtype"] = "float32"
+    tensors = {"model.embed_tokens.weight": emb.float().contiguous()}
+    for k, v in small.items():
+        tensors[k] = v if k == "kept_token_ids" else v.float().contiguous()
+    tmp = out_dir.with_name(out_dir.name + ".tmp")
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir(parents=True)
+    save_file(tensors, str(tmp / "model.safetensors"), metadata={"format": "pt"})
+    (tmp / "config.json").write_text(json.dumps(cfg, indent=2))
+    for f in TOKENIZER_FILES:
+        if (target_dir / f).exists():
+            shutil.copy2(target_dir / f, tmp / f)
+    (tmp / "cmasd_draft.json").write_text(json.dumps({"from": str(drafts_dir), "record": {
+        k: rec.get(k) for k in ("architecture", "layers", "keep_vocab", "steps", "heldout_final")}}, indent=1))
+    if out_dir.exists():
+        shutil.rmtree(out_dir)
+    os.replace(tmp, out_dir)
+    return out_dir
+
+# --------------------------------------------------------------------------------------
+# Stage: bench (vLLM: plain target, plain draft, draft_model speculative decoding)
+# --------------------------------------------------------------------------------------
+
+def _bench_prompts(args, tok):
+    work = Path(args.work)
+    pj = json.loads((work / "prompts.json").read_text())
+    out = []
+    for p in pj["eval"]:  # held-out: never seen in training (split by source item)
+        ids = _chat_ids(tok, p["prompt"], args.max_prompt_tokens)
+        if ids is not None:
+            out.append(ids)
+        if len(out) >= args.bench_prompts:
+            break
+    return out
+
+
+def _timed_generate(llm, prompts, sp, batch1: bool):
+    t0 = time.perf_counter()
+    n = 0
+    if batch1:
+        for ids in prompts:
+            o = llm.generate([{"prompt_token_ids": ids}], sp, use_tqdm=False)[0]
+            n += len(o.outputs[0].token_ids)
+    else:
+        for o in llm.generate([{"prompt_token_ids": ids} for ids in prompts], sp, use_tqdm=False):
+            n += len(o.outputs[0].token_ids)
+    dt = time.perf_counter() - t0
+    return n, dt
+
+
+def stage_bench(args) -> None:
+    os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+    from transformers import AutoTokenizer
+    from vllm import LLM, SamplingParams
+
+    sys.path.insert(0, str(REPO_ROOT))
+    from vllm_cmasd.draft_model import register
+    from vllm_cmasd.engines import shutdown, spec_decode_counters
+
+    register()
+    tok = AutoTokenizer.from_pretrained(args.target)
+    prompts = _bench_prompts(args, tok)
+    sp = SamplingParams(temperature=0.0, max_tokens=args.bench_tokens, ignore_eos=False)
+    warm = SamplingParams(temperature=0.0, max_tokens=8)
+    draft = args.assemble_to
+    common = dict(enforce_eager=True, dtype="float32", gpu_memory_utilization=args.gpu_mem,
+                  max_model_len=args.max_prompt_tokens + args.bench_tokens + 16, seed=args.seed)
+    res = {"card": "CPU (2 cores shared; torch threads as set by vLLM)", "prompts": len(prompts),
+           "max_tokens": args.bench_tokens}
+    runs = [("target", dict(model=args.target)), ("draft", dict(model=draft))]
+    runs.append(("spec", dict(model=args.target, disable_log_stats=False, speculative_config={
+        "method": "draft_model", "model": draft, "num_speculative_tokens": args.bench_k})))
+    outs = {}
+    for name, kw in runs:
+        if args.bench_only and name not in args.bench_only.split(","):
+            continue
+        llm = LLM(**kw, **common)
+        _timed_generate(llm, prompts[:1], warm, True)
+        base = spec_decode_counters(llm) if name == "spec" else None
+        n, dt = _timed_generate(llm, prompts, sp, True)
+        r = {"tokens": n, "seconds": round(dt, 2), "tok_per_s": round(n / dt, 2),
+             "ms_per_token": round(1000 * dt / n, 2)}
+        if name == "spec":
+            c = spec_decode_counters(llm)
+            d = c["num_drafts"] - base["num_drafts"]
+            a = c["num_accepted_tokens"] - base["num_accepted_tokens"]
+            r.update(num_drafts=d, num_accepted_tokens=a,
+                     mean_acceptance_length=round(1 + a / d, 3) if d else None,
+                     accepted_per_position=c.get("accepted_per_position"))
+        outs[name] = r
+        log(f"bench: {name}: {r}")
+        shutdown(llm)
+    res.update(outs)
+    if "target" in outs and "draft" in outs:
+        res["draft_cost_per_token_vs_target_step"] = round(
+            outs["draft"]["ms_per_token"] / outs["target"]["ms_per_token"], 4)
+    if "target" in outs and "spec" in outs:
+        res["speedup"] = round(outs["spec"]["tok_per_s"] / outs["target"]["tok_per_s"], 3)
+    log(f"bench: {json.dumps(res)}")
+    out = Path(args.bench_out) if args.bench_out else Path(args.work) / "bench.json"
+    out.write_text(json.dumps(res, indent=1))
+
+
+def main(argv=None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("stage", choices=["data", "train", "export", "assemble", "bench", "all"])
+    ap.add_argument("--target", default=str(REPO_ROOT / "models/smollm2-135m-instruct"))
+    ap.add_argument("--work", default=str(REPO_ROOT / "models/.cache/draft-train"))
+    ap.add_argument("--out", default=str(REPO_ROOT / "drafts" / DEFAULT_DRAFT_NAME))
+    ap.add_argument("--assemble-to", default=str(REPO_ROOT / "models" / DEFAULT_DRAFT_NAME))
+    ap.add_argument("--seed", type=int, default=1234)
+    ap.add_argument("--threads", type=int, default=1)
+    # data
+    ap.add_argument("--n-train", type=int, default=4000)
+    ap.add_argument("--n-eval", type=int, default=64)
+    ap.add_argument("--max-prompt-tokens", type=int, default=384)
+    ap.add_argument("--max-new-tokens", type=int, default=128)
+    ap.add_argument("--gen-batch", type=int, default=64)
+    ap.add_argument("--gen-chunk", type=int, default=128)
+    ap.add_argument("--gpu-mem", type=float, default=0.25)
+    ap.add_argument("--gen-minutes", type=float, default=22.0,
+                    help="stop generating train data after this many minutes (0: no limit)")
+    ap.add_argument("--prompt-logprobs", type=int, default=0,
+                    help="also cache the target's top-k on prompt (offline text) positions")
+    # model / train
+    ap.add_argument("--layers", type=int, default=4)
+    ap.add_argument("--keep-vocab", type=int, default=8192)
+    ap.add_argument("--lr", type=float, default=6e-4)
+    ap.add_argument("--warmup", type=int, default=40)
+    ap.add_argument("--steps", type=int, default=100000)
+    ap.add_argument("--batch-tokens", type=int, default=2048)
+    ap.add_argument("--max-len", type=int, default=560)
+    ap.add_argument("--prompt-weight", type=float, default=0.3)
+    ap.add_argument("--ckpt-every", type=int, default=25)
+    ap.add_argument("--eval-every", type=int, default=100)
+    ap.add_argument("--eval-subset", type=int, default=32)
+    ap.add_argument("--max-minutes", type=float, default=74.0,
+                    help="training time budget (total over resumes); the LR decays over it")
+    ap.add_argument("--export-from", default="ckpt.pt", help="ckpt.pt (last) or best.pt")
+    # bench
+    ap.add_argument("--bench-prompts", type=int, default=8)
+    ap.add_argument("--bench-tokens", type=int, default=96)
+    ap.add_argument("--bench-k", type=int, default=4)
+    ap.add_argument("--bench-only", default="", help="comma list of target,draft,spec")
+    ap.add_argument("--bench-out", default="")
+    args = ap.parse_args(argv)
+    if args.stage in ("data", "all"):
+        stage_data(args)
+    if args.stage in ("train", "all"):
+        stage_train(args)
+    if args.stage in ("export", "all"):
+        stage_export(args)
+    if args.stage in ("assemble", "all"):
+        p = assemble_draft(args.target, args.out, args.assemble_to)
+        log(f"assemble: {p}")
+    if args.stage == "bench":
+        stage_bench(args)
+
+
+if __name__ == "__main__":
+    main()
