@@ -75,6 +75,12 @@ def demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def bench(args: argparse.Namespace) -> int:
+    from vllm_cmasd.bench import main_from_args
+
+    return main_from_args(args)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="vllm-cmasd", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -86,6 +92,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--num-prompts", type=int, default=len(DEMO_PROMPTS))
     p.add_argument("--max-tokens", type=int, default=96)
     p.set_defaults(run=demo)
+    p = sub.add_parser("bench", help="benchmark AR, vLLM's draft model and n-gram, and CM-ASD on fixed prompts")
+    from vllm_cmasd.bench import add_arguments
+
+    add_arguments(p)
+    p.set_defaults(run=bench)
     args = parser.parse_args(argv)
 
     from vllm_cmasd.engines import preload_openmp_and_reexec

@@ -1,0 +1,119 @@
+"""The benchmark harness end to end on the tiny pair (micro preset), and its prompt set."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+pytestmark = pytest.mark.engine
+
+METHODS = {"ar", "draft_model", "ngram", "cmasd_exact", "cmasd_confidence"}
+RECORD_FIELDS = {
+    "method", "setting", "task", "k", "batch_size", "tokens_per_s", "speedup_vs_ar",
+    "mean_acceptance_length", "draft_length_histogram", "rollback_rate", "rel_bleu_vs_ar",
+    "rouge_l_vs_ar", "identical_to_ar", "oracle_fraction", "oracle_speedup", "machine",
+}
+
+
+def test_committed_prompts_are_fixed_and_sourced():
+    from vllm_cmasd.bench.prompts import TASKS, load_prompts
+
+    data = load_prompts()
+    assert isinstance(data["version"], int)
+    ids = set()
+    for task in TASKS:
+        items = data["tasks"][task]
+        assert len(items) >= 16, task  # the full preset's batch of 16
+        for item in items:
+            assert item["prompt"].strip() and item["source"], item
+            # Never the draft's training text (stdlib docstrings, common-licenses).
+            assert "common-licenses" not in item["source"], item["source"]
+            assert item["source"].split(":")[0] in {"pypi-metadata", "debian-doc", "manpage"}, item["source"]
+            assert item["id"] not in ids
+            ids.add(item["id"])
+
+
+@pytest.fixture(scope="module")
+def micro_bench(tiny_pair, tmp_path_factory):
+    from vllm_cmasd.bench import resolve_preset, run_bench
+
+    target, draft = tiny_pair
+    out = tmp_path_factory.mktemp("bench")
+    bench = run_bench(resolve_preset("micro"), out, target=target, draft=draft, progress=False)
+    return bench, out
+
+
+def test_micro_bench_writes_files(micro_bench):
+    bench, out = micro_bench
+    for name in ("bench.json", "bench.md", "speedup.png", "tradeoff.png", "acceptance.png"):
+        assert (out / name).stat().st_size > 0, name
+    on_disk = json.loads((out / "bench.json").read_text())
+    assert on_disk["records"] and on_disk["summary"]
+    assert "| method |" in (out / "bench.md").read_text()
+    assert (out / "speedup.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_micro_bench_records(micro_bench):
+    bench, _ = micro_bench
+    assert bench["failed"] == {}, bench["failed"]
+    records = bench["records"]
+    assert {r["method"] for r in records} == METHODS
+    assert {r["task"] for r in records} == {"summarization", "translation", "instruction"}
+    assert {r["batch_size"] for r in records} == {1, 2}
+    machine = bench["machine"]
+    assert machine["cpu_model"] and machine["cpu_cores"] >= 1 and machine["torch"] and machine["vllm"]
+    for r in records + bench["summary"]:
+        assert RECORD_FIELDS <= set(r), RECORD_FIELDS - set(r)
+        assert r["tokens_per_s"] > 0 and r["speedup_vs_ar"] > 0, r["setting"]
+        assert 0.0 <= r["rel_bleu_vs_ar"] <= 100.0 and 0.0 <= r["rouge_l_vs_ar"] <= 1.0
+        if r["method"] == "ar":
+            assert r["speedup_vs_ar"] == pytest.approx(1.0)
+            assert r["rel_bleu_vs_ar"] == pytest.approx(100.0)
+            assert r["rouge_l_vs_ar"] == pytest.approx(1.0)
+            assert r["identical_to_ar"] is True
+            assert r["mean_acceptance_length"] == 1.0 and r["draft_length_histogram"] == {}
+            assert r["oracle_fraction"] is None
+            continue
+        # Speculative methods proposed drafts, and their counters are consistent.
+        assert sum(r["draft_length_histogram"].values()) > 0, r["setting"]
+        assert max(int(n) for n in r["draft_length_histogram"]) <= r["k"]
+        assert 1.0 <= r["mean_acceptance_length"] <= r["k"] + 1
+        if r["method"] != "ngram":  # n-gram may find no match in 12 random tokens
+            assert r["num_drafts"] > 0, r["setting"]
+            assert 0.0 <= r["rollback_rate"] <= 1.0
+            assert sum(r["accepted_length_histogram"].values()) == r["num_drafts"]
+        assert r["oracle_speedup"] > 0 and r["oracle_fraction"] > 0
+        if r["method"] in ("draft_model", "cmasd_exact"):
+            # Lossless under greedy decoding: token for token AR's output.
+            assert r["identical_to_ar"] is True, r["setting"]
+            assert r["rel_bleu_vs_ar"] == pytest.approx(100.0)
+        if r["method"] == "draft_model":
+            assert set(map(int, r["draft_length_histogram"])) == {r["k"]}
+        if r["method"].startswith("cmasd"):
+            assert r["k_max"] == r["k"] and r["cmasd"]["verification"] in ("exact", "confidence")
+    # The best fixed k is marked once per (task, batch size).
+    best = [r for r in records if r.get("best_fixed_k")]
+    assert len(best) == len({(r["task"], r["batch_size"]) for r in records})
+
+
+def test_micro_bench_is_interleaved(micro_bench):
+    bench, _ = micro_bench
+    labels = [s["label"] for s in bench["engine_starts"]]
+    assert len(labels) == len(set(labels)) * bench["preset_settings"]["rounds"]
+
+
+def test_rounds_spread_the_work():
+    from vllm_cmasd.bench.runner import PRESETS, plan_rounds
+
+    for preset in (PRESETS["quick"], PRESETS["full"]):
+        prompts = {t: [{"id": f"{t}-{i}"} for i in range(preset.prompts_per_task)] for t in preset.tasks}
+        rounds = plan_rounds(prompts, preset)
+        assert len(rounds) == preset.rounds
+        for units in rounds:  # every round has work of every batch size
+            assert {u.batch_size for u in units} == set(preset.batch_sizes)
+            assert all(len(u.prompt_ids) == u.batch_size for u in units)
+        for task in preset.tasks:  # each batch size covers each prompt exactly once
+            for b in preset.batch_sizes:
+                ids = [pid for units in rounds for u in units if (u.task, u.batch_size) == (task, b) for pid in u.prompt_ids]
+                assert sorted(ids) == sorted(p["id"] for p in prompts[task])
