@@ -417,8 +417,16 @@ def assemble_trained_draft(target_dir: Path, models_dir: Path) -> Path:
 
     shipped = Path(__file__).resolve().parent.parent / "drafts" / TRAINED_DRAFT
     out_dir = models_dir / TRAINED_DRAFT
+    # Rebuild only when the shipped weights changed (the stamp is written last).
+    source = hashlib.sha256((shipped / "draft.safetensors").read_bytes()).hexdigest()
+    stamp = out_dir / ".source-sha256"
+    if stamp.exists() and stamp.read_text() == source:
+        log(f"trained draft: {out_dir} already assembled, skipping")
+        return out_dir
     log(f"trained draft: assembling {out_dir} from {shipped}")
-    return assemble_draft(target_dir, shipped, out_dir)
+    assemble_draft(target_dir, shipped, out_dir)
+    stamp.write_text(source)
+    return out_dir
 
 
 # --------------------------------------------------------------------------- step 5
