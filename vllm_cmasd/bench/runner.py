@@ -111,7 +111,7 @@ PRESETS: dict[str, Preset] = {
     # <= 20 minutes on 2 idle CPU cores with the real SmolLM2 pair (10 engines x 2 rounds).
     "quick": Preset("quick", prompts_per_task=4, batch_sizes=(1, 4), max_tokens=32, rounds=2, methods=default_methods()),
     # The complete run: 16 prompts per task, batch 1/4/16, a threshold and a leniency
-    # sweep; ~2.5 hours on 2 CPU cores.
+    # sweep; about 2 hours on 2 CPU cores.
     "full": Preset(
         "full",
         prompts_per_task=16,
