@@ -23,6 +23,7 @@ import time
 from dataclasses import dataclass, field
 
 import pytest
+from test_engine import PROMPTS as ENGINE_PROMPTS
 
 from vllm_cmasd.engines import llm_kwargs
 from vllm_cmasd.ray_cpu_platform import RAY_RESOURCE, SWITCH
@@ -30,14 +31,8 @@ from vllm_cmasd.ray_cpu_platform import RAY_RESOURCE, SWITCH
 pytestmark = pytest.mark.ray
 
 TP = 2
-PROMPTS = [
-    "def",
-    "import os\nimport sys\n\n",
-    "class Encoder(object):\n    def __init__(self, skipkeys=False):\n        self.skipkeys = skipkeys\n",
-    "Return a JSON string",
-    "The decoder reads a document and returns the object it encodes, " * 6,
-    "for key, value in",
-]
+# The engine tests' mixed-length batch, first six prompts.
+PROMPTS = ENGINE_PROMPTS[:6]
 K_MAX = 6
 MAX_TOKENS = 32
 
