@@ -188,7 +188,11 @@ class CmasdRejectionSampler(RejectionSampler):
         raw_target_logits = logits[metadata.target_logits_indices].to(torch.float32)
         target_logits = raw_target_logits if self.is_processed_logprobs_mode else raw_target_logits.clone()
         target_logits = self.apply_logits_processors(target_logits, sampling_metadata, metadata)
-        target_logits = apply_sampling_constraints(target_logits, metadata.cu_num_draft_tokens, sampling_metadata)
+        # vLLM builds spec-decode metadata for every step of a speculative
+        # engine, also when no request drafted (a prefill step, or every draft
+        # stopped at length 0); its CPU top-k path fails on an empty batch.
+        if target_logits.shape[0] > 0:
+            target_logits = apply_sampling_constraints(target_logits, metadata.cu_num_draft_tokens, sampling_metadata)
 
         output_token_ids, self.last_num_accepted = cmasd_rejection_sample(
             metadata.draft_token_ids,

@@ -1,0 +1,90 @@
+"""The exact verifier keeps the target's sampling distribution, measured in real engines.
+
+Many seeded requests of one prompt, temperature 1 with top-k 20, a few tokens each:
+the distribution of the token at each generated position must be the same under
+plain decoding and under CM-ASD's exact verification (chi-square test of
+homogeneity). Position 0 comes from the prefill; positions 1.. are decided by
+verification. The same test must see the confidence-modulated policy change the
+distribution (it accepts drafts the target would not sample as often), which
+shows the test has the power to catch a lossy verifier.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+
+import pytest
+from conftest import run_engine
+from test_engine import engine
+
+pytestmark = [pytest.mark.engine, pytest.mark.slow]
+
+PROMPT = "for key, value in"
+NUM_SAMPLES = 1000
+MAX_TOKENS = 4
+P_VALUE = 1e-3
+
+
+def homogeneity_p_value(a: list[int], b: list[int], min_count: int = 10) -> float:
+    """Chi-square test that two samples of tokens come from one distribution.
+
+    Tokens seen fewer than ``min_count`` times in both samples together are
+    pooled into one category, so every expected count is large enough.
+    """
+    import torch
+
+    count_a, count_b = Counter(a), Counter(b)
+    kept = [t for t in count_a.keys() | count_b.keys() if count_a[t] + count_b[t] >= min_count]
+    table = [[count_a[t], count_b[t]] for t in kept]
+    pooled = [len(a) - sum(r[0] for r in table), len(b) - sum(r[1] for r in table)]
+    if sum(pooled) > 0:
+        table.append(pooled)
+    if len(table) < 2:
+        return 1.0
+    observed = torch.tensor(table, dtype=torch.float64)
+    expected = observed.sum(1, keepdim=True) * observed.sum(0, keepdim=True) / observed.sum()
+    chi_square = ((observed - expected) ** 2 / expected).sum()
+    dof = torch.tensor((len(table) - 1) / 2, dtype=torch.float64)
+    return torch.special.gammaincc(dof, chi_square / 2).item()
+
+
+def sample(engine_kwargs: dict, first_seed: int) -> list[list[int]]:
+    from vllm import SamplingParams
+
+    params = [
+        SamplingParams(temperature=1.0, top_k=20, seed=first_seed + i, max_tokens=MAX_TOKENS, ignore_eos=True)
+        for i in range(NUM_SAMPLES)
+    ]
+    run = run_engine([PROMPT] * NUM_SAMPLES, params, **engine_kwargs)
+    if "speculative_config" in engine_kwargs:
+        assert run.counters["num_accepted_tokens"] > 0
+    return run.token_ids
+
+
+def p_values(reference: list[list[int]], other: list[list[int]]) -> list[float]:
+    return [homogeneity_p_value([t[i] for t in reference], [t[i] for t in other]) for i in range(1, MAX_TOKENS)]
+
+
+@pytest.fixture(scope="module")
+def plain_samples(tiny_pair):
+    target, _ = tiny_pair
+    return sample(engine(target), first_seed=0)
+
+
+@pytest.mark.parametrize("draft_sample_method", ["greedy", "probabilistic"])
+def test_exact_verification_keeps_the_target_distribution(tiny_pair, plain_samples, draft_sample_method):
+    target, draft = tiny_pair
+    kwargs = engine(target, draft=draft, num_speculative_tokens=4, cmasd={"verification": "exact"})
+    kwargs["speculative_config"]["draft_sample_method"] = draft_sample_method
+    # Independent seeds: the samples must agree in distribution, not token for token.
+    ours = sample(kwargs, first_seed=NUM_SAMPLES)
+    p = p_values(plain_samples, ours)
+    assert min(p) > P_VALUE, p
+
+
+def test_lenient_verification_is_detected_as_a_different_distribution(tiny_pair, plain_samples):
+    target, draft = tiny_pair
+    kwargs = engine(target, draft=draft, num_speculative_tokens=4, cmasd={"verification": "confidence", "leniency": 1.0})
+    lenient = sample(kwargs, first_seed=NUM_SAMPLES)
+    p = p_values(plain_samples, lenient)
+    assert min(p) < P_VALUE, p
