@@ -27,13 +27,13 @@ def real_pair():
     return DEFAULT_TARGET, DEFAULT_DRAFT
 
 
-def chat_prompts(target):
+def chat_prompts(target, texts=PROMPTS):
     from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(target)
     return [
         tokenizer.apply_chat_template([{"role": "user", "content": p}], tokenize=False, add_generation_prompt=True)
-        for p in PROMPTS
+        for p in texts
     ]
 
 
@@ -51,3 +51,56 @@ def test_exact_is_identical_to_plain_decoding_on_real_pair(real_pair):
     )
     assert ours.token_ids == plain.token_ids
     assert ours.drafter.stats.num_drafts > 0
+
+
+# Short tasks with predictable answers and open-ended ones, for the test below.
+VARIED_PROMPTS = PROMPTS + [
+    "Count from 1 to 20, separated by commas.",
+    "List the days of the week, one per line.",
+    "Write the English alphabet from A to Z, separated by spaces.",
+    "What is the capital of France? Answer in one sentence.",
+    "Write a Python function that returns the factorial of n.",
+    "Repeat this text exactly: 'It was the best of times, it was the worst of times.'",
+    "Tell a strange story about a lighthouse keeper who collects clocks.",
+    "Write a short surreal poem about a violin made of fog.",
+    "Invent a new word and define it.",
+    "Give me a list of ten random unrelated words.",
+    "Describe the smell of rain to someone who has never experienced it.",
+    "Give three tips for writing clear emails.",
+]
+
+
+def test_confident_text_drafts_longer_than_uncertain_text(real_pair):
+    """Where the answer is predictable, CM-ASD drafts more tokens per step.
+
+    "Predictable" is measured on the target alone (plain decoding): the mean
+    probability of its own greedy token over the answer. Each request's draft
+    length comes from vLLM's per-request speculative-decoding metrics.
+    """
+    import math
+
+    from vllm import SamplingParams
+
+    target, draft = real_pair
+    prompts = chat_prompts(target, VARIED_PROMPTS)
+    plain = run_engine(prompts, SamplingParams(temperature=0.0, max_tokens=48, logprobs=0), **llm_kwargs(target))
+    predictability = [
+        sum(math.exp(next(iter(step.values())).logprob) for step in o.outputs[0].logprobs) / len(o.outputs[0].logprobs)
+        for o in plain.outputs
+    ]
+    ours = run_engine(
+        prompts, SamplingParams(temperature=0.0, max_tokens=48),
+        **llm_kwargs(target, draft=draft, num_speculative_tokens=8, cmasd={"verification": "exact"},
+                     per_request_spec_decode_metrics="summary"),
+    )
+    assert ours.token_ids == plain.token_ids
+    draft_length = []
+    for o in ours.outputs:
+        metrics = o.outputs[0].spec_decode_metrics
+        draft_length.append(metrics.num_draft_tokens / sum(metrics.histogram))
+    # Split at the median predictability; compare mean draft lengths per step.
+    order = sorted(range(len(prompts)), key=predictability.__getitem__)
+    half = len(order) // 2
+    uncertain = sum(draft_length[i] for i in order[:half]) / half
+    confident = sum(draft_length[i] for i in order[half:]) / (len(order) - half)
+    assert confident > uncertain, (confident, uncertain, list(zip(predictability, draft_length)))
