@@ -320,6 +320,24 @@ def test_bad_numbers_never_leave_the_vocabulary(kind, policy, with_draft_probs):
     assert_well_formed(output, num_accepted, batch["num_draft_tokens"], vocab_size)
 
 
+def test_greedy_exact_argmax_path_matches_the_stats_kernel():
+    """All-greedy EXACT batches skip the softmax; their argmax is the kernel's."""
+    vocab_size = 300
+    batch = make_batch([3, 5, 0, 2, 4, 1], vocab_size, with_draft_probs=False, seed=3)
+    logits = batch["target_logits"]
+    logits[0] = float("nan")
+    logits[1, :10] = float("inf")
+    logits[2] = float("-inf")
+    logits[3, 5] = float("nan")
+    logits[4, ::2] = float("-inf")  # masked entries (logits processors) stay valid
+    fast = verify.argmax_draft_token_stats(logits)
+    full = verify.compute_draft_token_stats(
+        logits.softmax(dim=-1), None, batch["draft_token_ids"], batch["cu_num_draft_tokens"], None, Policy.EXACT
+    )
+    assert torch.equal(fast.target_argmax, full.target_argmax)
+    assert fast.target_argmax[:4].tolist() == [0, 0, 0, 0]
+
+
 # --------------------------------------------------------------------------
 # The sampler module and its wiring.
 # --------------------------------------------------------------------------

@@ -32,7 +32,12 @@ from vllm.v1.spec_decode.metadata import SpecDecodeMetadata
 
 from vllm_cmasd.config import CmasdConfig
 from vllm_cmasd.kernels import verify
-from vllm_cmasd.kernels.verify import Policy, compute_draft_token_stats, walk_acceptance
+from vllm_cmasd.kernels.verify import (
+    Policy,
+    argmax_draft_token_stats,
+    compute_draft_token_stats,
+    walk_acceptance,
+)
 
 _POLICY_BY_NAME = {
     "exact": Policy.EXACT,
@@ -126,10 +131,13 @@ def cmasd_rejection_sample(
             num_draft_tokens, vocab_size, sampling_metadata.generators, device, use_fp64_gumbel
         )
 
-    target_probs = target_logits.softmax(dim=-1, dtype=torch.float32)
-    stats = compute_draft_token_stats(
-        target_probs, draft_probs, draft_token_ids, cu_num_draft_tokens, inverse_noise, policy_params.policy
-    )
+    if policy_params.policy == Policy.EXACT and sampling_metadata.all_greedy:
+        stats = argmax_draft_token_stats(target_logits)
+    else:
+        target_probs = target_logits.softmax(dim=-1, dtype=torch.float32)
+        stats = compute_draft_token_stats(
+            target_probs, draft_probs, draft_token_ids, cu_num_draft_tokens, inverse_noise, policy_params.policy
+        )
     return walk_acceptance(
         stats,
         draft_token_ids,

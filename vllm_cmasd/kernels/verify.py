@@ -260,6 +260,30 @@ def compute_draft_token_stats(
     return stats
 
 
+def argmax_draft_token_stats(target_logits: torch.Tensor) -> DraftTokenStats:
+    """The stats an all-greedy ``EXACT`` batch needs, from the logits alone.
+
+    Greedy exact verification only compares each draft with the target's
+    argmax, so it skips the softmax and the stats kernel: one argmax pass, on
+    the logits like vLLM's greedy sampler (softmax can round two close logits
+    to one probability and move a tie). A row whose top logit is NaN, +inf or
+    -inf (no finite maximum) is broken as in the kernel: its argmax is token 0.
+    The probability fields are unused by this walk and left at 0.
+    """
+    argmax_id = target_logits.argmax(dim=-1, keepdim=True)
+    top = target_logits.gather(1, argmax_id).squeeze(1)
+    argmax_id = torch.where(top.isfinite(), argmax_id.squeeze(1), 0).int()
+    unused = torch.zeros(argmax_id.shape, dtype=torch.float32, device=argmax_id.device)
+    return DraftTokenStats(
+        target_prob_of_draft=unused,
+        draft_prob_of_draft=unused,
+        target_max_prob=unused,
+        target_argmax=argmax_id,
+        num_more_likely=None,
+        recovered_token_ids=None,
+    )
+
+
 # --------------------------------------------------------------------------
 # 2. Per request: the acceptance walk.
 # --------------------------------------------------------------------------
