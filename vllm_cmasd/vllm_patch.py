@@ -15,6 +15,10 @@ Two hooks, both inert unless the engine's ``additional_config`` has a
    speculative-decoding counters, fed from the same scheduler stats. They
    reach ``/metrics`` and ``LLM.get_metrics()`` like vLLM's own.
 
+Opt-in, outside those hooks: :func:`install_dispatcher_scan_fix`, a fix for
+vLLM's kernel-dispatcher scan that the benchmark needs to start many engines
+in one process.
+
 On a platform where Triton cannot run (vLLM's CPU build), CM-ASD's
 verification kernels are replaced by their torch implementations through
 vLLM's kernel dispatcher, as vLLM does for its own rejection kernels.
@@ -140,6 +144,56 @@ def _register_cpu_kernels_if_needed(register_cpu_kernels) -> None:
 
     if current_platform.is_cpu() and not HAS_TRITON:
         register_cpu_kernels()
+
+
+def install_dispatcher_scan_fix() -> None:
+    """Opt-in (the benchmark calls it): let one process start engines after
+    vLLM's n-gram proposer imported numba.
+
+    vLLM 0.32's kernel dispatcher (run at every CPU engine start) scans every
+    module attribute's ``vars()``; llvmlite's ``ffi.lib`` answers ``__dict__``
+    with a ctypes function, so the second engine after an n-gram one dies with
+    "'_lib_fn_wrapper' object has no attribute 'get'". Same scan, skipping
+    such objects.
+    """
+    import sys
+
+    from vllm.triton_utils import dispatcher
+
+    if getattr(dispatcher._rebind_kernels, "_cmasd_fixed", False):
+        return
+
+    def _rebind_kernels(overrides):
+        def lookup(value):
+            for original, wrapper in overrides:  # identity only, as vLLM does
+                if value is original:
+                    return wrapper
+            return None
+
+        for module in list(sys.modules.values()):
+            namespace = getattr(module, "__dict__", None)
+            if not isinstance(namespace, dict) or not namespace:
+                continue
+            for attr, value in list(namespace.items()):
+                wrapper = lookup(value)
+                if wrapper is not None:
+                    setattr(module, attr, wrapper)
+                    continue
+                try:
+                    inner = vars(value) if hasattr(value, "__dict__") else None
+                except TypeError:
+                    inner = None
+                if not isinstance(inner, dict):
+                    continue
+                wrapper = lookup(inner.get("kernel"))
+                if wrapper is None:
+                    continue
+                value.kernel = wrapper
+                if not isinstance(value, type):
+                    value.__dict__.pop("_kernel_arg_names", None)
+
+    _rebind_kernels._cmasd_fixed = True
+    dispatcher._rebind_kernels = _rebind_kernels
 
 
 def install() -> None:

@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from vllm_cmasd.bench.prompts import TASKS, load_prompts
+from vllm_cmasd.vllm_patch import install_dispatcher_scan_fix
 
 METHODS: tuple[str, ...] = ("ar", "draft_model", "ngram", "cmasd_exact", "cmasd_confidence")
 
@@ -264,55 +265,6 @@ def _cmasd_stats(llm):
     return getattr(drafter, "stats", None)
 
 
-def _install_vllm_workarounds() -> None:
-    """Let one process start engines after vLLM's n-gram proposer imported numba.
-
-    vLLM 0.32's kernel dispatcher (run at every CPU engine start) scans every
-    module attribute's ``vars()``; llvmlite's ``ffi.lib`` answers ``__dict__``
-    with a ctypes function, so the second engine after an n-gram one dies with
-    "'_lib_fn_wrapper' object has no attribute 'get'". Same scan, skipping
-    such objects.
-    """
-    import sys
-
-    from vllm.triton_utils import dispatcher
-
-    if getattr(dispatcher._rebind_kernels, "_cmasd_bench", False):
-        return
-
-    def _rebind_kernels(overrides):
-        def lookup(value):
-            for original, wrapper in overrides:  # identity only, as vLLM does
-                if value is original:
-                    return wrapper
-            return None
-
-        for module in list(sys.modules.values()):
-            namespace = getattr(module, "__dict__", None)
-            if not isinstance(namespace, dict) or not namespace:
-                continue
-            for attr, value in list(namespace.items()):
-                wrapper = lookup(value)
-                if wrapper is not None:
-                    setattr(module, attr, wrapper)
-                    continue
-                try:
-                    inner = vars(value) if hasattr(value, "__dict__") else None
-                except TypeError:
-                    inner = None
-                if not isinstance(inner, dict):
-                    continue
-                wrapper = lookup(inner.get("kernel"))
-                if wrapper is None:
-                    continue
-                value.kernel = wrapper
-                if not isinstance(value, type):
-                    value.__dict__.pop("_kernel_arg_names", None)
-
-    _rebind_kernels._cmasd_bench = True
-    dispatcher._rebind_kernels = _rebind_kernels
-
-
 # ---------------------------------------------------------------------------
 # The run
 
@@ -386,7 +338,7 @@ def run(
 
     from vllm_cmasd.engines import shutdown, spec_decode_counters
 
-    _install_vllm_workarounds()
+    install_dispatcher_scan_fix()
     started = time.time()
     target, draft = str(target), str(draft)
     data = load_prompts(prompts_path)
