@@ -68,22 +68,28 @@ def _run_window(config, confidences):
 
 def test_window_product_rule_gives_per_request_lengths():
     config = CmasdConfig.from_dict({"threshold": 0.5, "stop_rule": "product"}, k_max=5)
-    # request 0 confident throughout, 1 drops at position 2, 2 fails at once
+    # Request 0 is confident throughout; 1 falls below at position 2 (0.9 * 0.9 * 0.3),
+    # 2 at once: each keeps the token that crossed (its pass is paid) and drafts no more.
     lengths, positions = _run_window(config, [[0.99, 0.9, 0.3]] * 2 + [[0.99, 0.3, 0.3]] * 3)
-    assert lengths == [5, 2, 1]  # k_min=1 keeps request 2's first token
+    assert lengths == [5, 3, 1]
     assert positions == 5
 
 
 def test_window_stops_loop_when_nobody_drafts():
     config = CmasdConfig.from_dict({"threshold": 0.5}, k_max=8)
     lengths, positions = _run_window(config, [[0.9, 0.9]] * 2 + [[0.1, 0.1]] * 6)
-    assert lengths == [2, 2]
+    assert lengths == [3, 3]
     assert positions == 3  # the loop ended at the first failing position, not at k_max
 
 
 def test_window_mean_rule_and_k_min():
     config = CmasdConfig.from_dict({"threshold": 0.5, "stop_rule": "mean", "k_min": 3}, k_max=6)
-    # running means 0.2, 0.2, 0.47, 0.5, 0.42: k_min keeps three despite the
-    # low start, the fourth passes (0.5 >= 0.5), the fifth ends the draft.
+    # Running means 0.2, 0.2, 0.47, 0.5, 0.42: k_min makes it draft three tokens
+    # despite the low start; after the third the mean (0.47) is below 0.5: stop.
     lengths, _ = _run_window(config, [[0.2], [0.2], [1.0], [0.6], [0.1], [1.0]])
-    assert lengths == [4]
+    assert lengths == [3]
+    # With a lower threshold the fourth and fifth pass (0.5, 0.42 >= 0.4) and the
+    # sixth is drafted and then stops at k_max.
+    config = CmasdConfig.from_dict({"threshold": 0.4, "stop_rule": "mean", "k_min": 3}, k_max=6)
+    lengths, _ = _run_window(config, [[0.2], [0.2], [1.0], [0.6], [0.1], [1.0]])
+    assert lengths == [6]

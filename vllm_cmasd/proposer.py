@@ -32,10 +32,13 @@ class _DraftingFinished(Exception):
 class DraftWindow:
     """Per-request draft length from the running confidence signal.
 
-    Position j's token is kept while j < k_min or the request's stop signal
-    (running product or running mean of the confidences of positions 0..j)
-    is at least ``threshold``; the first position that fails ends that
-    request's draft, and that low-confidence token is not proposed.
+    Every token a request drafts is proposed: by the time its confidence is
+    known, its drafter pass is paid, and verifying one more token costs the
+    memory-bound target almost nothing. The confidence decides whether the
+    request drafts *another* token: it goes on while it has fewer than k_min
+    tokens or its stop signal (running product or running mean of the
+    confidences of positions 0..j) is at least ``threshold``, and stops at
+    k_max.
     """
 
     def __init__(self, batch_size: int, config: CmasdConfig, device: torch.device):
@@ -56,9 +59,9 @@ class DraftWindow:
             self.signal = self.signal * confidence
         else:  # running mean
             self.signal = (self.signal * position + confidence) / (position + 1)
-        keep = self.drafting & ((position < self.config.k_min) | (self.signal >= self.config.threshold))
-        self.lengths += keep
-        self.drafting = keep & (position + 1 < self.config.k_max)
+        self.lengths += self.drafting
+        goes_on = (position + 1 < self.config.k_min) | (self.signal >= self.config.threshold)
+        self.drafting &= goes_on & (position + 1 < self.config.k_max)
         self.tokens.append(tokens)
         self.confidences.append(confidence)
         if probs is not None:
