@@ -1,8 +1,8 @@
 #!/usr/bin/env python
 """Train a small draft model for a HF Llama-family target by self-distillation on CPU.
 
-Usage (every stage is resumable / skipped when its output exists; ~100 min on 2 cores
-using one thread: ~23 min data, 74 min training, evals)::
+Usage (every stage is resumable / skipped when its output exists; on 2 cores using one
+thread: ~23 min stdlib data + ~20 min chat data, 74 min training, evals)::
 
     export LD_PRELOAD=$PWD/.venv/lib/libiomp5.so VLLM_CPU_OMP_THREADS_BIND=nobind \
            OMP_NUM_THREADS=1 VLLM_ENABLE_V1_MULTIPROCESSING=0
@@ -26,6 +26,21 @@ Stages:
               cached teacher, so training needs no teacher forward. ``--prompt-logprobs 1``
               also caches them on prompt positions (+25% generation time; off by default,
               prompt tokens then only serve as context). Stops after ``--gen-minutes``.
+              Chat domain (``--chat 1``, default), because the stdlib/licence prompts
+              alone leave the draft out of domain on ordinary chat (0% agreement on
+              "count from 1 to 40"): (a) Magpie-style user turns -- the target continues
+              the chat-template prefix of a user turn (``<|im_start|>system ...<|im_end|>
+              <|im_start|>user\n``) at temperature 1.0 / top-p 0.95 with a fixed seed per
+              request, stopped at ``<|im_end|>`` (<= 80 tokens; ``--magpie-n``,
+              ``--magpie-minutes``), filtered (length, words, letters, repetition, template
+              tokens) and deduplicated, anything shaped like / equal to a benchmark prompt
+              (``vllm_cmasd/bench/prompts.json``) dropped; (b) deterministic templated short
+              tasks from parameters (counting ranges, days / months / letters, arithmetic,
+              yes/no questions, short rewrites, word games, tiny Python functions). Both
+              are split train / held-out by a hash of the item id, answered greedily like
+              the stdlib prompts (<= ``--chat-max-new-tokens``, ``--chat-gen-minutes``;
+              held-out ``eval_chat`` first). ``--reuse-data DIR`` takes the stdlib/licence
+              records from an earlier work dir instead of regenerating them.
 ``train``     draft = target's input embedding (frozen, shared, not shipped) + first
               ``--layers`` decoder layers + final norm + a reduced-vocabulary LM head over the
               ``--keep-vocab`` most frequent target tokens of the training data (rows
@@ -36,12 +51,31 @@ Stages:
               ``torch.set_num_threads(--threads)``; checkpoints every ``--ckpt-every`` steps
               (``ckpt.pt``, resumed automatically; best held-out in ``best.pt``), tqdm shows
               loss and top-1 agreement; at the end prints teacher-forced top-1 agreement
-              with the target on the held-out split.
+              with the target on the held-out split, separately for the stdlib/licence and
+              the chat-domain held-out sets (the best-checkpoint criterion is their mean),
+              and the kept vocabulary's coverage of their response tokens.
+              ``--init-from CKPT`` warm-starts from an earlier run (body as trained; head
+              rows of tokens that were kept before are copied by token id, rows of newly
+              kept tokens start from the embedding).
 ``export``    write what differs from the target (trained layers, norm, small head, kept
               token ids; bf16 safetensors) + ``draft.json`` record to ``--out``.
 ``assemble``  :func:`assemble_draft` -> ``--assemble-to``.
 ``bench``     plain decoding of target and draft alone and vLLM ``draft_model``
-              speculative decoding (greedy, k=4) at batch 1 on held-out prompts.
+              speculative decoding (greedy, k=4) at batch 1 on held-out prompts
+              (``--bench-set heldout``: stdlib/licence, ``heldout-chat``; ``benchmark``:
+              the first ``--bench-per-task`` prompts of each task of the plugin benchmark).
+
+The shipped draft (v2) was made in two runs: the stdlib/licence-only run above (defaults
+with ``--chat 0``, work dir ``models/.cache/draft-train``), then::
+
+    .venv/bin/python scripts/train_draft.py data --work models/.cache/draft-train-v2 \
+        --reuse-data models/.cache/draft-train
+    .venv/bin/python scripts/train_draft.py train --work models/.cache/draft-train-v2 \
+        --init-from models/.cache/draft-train/best.pt --lr 3e-4 --warmup 10 --max-minutes 49
+    .venv/bin/python scripts/train_draft.py export --work models/.cache/draft-train-v2 \\
+        --init-from models/.cache/draft-train/best.pt --lr 3e-4 --warmup 10 --max-minutes 49
+
+(see ``drafts/smollm2-135m-draft-rv/TRAINING.md`` for the exact record).
 
 :func:`assemble_draft` builds the full vLLM-loadable draft checkpoint (architecture
 ``CmasdReducedVocabLlamaForCausalLM``, see :mod:`vllm_cmasd.draft_model`) from the target
@@ -215,6 +249,210 @@ def build_prompts(seed: int, n_train: int, n_eval: int, eval_frac: float = 0.1):
 
 
 # --------------------------------------------------------------------------------------
+# Chat-domain prompts: templated short tasks and Magpie-style self-generated user turns
+# --------------------------------------------------------------------------------------
+
+CHAT_KINDS = ("magpie", "task")
+
+
+def is_chat_kind(kind: str) -> bool:
+    return kind.split(":")[0] in CHAT_KINDS
+
+
+_DAYS = ["Monday", "Tuesday", "Wednesday", "Thursday", "Friday", "Saturday", "Sunday"]
+_MONTHS = ["January", "February", "March", "April", "May", "June", "July", "August",
+           "September", "October", "November", "December"]
+_WORDS = ["apple", "river", "garden", "window", "teacher", "computer", "mountain", "pencil",
+          "bicycle", "library", "orange", "planet", "kitchen", "butterfly", "ocean", "candle",
+          "friend", "holiday", "elephant", "guitar", "summer", "doctor", "village", "rainbow"]
+_SUBJ = ["The cat", "My brother", "The students", "Our neighbour", "The old man", "She", "The team",
+         "The little girl", "My friends", "The farmer"]
+_VERB = [("walks to", "walked to"), ("eats", "ate"), ("reads", "read"), ("paints", "painted"),
+         ("visits", "visited"), ("cleans", "cleaned"), ("opens", "opened"), ("watches", "watched")]
+_OBJ = ["the park", "a big sandwich", "an old book", "the fence", "the museum", "the kitchen",
+        "the window", "a funny movie", "the garden", "the library"]
+_FACTS = [("a whale", "a fish"), ("a tomato", "a fruit"), ("the sun", "a star"), ("a bat", "a bird"),
+          ("a spider", "an insect"), ("Paris", "the capital of France"), ("water", "a liquid at room temperature"),
+          ("a penguin", "a bird"), ("the moon", "a planet"), ("Python", "a programming language"),
+          ("ice", "colder than boiling water"), ("a square", "a rectangle"), ("a dolphin", "a mammal"),
+          ("Mount Everest", "the highest mountain on Earth"), ("a potato", "a vegetable"),
+          ("gold", "a metal"), ("a triangle", "a shape with four sides"), ("Tokyo", "in Japan")]
+_PY_TASKS = ["returns the sum of a list of numbers", "checks whether a number is even",
+             "reverses a string", "returns the largest of three numbers", "counts the vowels in a string",
+             "returns the square of a number", "checks whether a string is a palindrome",
+             "converts Celsius to Fahrenheit", "returns the first n even numbers",
+             "removes duplicates from a list", "returns the length of the longest word in a sentence",
+             "computes the average of a list"]
+
+
+def task_prompts(seed: int):
+    """Deterministic short-task prompts from parameters (the old stdlib/licence data has
+    none of this): counting ranges, days / months / letters, arithmetic, yes/no questions,
+    short rewrites, tiny Python functions. Item id = family + parameters (hash split).
+    Deliberately unlike the benchmark's summarization / translation / long-form prompts."""
+    rng = random.Random(seed + 7)
+    out = []
+
+    def add(fam, params, prompt):
+        out.append({"sid": f"task:{fam}:{params}", "kind": f"task:{fam}", "prompt": prompt})
+
+    for a, b in sorted({(rng.randint(0, 30), 0) for _ in range(40)}):
+        b = a + rng.choice([5, 8, 10, 12, 15, 20, 25, 30])
+        add("count", (a, b), rng.choice([
+            f"Count from {a} to {b}.", f"Count from {a} to {b}, separated by commas.",
+            f"List the numbers from {a} to {b}.", f"Write the numbers {a} through {b} on one line."]))
+        add("count_back", (a, b), f"Count backwards from {b} to {a}.")
+        add("evens", (a, b), rng.choice([f"List the even numbers between {a} and {b}.",
+                                         f"List the odd numbers between {a} and {b}."]))
+    for i in range(7):
+        add("days", i, rng.choice([
+            "Continue the sequence: " + ", ".join(_DAYS[i:i + 3]) + ",",
+            f"What day comes after {_DAYS[i]}?", f"List the days of the week starting from {_DAYS[i]}."]))
+    add("days", "all", "Name the days of the week in order.")
+    for i in range(12):
+        add("months", i, rng.choice([
+            "Continue the sequence: " + ", ".join(_MONTHS[i:i + 3]) + ",",
+            f"What month comes after {_MONTHS[i]}?", f"List the months of the year starting from {_MONTHS[i]}.",
+            f"How many days are there in {_MONTHS[i]}?"]))
+    add("months", "all", "List the twelve months of the year.")
+    for i in range(0, 20, 2):
+        a, b = chr(65 + i), chr(65 + i + rng.randint(5, 6))
+        add("letters", i, rng.choice([f"List the letters of the alphabet from {a} to {b}.",
+                                      f"Continue the sequence: {a}, {chr(ord(a) + 1)}, {chr(ord(a) + 2)},",
+                                      f"What letter comes after {a} in the alphabet?"]))
+    for i in range(60):
+        x, y = rng.randint(2, 99), rng.randint(2, 99)
+        op = rng.choice(["+", "-", "*", "/", "word"])
+        if op == "+":
+            q = rng.choice([f"What is {x} + {y}?", f"What is {x} plus {y}?", f"Add {x} and {y}."])
+        elif op == "-":
+            q = rng.choice([f"What is {x} - {y}?", f"Subtract {y} from {x}."])
+        elif op == "*":
+            x, y = x % 13 + 2, y % 13 + 2
+            q = rng.choice([f"What is {x} times {y}?", f"Calculate {x} * {y}."])
+        elif op == "/":
+            y = y % 12 + 2
+            q = f"What is {x * y} divided by {y}?"
+        else:
+            q = (f"Tom has {x} apples and buys {y} more. How many apples does he have now?")
+        add("arith", (i, x, y, op), q)
+    for i, (a, b) in enumerate(_FACTS):
+        add("yesno", ("fact", i), rng.choice([f"Is {a} {b}? Answer yes or no.", f"Is {a} {b}?"]))
+    for i in range(20):
+        n = rng.randint(2, 200)
+        add("yesno", ("num", i, n), rng.choice([f"Is {n} an even number? Answer yes or no.",
+                                                f"Is {n} a prime number?", f"Is {n} greater than {rng.randint(2, 200)}?"]))
+    for i in range(40):
+        sj, (vp, vd), ob = rng.choice(_SUBJ), rng.choice(_VERB), rng.choice(_OBJ)
+        sent = f"{sj} {vp} {ob} every day."
+        add("rewrite", (i, sent), rng.choice([
+            f"Rewrite this sentence in the past tense: {sent}",
+            f"Rewrite this sentence as a question: {sent}",
+            f"Make this sentence more formal: {sent}",
+            f"Convert this sentence to uppercase: {sent}",
+            f"Rewrite this sentence in the future tense: {sent}"]))
+    for i, w in enumerate(_WORDS):
+        add("word", (i, w), rng.choice([f"Spell the word '{w}' backwards.",
+                                        f"How many letters are in the word '{w}'?",
+                                        f"What is the plural of '{w}'?", f"Give three synonyms for '{w}'.",
+                                        f"Use the word '{w}' in a sentence.", f"What rhymes with '{w}'?"]))
+    for i, t in enumerate(_PY_TASKS):
+        add("pyfunc", i, rng.choice([f"Write a Python function that {t}.",
+                                     f"Write a short Python function that {t}. Keep it simple."]))
+    seen, uniq = set(), []
+    for p in out:
+        if p["prompt"] not in seen:
+            seen.add(p["prompt"])
+            uniq.append(p)
+    return uniq
+
+
+def _user_turn_prefix(tok) -> list[int]:
+    """Token ids of the chat template up to the start of a user message's text."""
+    mark = "\u2063XQZ"
+    text = tok.apply_chat_template([{"role": "user", "content": mark}], tokenize=False)
+    prefix = text[: text.index(mark)]
+    return tok(prefix, add_special_tokens=False)["input_ids"]
+
+
+def _benchmark_texts() -> set[str]:
+    p = REPO_ROOT / "vllm_cmasd/bench/prompts.json"
+    if not p.exists():
+        return set()
+    tasks = json.loads(p.read_text()).get("tasks", {})
+    return {_dedupe_key(q["prompt"]) for plist in tasks.values() for q in plist}
+
+
+def _dedupe_key(text: str) -> str:
+    return re.sub(r"[^a-z0-9]+", " ", text.lower()).strip()[:60]
+
+
+_BENCH_LIKE = re.compile(r"^(summarize the following text in two or three sentences|"
+                         r"translate the following \w+ text into \w+\. reply with the translation only)",
+                         re.I)
+
+
+def _magpie_ok(text: str) -> bool:
+    t = text.strip()
+    if not (15 <= len(t) <= 400) or "<|" in t or "|>" in t:
+        return False
+    words = t.split()
+    if len(words) < 3 or len(set(w.lower() for w in words)) < 0.5 * len(words):
+        return False
+    letters = sum(c.isascii() and c.isalpha() for c in t)
+    if letters < 0.6 * len(t):
+        return False
+    if t.lower().startswith(("assistant", "user", "system")) or _BENCH_LIKE.match(t):
+        return False
+    return True
+
+
+def magpie_prompts(llm, tok, args) -> tuple[list[dict], dict]:
+    """Magpie-style user prompts: the target continues the chat-template prefix of a user
+    turn (default system prompt + ``<|im_start|>user\\n``) at temperature
+    ``--magpie-temperature``, top-p 0.95, request ``j`` seeded ``seed * 100003 + j``,
+    stopped at ``<|im_end|>`` (unfinished samples dropped), at most 80 tokens. Filtered
+    (15-400 chars, >= 3 words, mostly ASCII letters, no template tokens, not repetitive,
+    nothing shaped like a benchmark prompt) and deduplicated on a normalised 60-char key;
+    anything matching a benchmark prompt is dropped."""
+    from vllm import SamplingParams
+
+    prefix = _user_turn_prefix(tok)
+    im_end = tok.convert_tokens_to_ids("<|im_end|>")
+    bench = _benchmark_texts()
+    out, seen = [], set()
+    stats = {"raw": 0, "unfinished": 0, "filtered": 0, "dup": 0}
+    t0 = time.time()
+    j = 0
+    while j < args.magpie_n and time.time() - t0 < args.magpie_minutes * 60:
+        n = min(args.gen_chunk, args.magpie_n - j)
+        sps = [SamplingParams(temperature=args.magpie_temperature, top_p=0.95, max_tokens=80,
+                              stop_token_ids=[im_end], seed=args.seed * 100003 + j + i)
+               for i in range(n)]
+        outs = llm.generate([{"prompt_token_ids": prefix} for _ in range(n)], sps, use_tqdm=False)
+        for o in outs:
+            stats["raw"] += 1
+            c = o.outputs[0]
+            if c.finish_reason != "stop":
+                stats["unfinished"] += 1
+                continue
+            text = c.text.strip()
+            if not _magpie_ok(text):
+                stats["filtered"] += 1
+                continue
+            key = _dedupe_key(text)
+            if key in seen or key in bench:
+                stats["dup"] += 1
+                continue
+            seen.add(key)
+            out.append({"sid": "magpie:" + hashlib.sha1(key.encode()).hexdigest()[:12],
+                        "kind": "magpie", "prompt": text})
+        j += n
+        log(f"data: magpie {j} sampled, {len(out)} kept, {stats}, {time.time() - t0:.0f}s")
+    return out, stats
+
+
+# --------------------------------------------------------------------------------------
 # Stage: data (target answers with vLLM, teacher top-k log-probs cached)
 # --------------------------------------------------------------------------------------
 
@@ -247,7 +485,69 @@ def _pack_logprobs(lp_list, n):
     return ids, lps
 
 
+def _answer(llm, tok, sp, plist, split, records, args, stop_at=None, label="", max_prompt_tokens=None):
+    """Target answers ``plist`` greedily; appends teacher records to ``records[split]``."""
+    import torch
+
+    t0 = time.time()
+    n_tok = 0
+    chunk = args.gen_chunk
+    for c0 in range(0, len(plist), chunk):
+        if stop_at and time.time() > stop_at:
+            log(f"data: {label} time budget reached, stopping at {c0}/{len(plist)} {split} prompts")
+            break
+        batch = []
+        for p in plist[c0: c0 + chunk]:
+            ids = _chat_ids(tok, p["prompt"], max_prompt_tokens or args.max_prompt_tokens)
+            if ids is not None:
+                batch.append((p, ids))
+        if not batch:
+            continue
+        outs = llm.generate([{"prompt_token_ids": ids} for _, ids in batch], sp, use_tqdm=False)
+        for (p, ids), o in zip(batch, outs):
+            c = o.outputs[0]
+            resp = list(c.token_ids)
+            # teacher distribution for predicting token t+1 at position t:
+            # prompt_logprobs[i] is for token i (given <i); [0] is None.
+            plp = (o.prompt_logprobs[1:] if args.prompt_logprobs
+                   else [None] * (len(ids) - 1))  # predicting prompt tokens 1..P-1
+            glp = list(c.logprobs)  # predicting response tokens 0..R-1
+            seq = ids + resp
+            lp_list = list(plp) + glp  # position t predicts seq[t+1]
+            n = len(lp_list)
+            tids, tlps = _pack_logprobs(lp_list, n)
+            records[split].append({
+                "sid": p["sid"], "kind": p["kind"],
+                "ids": torch.tensor(seq, dtype=torch.int32),
+                "n_prompt": len(ids),
+                "t_ids": tids, "t_lps": tlps.to(torch.float16),
+                "finished": c.finish_reason == "stop",
+            })
+            n_tok += len(seq)
+        el = time.time() - t0
+        log(f"data: {label} {split} {min(c0 + chunk, len(plist))}/{len(plist)} prompts, "
+            f"{n_tok} tokens, {el:.0f}s ({n_tok / el:.0f} tok/s incl. prompts)")
+
+
+def _split_chat(prompts, eval_frac=0.1):
+    tr, ev = [], []
+    for p in prompts:
+        (ev if (_h(p["sid"]) % 1000) < eval_frac * 1000 else tr).append(p)
+    return tr, ev
+
+
 def stage_data(args) -> None:
+    """Two sources, both answered greedily by the target with top-16 log-probs cached:
+
+    * stdlib / licence prompts (:func:`build_prompts`), ``--gen-minutes`` of generation;
+      ``--reuse-data DIR`` takes these records (``data.pt`` train/eval + ``prompts.json``)
+      from an earlier run's work dir instead of regenerating them;
+    * chat domain (``--chat``): :func:`task_prompts` + :func:`magpie_prompts`, split
+      train / held-out by a hash of the item id, answered with at most
+      ``--chat-max-new-tokens`` new tokens for ``--chat-gen-minutes`` (held-out first).
+      Magpie prompts are cached in ``chat_prompts.json``.
+
+    ``data.pt``: ``train`` (both sources), ``eval`` (stdlib held-out), ``eval_chat``."""
     import torch
     from transformers import AutoTokenizer
 
@@ -258,9 +558,21 @@ def stage_data(args) -> None:
         log(f"data: {out_path} exists, skipping")
         return
     tok = AutoTokenizer.from_pretrained(args.target)
-    train_p, eval_p = build_prompts(args.seed, args.n_train, args.n_eval)
-    log(f"data: {len(train_p)} train prompts, {len(eval_p)} held-out prompts")
-    (work / "prompts.json").write_text(json.dumps({"train": train_p, "eval": eval_p}, indent=0))
+    records = {"train": [], "eval": [], "eval_chat": []}
+    pj = {"train": [], "eval": [], "eval_chat": [], "train_chat": []}
+    reuse = Path(args.reuse_data) if args.reuse_data else None
+    if reuse:
+        old = torch.load(reuse / "data.pt", weights_only=False)
+        records["train"], records["eval"] = list(old["train"]), list(old["eval"])
+        opj = json.loads((reuse / "prompts.json").read_text())
+        pj["train"], pj["eval"] = opj["train"], opj["eval"]
+        log(f"data: reusing {len(records['train'])} train / {len(records['eval'])} held-out "
+            f"stdlib/licence records from {reuse}")
+        train_p, eval_p = [], []
+    else:
+        train_p, eval_p = build_prompts(args.seed, args.n_train, args.n_eval)
+        pj["train"], pj["eval"] = train_p, eval_p
+        log(f"data: {len(train_p)} train prompts, {len(eval_p)} held-out prompts")
 
     from vllm import LLM, SamplingParams
 
@@ -268,53 +580,44 @@ def stage_data(args) -> None:
               gpu_memory_utilization=args.gpu_mem, seed=args.seed,
               max_model_len=args.max_prompt_tokens + args.max_new_tokens + 8,
               max_num_seqs=args.gen_batch)
-    sp = SamplingParams(temperature=0.0, max_tokens=args.max_new_tokens,
-                        logprobs=TOPK, prompt_logprobs=TOPK if args.prompt_logprobs else None)
-    records = {"train": [], "eval": []}
     t0 = time.time()
-    n_tok = 0
-    stop_at = t0 + args.gen_minutes * 60 if args.gen_minutes else None
-    for split, plist in (("eval", eval_p), ("train", train_p)):
-        chunk = args.gen_chunk
-        for c0 in range(0, len(plist), chunk):
-            if split == "train" and stop_at and time.time() > stop_at:
-                log(f"data: --gen-minutes reached, stopping at {c0} train prompts")
-                break
-            batch = []
-            for p in plist[c0: c0 + chunk]:
-                ids = _chat_ids(tok, p["prompt"], args.max_prompt_tokens)
-                if ids is not None:
-                    batch.append((p, ids))
-            if not batch:
-                continue
-            outs = llm.generate([{"prompt_token_ids": ids} for _, ids in batch], sp,
-                                use_tqdm=False)
-            for (p, ids), o in zip(batch, outs):
-                c = o.outputs[0]
-                resp = list(c.token_ids)
-                # teacher distribution for predicting token t+1 at position t:
-                # prompt_logprobs[i] is for token i (given <i); [0] is None.
-                plp = (o.prompt_logprobs[1:] if args.prompt_logprobs
-                       else [None] * (len(ids) - 1))  # predicting prompt tokens 1..P-1
-                glp = list(c.logprobs)  # predicting response tokens 0..R-1
-                seq = ids + resp
-                lp_list = list(plp) + glp  # position t predicts seq[t+1]
-                n = len(lp_list)
-                tids, tlps = _pack_logprobs(lp_list, n)
-                records[split].append({
-                    "sid": p["sid"], "kind": p["kind"],
-                    "ids": torch.tensor(seq, dtype=torch.int32),
-                    "n_prompt": len(ids),
-                    "t_ids": tids, "t_lps": tlps.to(torch.float16),
-                    "finished": c.finish_reason == "stop",
-                })
-                n_tok += len(seq)
-            el = time.time() - t0
-            log(f"data: {split} {min(c0 + chunk, len(plist))}/{len(plist)} prompts, "
-                f"{n_tok} tokens, {el:.0f}s ({n_tok / el:.0f} tok/s incl. prompts)")
+    if not reuse:
+        sp = SamplingParams(temperature=0.0, max_tokens=args.max_new_tokens,
+                            logprobs=TOPK, prompt_logprobs=TOPK if args.prompt_logprobs else None)
+        _answer(llm, tok, sp, eval_p, "eval", records, args, label="stdlib")
+        stop_at = time.time() + args.gen_minutes * 60 if args.gen_minutes else None
+        _answer(llm, tok, sp, train_p, "train", records, args, stop_at=stop_at, label="stdlib")
+    if args.chat:
+        cp = work / "chat_prompts.json"
+        if cp.exists():
+            mag = json.loads(cp.read_text())["magpie"]
+        else:
+            mag, mstats = magpie_prompts(llm, tok, args)
+            cp.write_text(json.dumps({"magpie": mag, "stats": mstats}, indent=0))
+        tasks = task_prompts(args.seed)
+        m_tr, m_ev = _split_chat(mag)
+        t_tr, t_ev = _split_chat(tasks)
+        rng = random.Random(args.seed + 11)
+        rng.shuffle(m_ev)
+        rng.shuffle(t_ev)
+        n_t = min(len(t_ev), args.n_eval_chat // 4)
+        chat_ev = m_ev[: args.n_eval_chat - n_t] + t_ev[:n_t]
+        chat_tr = m_tr + t_tr
+        rng.shuffle(chat_tr)
+        log(f"data: chat: {len(mag)} magpie prompts ({len(m_tr)} train / {len(m_ev)} held-out), "
+            f"{len(tasks)} task prompts ({len(t_tr)} / {len(t_ev)}); answering {len(chat_ev)} held-out, "
+            f"then train for <= {args.chat_gen_minutes} min")
+        pj["eval_chat"], pj["train_chat"] = chat_ev, chat_tr
+        csp = SamplingParams(temperature=0.0, max_tokens=args.chat_max_new_tokens, logprobs=TOPK,
+                             prompt_logprobs=TOPK if args.prompt_logprobs else None)
+        stop_at = time.time() + args.chat_gen_minutes * 60
+        _answer(llm, tok, csp, chat_ev, "eval_chat", records, args, label="chat")
+        _answer(llm, tok, csp, chat_tr, "train", records, args, stop_at=stop_at, label="chat")
+    (work / "prompts.json").write_text(json.dumps(pj, indent=0))
     torch.save(records, out_path.with_suffix(".tmp"))
     os.replace(out_path.with_suffix(".tmp"), out_path)
-    log(f"data: wrote {out_path} in {time.time() - t0:.0f}s")
+    log(f"data: wrote {out_path} in {time.time() - t0:.0f}s: " +
+        ", ".join(f"{k} {len(v)} seqs" for k, v in records.items()))
     try:
         from vllm_cmasd.engines import shutdown  # type: ignore
         shutdown(llm)
@@ -505,7 +808,7 @@ def stage_train(args) -> None:
     work = Path(args.work)
     data = torch.load(work / "data.pt", weights_only=False)
     tok = AutoTokenizer.from_pretrained(args.target)
-    recs, ev = data["train"], data["eval"]
+    recs, ev_std, ev_chat = data["train"], data["eval"], data.get("eval_chat", [])
     kept_path = work / "kept_ids.pt"
     if kept_path.exists():
         kept = torch.load(kept_path)
@@ -517,15 +820,38 @@ def stage_train(args) -> None:
     cfg, body, head, kept = build_draft(args.target, args.layers, kept)
     params = [p for p in body.parameters() if p.requires_grad] + list(head.parameters())
     opt = torch.optim.AdamW(params, lr=args.lr, weight_decay=0.0, betas=(0.9, 0.98))
+
+    def coverage(rs):
+        n = sum(len(r["ids"]) - r["n_prompt"] for r in rs)
+        return float(sum((t2k[r["ids"][r["n_prompt"]:].long()] >= 0).sum() for r in rs)) / max(1, n)
+
     n_tr_tok = sum(len(r["ids"]) for r in recs)
     n_resp = sum(len(r["ids"]) - r["n_prompt"] for r in recs)
-    cov = float(sum((t2k[r["ids"][r["n_prompt"]:].long()] >= 0).sum() for r in recs)) / max(1, n_resp)
-    log(f"train: {len(recs)} seqs, {n_tr_tok} tokens ({n_resp} response), kept vocab "
-        f"{len(kept)} covers {cov:.4f} of response tokens; {args.layers} layers")
+    n_chat = sum(is_chat_kind(r["kind"]) for r in recs)
+    log(f"train: {len(recs)} seqs ({n_chat} chat-domain), {n_tr_tok} tokens ({n_resp} response), "
+        f"kept vocab {len(kept)} covers {coverage(recs):.4f} of train response tokens, "
+        f"held-out: stdlib {coverage(ev_std):.4f}, chat {coverage(ev_chat):.4f}; {args.layers} layers")
     step, epoch, t_used = 0, 0, 0.0
     ck = work / "ckpt.pt"
     hist = []
     best = {}
+    if not ck.exists() and args.init_from:
+        # warm start: body as trained; head rows of tokens kept before copied by token id,
+        # rows of newly kept tokens stay initialised from the tied embedding
+        st = torch.load(args.init_from, weights_only=False)
+        assert st["layers"] == args.layers, (st["layers"], args.layers)
+        body.load_state_dict(st["body"])
+        old_kept = st["kept"].long()
+        old_row = {int(t): i for i, t in enumerate(old_kept)}
+        rows = [(i, old_row[int(t)]) for i, t in enumerate(kept) if int(t) in old_row]
+        with torch.no_grad():
+            if rows:
+                new_i, old_i = map(torch.tensor, zip(*rows))
+                head.weight[new_i] = st["head"]["weight"][old_i].to(head.weight.dtype)
+        log(f"train: warm start from {args.init_from} (step {st['step']}): body loaded, "
+            f"{len(rows)}/{len(kept)} head rows from its head, {len(kept) - len(rows)} from the embedding")
+        hist.append({"step": 0, "init_from": str(args.init_from), "init_steps": st["step"],
+                     "init_minutes": round(st["t_used"] / 60, 1), "head_rows_reused": len(rows)})
     if ck.exists():
         st = torch.load(ck, weights_only=False)
         body.load_state_dict(st["body"])
@@ -550,6 +876,16 @@ def stage_train(args) -> None:
                     "step": step, "t_used": t_used, "hist": hist, "kept": kept,
                     "layers": args.layers, "best": dict(best)}, tmp)
         os.replace(tmp, path)
+
+    def eval_all(subset=None):
+        """Held-out agreement per domain; the headline number is their mean (chat-domain
+        held-out when the data has it, else stdlib only)."""
+        out = {"stdlib": evaluate(body, head, kept, ev_std[:subset], t2k, args.max_len)}
+        if ev_chat:
+            out["chat"] = evaluate(body, head, kept, ev_chat[:subset], t2k, args.max_len)
+        for k in ("top1_agreement_response", "kl"):
+            out[k] = sum(out[d][k] for d in ("stdlib", "chat") if d in out) / (2 if ev_chat else 1)
+        return out
 
     # deterministic batch order: epoch e uses Random(seed + e); resume skips done steps
     sched = []
@@ -582,14 +918,16 @@ def stage_train(args) -> None:
             hist.append({"step": step, "min": round(t_used / 60, 2), "loss": round(ema_loss, 4),
                          "agree_resp_train_ema": round(ema_agree, 4)})
             if args.eval_every and step % args.eval_every == 0:
-                r = evaluate(body, head, kept, ev[: args.eval_subset], t2k, args.max_len)
+                r = eval_all(args.eval_subset)
                 hist[-1]["heldout"] = r
                 if r["top1_agreement_response"] >= best.get("top1_agreement_response", -1):
                     best.clear()
                     best.update(r, step=step)
                     save(work / "best.pt")
                 log(f"train: step {step} held-out top-1 agreement (response) "
-                    f"{r['top1_agreement_response']:.4f} all {r['top1_agreement_all']:.4f} kl {r['kl']:.3f}")
+                    f"{r['top1_agreement_response']:.4f} (stdlib {r['stdlib']['top1_agreement_response']:.4f}"
+                    + (f", chat {r['chat']['top1_agreement_response']:.4f}" if "chat" in r else "")
+                    + f") kl {r['kl']:.3f}")
             save()
         if args.max_minutes and t_used > args.max_minutes * 60:
             log(f"train: --max-minutes reached at step {step}")
@@ -597,10 +935,14 @@ def stage_train(args) -> None:
             break
     pbar.close()
     save()
-    r = evaluate(body, head, kept, ev, t2k, args.max_len)
-    log(f"train: FINAL held-out teacher-forced top-1 agreement with the target: "
-        f"response tokens {r['top1_agreement_response']:.4f} ({r['n_response_tokens']} tokens), "
-        f"all tokens {r['top1_agreement_all']:.4f}, KL {r['kl']:.4f}")
+    r = eval_all()
+    for d in ("stdlib", "chat"):
+        if d in r:
+            x = r[d]
+            log(f"train: FINAL held-out ({d}) teacher-forced top-1 agreement with the target: "
+                f"response tokens {x['top1_agreement_response']:.4f} ({x['n_response_tokens']} tokens), "
+                f"KL {x['kl']:.4f}, kept-vocab coverage {coverage(ev_std if d == 'stdlib' else ev_chat):.4f}")
+    r["kept_vocab_coverage"] = {"train": coverage(recs), "stdlib": coverage(ev_std), "chat": coverage(ev_chat)}
     (work / "final_eval.json").write_text(json.dumps({"step": step, "minutes": t_used / 60, **r}, indent=1))
 
 
@@ -637,11 +979,19 @@ def stage_export(args) -> None:
         "train_minutes": round(st["t_used"] / 60, 1),
         "seed": args.seed,
         "threads": args.threads,
+        "init_from": args.init_from or None,
         "hparams": {k: getattr(args, k) for k in ("lr", "warmup", "steps", "max_minutes", "batch_tokens",
-                                                    "max_len", "keep_vocab", "layers")},
+                                                    "max_len", "keep_vocab", "layers", "init_from")},
         "data": {
             "sources": ["Python stdlib docstrings/sources (%s)" % sys.version.split()[0],
-                        "/usr/share/common-licenses"],
+                        "/usr/share/common-licenses"]
+            + (["chat domain: Magpie-style user turns sampled from the target (temperature "
+                f"{args.magpie_temperature}, top-p 0.95, seeded) + templated short tasks "
+                f"(counting, days/months/letters, arithmetic, yes/no, rewrites), answers <= "
+                f"{args.chat_max_new_tokens} new tokens"] if data.get("eval_chat") else []),
+            "train_chat_seqs": sum(is_chat_kind(r["kind"]) for r in data["train"]),
+            "eval_chat_seqs": len(data.get("eval_chat", [])),
+            "eval_chat_response_tokens": int(sum(len(r["ids"]) - r["n_prompt"] for r in data.get("eval_chat", []))),
             "teacher": (f"target greedy responses via vLLM (chat template, max {args.max_new_tokens} new "
                         f"tokens); target top-{TOPK} log-probs cached at response positions"
                         + (" and prompt positions" if args.prompt_logprobs else
@@ -703,10 +1053,26 @@ def assemble_draft(target_dir, drafts_dir, out_dir) -> Path:
 # --------------------------------------------------------------------------------------
 
 def _bench_prompts(args, tok):
+    """``--bench-set heldout``: the first ``--bench-prompts`` held-out stdlib/licence
+    prompts; ``heldout-chat``: held-out chat-domain prompts (Magpie + templated tasks);
+    ``benchmark``: the first ``--bench-per-task`` prompts of every task of the plugin's
+    fixed benchmark (``vllm_cmasd/bench/prompts.json``, never used for training)."""
     work = Path(args.work)
+    if args.bench_set == "benchmark":
+        tasks = json.loads((REPO_ROOT / "vllm_cmasd/bench/prompts.json").read_text())["tasks"]
+        out = []
+        for task, plist in tasks.items():
+            n = 0
+            for p in plist:
+                ids = _chat_ids(tok, p["prompt"], args.max_prompt_tokens)
+                if ids is not None and n < args.bench_per_task:
+                    out.append(ids)
+                    n += 1
+        return out
     pj = json.loads((work / "prompts.json").read_text())
+    src = pj["eval"] if args.bench_set == "heldout" else pj.get("eval_chat", [])
     out = []
-    for p in pj["eval"]:  # held-out: never seen in training (split by source item)
+    for p in src:  # held-out: never seen in training (split by source item)
         ids = _chat_ids(tok, p["prompt"], args.max_prompt_tokens)
         if ids is not None:
             out.append(ids)
@@ -747,7 +1113,7 @@ def stage_bench(args) -> None:
     common = dict(enforce_eager=True, dtype="float32", gpu_memory_utilization=args.gpu_mem,
                   max_model_len=args.max_prompt_tokens + args.bench_tokens + 16, seed=args.seed)
     res = {"card": "CPU (2 cores shared; torch threads as set by vLLM)", "prompts": len(prompts),
-           "max_tokens": args.bench_tokens}
+           "prompt_set": args.bench_set, "max_tokens": args.bench_tokens, "draft_checkpoint": str(draft)}
     runs = [("target", dict(model=args.target)), ("draft", dict(model=draft))]
     runs.append(("spec", dict(model=args.target, disable_log_stats=False, speculative_config={
         "method": "draft_model", "model": draft, "num_speculative_tokens": args.bench_k})))
@@ -801,6 +1167,16 @@ def main(argv=None) -> None:
     ap.add_argument("--gpu-mem", type=float, default=0.25)
     ap.add_argument("--gen-minutes", type=float, default=22.0,
                     help="stop generating train data after this many minutes (0: no limit)")
+    ap.add_argument("--reuse-data", default="",
+                    help="take the stdlib/licence records from this earlier work dir")
+    ap.add_argument("--chat", type=int, default=1, help="add the chat-domain source (0: off)")
+    ap.add_argument("--magpie-n", type=int, default=1536, help="Magpie user turns to sample")
+    ap.add_argument("--magpie-minutes", type=float, default=7.0)
+    ap.add_argument("--magpie-temperature", type=float, default=1.0)
+    ap.add_argument("--chat-max-new-tokens", type=int, default=96)
+    ap.add_argument("--chat-gen-minutes", type=float, default=16.0,
+                    help="time budget for answering the chat prompts (train split)")
+    ap.add_argument("--n-eval-chat", type=int, default=64)
     ap.add_argument("--prompt-logprobs", type=int, default=0,
                     help="also cache the target's top-k on prompt (offline text) positions")
     # model / train
@@ -818,11 +1194,16 @@ def main(argv=None) -> None:
     ap.add_argument("--max-minutes", type=float, default=74.0,
                     help="training time budget (total over resumes); the LR decays over it")
     ap.add_argument("--export-from", default="ckpt.pt", help="ckpt.pt (last) or best.pt")
+    ap.add_argument("--init-from", default="",
+                    help="warm start: a train checkpoint (e.g. models/.cache/draft-train/best.pt); "
+                         "head rows are matched by token id when the kept vocabulary changed")
     # bench
     ap.add_argument("--bench-prompts", type=int, default=8)
     ap.add_argument("--bench-tokens", type=int, default=96)
     ap.add_argument("--bench-k", type=int, default=4)
     ap.add_argument("--bench-only", default="", help="comma list of target,draft,spec")
+    ap.add_argument("--bench-set", default="heldout", choices=["heldout", "heldout-chat", "benchmark"])
+    ap.add_argument("--bench-per-task", type=int, default=4)
     ap.add_argument("--bench-out", default="")
     args = ap.parse_args(argv)
     if args.stage in ("data", "all"):
