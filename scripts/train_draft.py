@@ -30,7 +30,7 @@ Stages:
               alone leave the draft out of domain on ordinary chat (0% agreement on
               "count from 1 to 40"): (a) Magpie-style user turns -- the target continues
               the chat-template prefix of a user turn (``<|im_start|>system ...<|im_end|>
-              <|im_start|>user\n``) at temperature 1.0 / top-p 0.95 with a fixed seed per
+              <|im_start|>user\\n``) at temperature 1.0 / top-p 0.95 with a fixed seed per
               request, stopped at ``<|im_end|>`` (<= 80 tokens; ``--magpie-n``,
               ``--magpie-minutes``), filtered (length, words, letters, repetition, template
               tokens) and deduplicated, anything shaped like / equal to a benchmark prompt
@@ -68,9 +68,9 @@ Stages:
 The shipped draft (v2) was made in two runs: the stdlib/licence-only run above (defaults
 with ``--chat 0``, work dir ``models/.cache/draft-train``), then::
 
-    .venv/bin/python scripts/train_draft.py data --work models/.cache/draft-train-v2 \
+    .venv/bin/python scripts/train_draft.py data --work models/.cache/draft-train-v2 \\
         --reuse-data models/.cache/draft-train
-    .venv/bin/python scripts/train_draft.py train --work models/.cache/draft-train-v2 \
+    .venv/bin/python scripts/train_draft.py train --work models/.cache/draft-train-v2 \\
         --init-from models/.cache/draft-train/best.pt --lr 3e-4 --warmup 10 --max-minutes 49
     .venv/bin/python scripts/train_draft.py export --work models/.cache/draft-train-v2 \\
         --init-from models/.cache/draft-train/best.pt --lr 3e-4 --warmup 10 --max-minutes 49
