@@ -194,8 +194,6 @@ def install_dispatcher_scan_fix() -> None:
     "'_lib_fn_wrapper' object has no attribute 'get'". Same scan, skipping
     such objects.
     """
-    import sys
-
     from vllm.triton_utils import dispatcher
 
     if getattr(dispatcher._rebind_kernels, "_cmasd_fixed", False):
