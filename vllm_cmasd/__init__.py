@@ -10,8 +10,10 @@ __version__ = "0.1.0"
 
 
 def register() -> None:
-    from vllm_cmasd import draft_model, vllm_patch
+    from vllm_cmasd import draft_model, self_draft, vllm_patch
 
     vllm_patch.install()
-    # The trained reduced-vocabulary draft's architecture (a new name only).
+    # The draft architectures (new names only): the trained reduced-vocabulary
+    # draft, and the self-draft that shares the target's weights (SpecBound).
     draft_model.register()
+    self_draft.register()

@@ -18,8 +18,10 @@ from typing import Any, Literal
 
 CONFIG_KEY = "cmasd"
 
-VerificationPolicy = Literal["exact", "confidence", "topk-tolerance"]
-VERIFICATION_POLICIES: tuple[str, ...] = ("exact", "confidence", "topk-tolerance")
+VerificationPolicy = Literal["exact", "confidence", "topk-tolerance", "rstitch"]
+VERIFICATION_POLICIES: tuple[str, ...] = ("exact", "confidence", "topk-tolerance", "rstitch")
+DraftBudget = Literal["off", "auto"]
+DRAFT_BUDGETS: tuple[str, ...] = ("off", "auto")
 StopRule = Literal["mean", "product"]
 STOP_RULES: tuple[str, ...] = ("mean", "product")
 CONFIDENCE_SIGNALS: tuple[str, ...] = ("entropy", "softmax_margin", "logit_margin")
@@ -54,7 +56,8 @@ class CmasdConfig:
     """Logit margin m is squashed to tanh(m / scale) in [0, 1)."""
 
     verification: VerificationPolicy = "exact"
-    """exact (lossless), confidence (CM-ASD relaxed), topk-tolerance (SpecDec)."""
+    """exact (lossless), confidence (CM-ASD relaxed), topk-tolerance (SpecDec),
+    rstitch (R-Stitch entropy routing)."""
 
     leniency: float = 1.0
     """confidence policy: largest log-ratio relaxation delta (>= 0); 0 equals exact."""
@@ -67,6 +70,15 @@ class CmasdConfig:
 
     topk_tau: float = 2.0
     """topk-tolerance: ... and its log-probability within tau of the top-1 (>= 0)."""
+
+    rstitch_entropy: float = 0.5
+    """rstitch: a drafted token whose drafter entropy (nats) is below this is
+    kept without the target's check; the others are verified exactly (>= 0; 0 = exact)."""
+
+    draft_budget: DraftBudget = "off"
+    """auto: each step's drafted tokens are capped by a cost model profiled at
+    startup (draft and verify cost vs tokens), given to the requests most likely
+    to have them accepted; off: every request drafts as its window allows."""
 
     @property
     def normalized_weights(self) -> tuple[float, float, float]:
@@ -133,3 +145,7 @@ class CmasdConfig:
             fail("topk_beta", "an integer >= 1", self.topk_beta)
         if not is_number(self.topk_tau) or self.topk_tau < 0:
             fail("topk_tau", "a number >= 0", self.topk_tau)
+        if not is_number(self.rstitch_entropy) or self.rstitch_entropy < 0:
+            fail("rstitch_entropy", "a number >= 0 (nats)", self.rstitch_entropy)
+        if self.draft_budget not in DRAFT_BUDGETS:
+            fail("draft_budget", f"one of {list(DRAFT_BUDGETS)}", self.draft_budget)

@@ -83,6 +83,16 @@ class CmasdProposer(DraftModelProposer):
         self._confidence_rows: torch.Tensor | None = None
         self._confidence_req_ids: list[str] = []
 
+    def _maybe_share_lm_head(self, target_language_model) -> None:
+        # vLLM's draft-model proposer shares nothing with the target; a
+        # self-draft (SpecBound, vllm_cmasd/self_draft.py) is the target's own
+        # first layers and LM head, so it takes all its weights from it.
+        super()._maybe_share_lm_head(target_language_model)
+        from vllm_cmasd import self_draft
+
+        if self_draft.is_self_draft(self.model):
+            self_draft.share_target_weights(self.model, target_language_model)
+
     def _sample_draft_tokens(self, hidden_states, sampling_metadata):
         logits = self.model.compute_logits(hidden_states)
         # Greedy drafting unless draft_sample_method="probabilistic"; then the
