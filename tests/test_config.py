@@ -30,6 +30,9 @@ def test_defaults_are_valid():
         ({"confidence_floor": 1.0}, "cmasd.confidence_floor"),
         ({"topk_beta": 0}, "cmasd.topk_beta"),
         ({"topk_tau": -0.5}, "cmasd.topk_tau"),
+        ({"rstitch_entropy": -0.1}, "cmasd.rstitch_entropy"),
+        ({"rstitch_entropy": "high"}, "cmasd.rstitch_entropy"),
+        ({"draft_budget": "on"}, "cmasd.draft_budget"),
         ({"thresold": 0.5}, "cmasd.thresold"),
         ("exact", "additional_config.cmasd"),
     ],
@@ -42,7 +45,9 @@ def test_bad_values_name_the_field(raw, field):
 
 
 def test_allowed_values_are_listed():
-    with pytest.raises(CmasdConfigError, match=r"\['exact', 'confidence', 'topk-tolerance'\]"):
+    with pytest.raises(CmasdConfigError, match=r"\['exact', 'confidence', 'topk-tolerance', 'rstitch'\]"):
         CmasdConfig.from_dict({"verification": "greedy"}, k_max=4)
+    with pytest.raises(CmasdConfigError, match=r"\['off', 'auto'\]"):
+        CmasdConfig.from_dict({"draft_budget": True}, k_max=4)
     with pytest.raises(CmasdConfigError, match="allowed fields: k_min"):
         CmasdConfig.from_dict({"bogus": 1}, k_max=4)

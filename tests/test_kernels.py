@@ -106,12 +106,15 @@ def make_inputs(draft_lengths, vocab_size, greedy, with_draft_probs, pad=0.0, ti
         bonus_token_ids=torch.randint(vocab_size, (batch_size, 1), generator=g),
         uniform_probs=None if all_greedy else torch.rand(num_tokens, dtype=torch.float64, generator=g),
         confidence=torch.rand(num_tokens, generator=g),
+        draft_entropy=torch.rand(num_tokens, generator=g) * 2,
         is_greedy=None if all_greedy else is_greedy,
         max_spec_len=max(draft_lengths),
     )
 
 
-def verify_batch(inputs, policy, confidence=True, leniency=1.5, confidence_floor=0.3, topk_beta=3, topk_tau=1.0):
+def verify_batch(
+    inputs, policy, confidence=True, leniency=1.5, confidence_floor=0.3, topk_beta=3, topk_tau=1.0, rstitch_entropy=1.0
+):
     stats = verify.compute_draft_token_stats(
         inputs["target_probs"],
         inputs["draft_probs"],
@@ -134,6 +137,8 @@ def verify_batch(inputs, policy, confidence=True, leniency=1.5, confidence_floor
         confidence_floor,
         topk_beta,
         topk_tau,
+        inputs["draft_entropy"],
+        rstitch_entropy,
     )
     return stats, output
 
@@ -185,6 +190,8 @@ def test_kernels_equal_twins_across_knobs(monkeypatch, seed):
         (Policy.CONFIDENCE, dict(leniency=6.0, confidence_floor=0.0)),
         (Policy.TOPK_TOLERANCE, dict(topk_beta=1, topk_tau=0.0)),
         (Policy.TOPK_TOLERANCE, dict(topk_beta=10, topk_tau=5.0)),
+        (Policy.RSTITCH, dict(rstitch_entropy=0.0)),
+        (Policy.RSTITCH, dict(rstitch_entropy=3.0)),
     ]:
         results = run_kernels_and_twins(monkeypatch, lambda: verify_batch(inputs, policy, **kwargs))
         assert_same(*results)
@@ -223,6 +230,7 @@ WALK_SIGNATURE = dict(
     recovered_token_ids="*i32",
     uniform_probs="*fp64",
     confidence="*fp32",
+    draft_entropy="*fp32",
     is_greedy="*i1",
     bonus_token_ids="*i64",
     max_spec_len="i32",
@@ -231,10 +239,12 @@ WALK_SIGNATURE = dict(
     confidence_span="fp32",
     topk_beta="i32",
     topk_tau="fp32",
+    rstitch_entropy="fp32",
     POLICY="constexpr",
 )
 # Arguments that are None (compile-time) in an all-greedy batch without draft
-# probs; num_more_likely is None as well unless the policy is TOPK_TOLERANCE.
+# probs; num_more_likely is None as well unless the policy is TOPK_TOLERANCE,
+# and draft_entropy unless it is RSTITCH.
 ALL_GREEDY_NONE = {
     "draft_token_stats_kernel": ("draft_probs", "token_request_ids", "inverse_noise", "recovered_token_ids"),
     "acceptance_walk_kernel": ("recovered_token_ids", "uniform_probs", "confidence", "is_greedy"),
@@ -255,6 +265,8 @@ def test_kernel_compiles_for_gpu(kernel, policy, batch, capability):
     none_args = ALL_GREEDY_NONE[kernel.__name__] if batch == "all_greedy" else ()
     if policy != Policy.TOPK_TOLERANCE:
         none_args += ("num_more_likely",)
+    if policy != Policy.RSTITCH and not is_stats:
+        none_args += ("draft_entropy",)
     for name in none_args:
         signature[name] = "constexpr"
         constexprs[name] = None

@@ -186,7 +186,7 @@ def _install_recorder(worker):
             "req_ids": list(runner.input_batch.req_ids),
             "drafts": [list(d) for d in drafts],
             # What the window's stop decisions and the verifier's policy read.
-            "confidence": _digest(drafter._confidence_rows),
+            "confidence": _digest(drafter._rows.get("confidence")),
             "draft_probs": _digest(drafter._last_draft_probs),
         })
         return drafts

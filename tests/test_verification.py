@@ -94,13 +94,14 @@ def make_batch(draft_lengths, vocab_size, with_draft_probs, seed=0):
     )
 
 
-def run_cmasd(batch, temperatures, policy_params=EXACT, confidence=None, seeds=None, rng_seed=0):
+def run_cmasd(batch, temperatures, policy_params=EXACT, confidence=None, seeds=None, rng_seed=0, draft_entropy=None):
     torch.manual_seed(rng_seed)
     return cmasd_rejection_sample(
         **batch,
         sampling_metadata=make_sampling_metadata(temperatures, seeds),
         confidence=confidence,
         policy_params=policy_params,
+        draft_entropy=draft_entropy,
     )
 
 
@@ -330,7 +331,7 @@ def test_greedy_exact_argmax_path_matches_the_stats_kernel():
     logits[2] = float("-inf")
     logits[3, 5] = float("nan")
     logits[4, ::2] = float("-inf")  # masked entries (logits processors) stay valid
-    fast = verify.argmax_draft_token_stats(logits)
+    fast = verify.argmax_draft_token_stats(logits, batch["draft_token_ids"])
     full = verify.compute_draft_token_stats(
         logits.softmax(dim=-1), None, batch["draft_token_ids"], batch["cu_num_draft_tokens"], None, Policy.EXACT
     )
@@ -368,7 +369,7 @@ def test_sampler_matches_vllm_with_logprobs(kind):
     logits[metadata.target_logits_indices.long()] = batch["target_logits"]  # drafts often right
     config = CmasdConfig(k_max=8, verification="exact")
     asked = []
-    ours = CmasdRejectionSampler(Sampler(), None, DEVICE, config, lambda m: asked.append(m))
+    ours = CmasdRejectionSampler(Sampler(), None, DEVICE, config, lambda name, m: asked.append((name, m)))
     theirs = RejectionSampler(Sampler())
     results = []
     for sampler in (ours, theirs):
@@ -378,7 +379,7 @@ def test_sampler_matches_vllm_with_logprobs(kind):
     assert torch.equal(results[0].sampled_token_ids, results[1].sampled_token_ids)
     for a, b in zip(results[0].logprobs_tensors, results[1].logprobs_tensors):
         assert (a is None and b is None) or torch.equal(a, b)
-    assert asked == [metadata]
+    assert asked == []  # exact verification reads no drafter signal
     assert torch.equal(ours.last_num_accepted, ((results[0].sampled_token_ids != -1).sum(dim=1) - 1).int())
 
 
@@ -391,7 +392,11 @@ def test_sampler_uses_the_confidence_source():
     for name, leniency in [("strict", 0.0), ("lenient", 20.0)]:
         config = CmasdConfig(k_max=4, verification="confidence", leniency=leniency, confidence_floor=0.0)
         sampler = CmasdRejectionSampler(
-            Sampler(), None, DEVICE, config, lambda m: torch.ones(m.draft_token_ids.shape[0], device=DEVICE)
+            Sampler(),
+            None,
+            DEVICE,
+            config,
+            lambda name, m: torch.ones(m.draft_token_ids.shape[0], device=DEVICE) if name == "confidence" else None,
         )
         torch.manual_seed(0)
         sampler(metadata, batch["draft_probs"], logits.clone(), make_sampling_metadata([0.0, 1.0, 0.0]))
@@ -399,6 +404,48 @@ def test_sampler_uses_the_confidence_source():
     # Leniency 20 with full confidence accepts any draft with p(d) > e^-20 p_max.
     assert accepted["lenient"].tolist() == [4, 4, 4]
     assert (accepted["strict"] <= accepted["lenient"]).all()
+
+
+@pytest.mark.parametrize("kind", list(TEMPERATURES))
+def test_rstitch_keeps_exactly_the_low_entropy_drafts(kind):
+    """R-Stitch: a draft with entropy below the threshold stands; others are checked exactly."""
+    temperatures = TEMPERATURES[kind]
+    num_draft_tokens = [3, 5, 0, 2, 4, 1]
+    batch = make_batch(num_draft_tokens, 300, True, seed=7)
+    num_tokens = sum(num_draft_tokens)
+    entropy = torch.rand(num_tokens, generator=torch.Generator().manual_seed(DATA_SEED)).to(DEVICE) * 2
+    exact = run_cmasd(batch, temperatures, rng_seed=1)
+
+    def rstitch(threshold, entropy=entropy):
+        return run_cmasd(batch, temperatures, PolicyParams(Policy.RSTITCH, rstitch_entropy=threshold),
+                         rng_seed=1, draft_entropy=entropy)
+
+    # Threshold 0 keeps nothing unchecked (entropies are >= 0): exact, bit for bit;
+    # so is a missing entropy.
+    for output in (rstitch(0.0), rstitch(5.0, entropy=None)):
+        assert torch.equal(output[0], exact[0]) and torch.equal(output[1], exact[1])
+    # Above every entropy: every draft stands, then the bonus token.
+    output, accepted = rstitch(2.5)
+    assert accepted.tolist() == num_draft_tokens
+    for row, n, bonus in zip(output.tolist(), num_draft_tokens, batch["bonus_token_ids"].view(-1).tolist()):
+        assert row[n] == bonus
+    # In between: a draft stands if it is kept or exact accepts it, up to the first
+    # that is neither (the exact decisions per token come from the same uniforms).
+    cu = [0, *torch.tensor(num_draft_tokens).cumsum(0).tolist()]
+    kept = (entropy < 1.0).tolist()
+    exact_accepts = exact[1].tolist()
+    previous = torch.zeros(len(num_draft_tokens), dtype=torch.int32, device=DEVICE)
+    for threshold in (0.3, 1.0, 1.7):
+        output, accepted = rstitch(threshold)
+        assert_well_formed(output, accepted, num_draft_tokens, 300)
+        assert (accepted >= exact[1]).all() and (accepted >= previous).all()  # monotone in the threshold
+        previous = accepted
+        if threshold == 1.0:
+            for b, n in enumerate(num_draft_tokens):
+                first_unkept = next((j for j in range(n) if not kept[cu[b] + j]), n)
+                # Exact accepts the first exact_accepts[b] tokens; R-Stitch accepts
+                # at least those and every kept prefix.
+                assert accepted[b] >= max(first_unkept, exact_accepts[b])
 
 
 def test_policy_params_from_config():

@@ -14,11 +14,15 @@ import torch
 from vllm_cmasd.config import CmasdConfig
 
 
+def entropy(logits: torch.Tensor) -> torch.Tensor:
+    """H(p) in nats. Tokens a drafter rules out (-inf logits) add nothing."""
+    log_probs = torch.log_softmax(logits.float(), dim=-1)
+    return -(log_probs.exp() * log_probs).nansum(dim=-1)
+
+
 def entropy_confidence(logits: torch.Tensor) -> torch.Tensor:
     """1 - H(p) / log V: 1 for a one-hot distribution, 0 for a uniform one."""
-    log_probs = torch.log_softmax(logits.float(), dim=-1)
-    entropy = -(log_probs.exp() * log_probs).nansum(dim=-1)
-    return (1.0 - entropy / math.log(logits.shape[-1])).clamp(0.0, 1.0)
+    return (1.0 - entropy(logits) / math.log(logits.shape[-1])).clamp(0.0, 1.0)
 
 
 def softmax_margin(logits: torch.Tensor) -> torch.Tensor:

@@ -18,11 +18,16 @@ from __future__ import annotations
 import torch
 
 from vllm.distributed import get_tp_group
+from vllm.logger import init_logger
 from vllm.v1.spec_decode.draft_model import DraftModelProposer
 
+from vllm_cmasd.budget import CostModel, StepBudget, profile_costs
 from vllm_cmasd.config import CmasdConfig
+from vllm_cmasd.confidence import entropy as drafter_entropy
 from vllm_cmasd.confidence import unified_confidence
 from vllm_cmasd.metrics import DraftStats
+
+logger = init_logger(__name__)
 
 
 class _DraftingFinished(Exception):
@@ -39,19 +44,31 @@ class DraftWindow:
     tokens or its stop signal (running product or running mean of the
     confidences of positions 0..j) is at least ``threshold``, and stops at
     k_max.
+
+    With a :class:`~vllm_cmasd.budget.StepBudget` (``draft_budget="auto"``)
+    verification is no longer taken as free: a drafted token is kept only if
+    the budget admits it, and a request drafts another token only if the
+    budget also finds the next drafter pass worth its cost. k_min still holds.
     """
 
-    def __init__(self, batch_size: int, config: CmasdConfig, device: torch.device):
+    def __init__(self, batch_size: int, config: CmasdConfig, device: torch.device, budget: StepBudget | None = None):
         self.config = config
+        self.budget = budget
         self.tokens: list[torch.Tensor] = []
         self.probs: list[torch.Tensor] = []
         self.confidences: list[torch.Tensor] = []
+        self.entropies: list[torch.Tensor] = []
         self.signal = torch.ones(batch_size, device=device)
+        self.survival = torch.ones(batch_size, device=device)
         self.lengths = torch.zeros(batch_size, dtype=torch.int64, device=device)
         self.drafting = torch.ones(batch_size, dtype=torch.bool, device=device)
 
     def add(
-        self, tokens: torch.Tensor, probs: torch.Tensor | None, confidence: torch.Tensor
+        self,
+        tokens: torch.Tensor,
+        probs: torch.Tensor | None,
+        confidence: torch.Tensor,
+        entropy: torch.Tensor | None = None,
     ) -> bool:
         """Record one drafted position; returns whether any request drafts on."""
         position = len(self.tokens)
@@ -59,15 +76,40 @@ class DraftWindow:
             self.signal = self.signal * confidence
         else:  # running mean
             self.signal = (self.signal * position + confidence) / (position + 1)
+        self.survival = self.survival * confidence
+        below_k_min = position + 1 < self.config.k_min
+        goes_on = below_k_min | (self.signal >= self.config.threshold)
+        if self.budget is not None:
+            self._apply_budget(position, confidence, goes_on)
         self.lengths += self.drafting
-        goes_on = (position + 1 < self.config.k_min) | (self.signal >= self.config.threshold)
         self.drafting &= goes_on & (position + 1 < self.config.k_max)
         self.tokens.append(tokens)
         self.confidences.append(confidence)
+        if entropy is not None:
+            self.entropies.append(entropy)
         if probs is not None:
             self.probs.append(probs)
         # One host sync per drafted position: the loop must know whether to go on.
         return bool(self.drafting.any())
+
+    def _apply_budget(self, position: int, confidence: torch.Tensor, goes_on: torch.Tensor) -> None:
+        """Narrow ``drafting`` (keep this token) and ``goes_on`` (draft another) to
+        what pays; the first k_min tokens are kept and drafted regardless."""
+        assert self.budget is not None
+        kept = self.budget.admit(
+            self.survival.tolist(), self.drafting.tolist(), force=position < self.config.k_min
+        )
+        candidates = [k and g for k, g in zip(kept, goes_on.tolist())]
+        more = [False] * len(kept)
+        if position + 1 < self.config.k_max and any(candidates):
+            # The next token survives if this draft does and it is accepted:
+            # its confidence is predicted to be this position's.
+            more = self.budget.another_pass(
+                (self.survival * confidence).tolist(), candidates, force=position + 1 < self.config.k_min
+            )
+        device = self.drafting.device
+        self.drafting &= torch.tensor(kept, device=device)
+        goes_on &= torch.tensor(more, device=device)
 
 
 class CmasdProposer(DraftModelProposer):
@@ -78,10 +120,21 @@ class CmasdProposer(DraftModelProposer):
         self.config = config
         self.runner = runner
         self.stats = DraftStats(config.k_max)
+        self.costs: CostModel | None = None
         self._window: DraftWindow | None = None
-        # Kept from the last propose() for verification of those drafts.
-        self._confidence_rows: torch.Tensor | None = None
-        self._confidence_req_ids: list[str] = []
+        # Kept from the last propose() for verification of those drafts:
+        # per request row, each drafted position's confidence (and entropy).
+        self._rows: dict[str, torch.Tensor] = {}
+        self._row_req_ids: list[str] = []
+
+    def load_model(self, target_model) -> None:
+        super().load_model(target_model)
+        if self.config.draft_budget == "auto":
+            scheduler = self.vllm_config.scheduler_config
+            # The most tokens one verification step can hold.
+            max_tokens = min(scheduler.max_num_seqs * (self.config.k_max + 1), scheduler.max_num_batched_tokens)
+            self.costs = profile_costs(self.runner, self, max_tokens)
+            logger.info("CM-ASD draft budget cost model (tokens, target s, draft s): %s", self.costs)
 
     def _maybe_share_lm_head(self, target_language_model) -> None:
         # vLLM's draft-model proposer shares nothing with the target; a
@@ -100,16 +153,21 @@ class CmasdProposer(DraftModelProposer):
         tokens, probs = self._sample_from_logits(logits, sampling_metadata)
         assert self._window is not None
         # Every tensor-parallel rank runs this loop, and CPU reductions may
-        # round differently per thread count: rank 0's confidences decide for
-        # all, so the ranks stop together (each draft pass holds collectives).
-        confidence = get_tp_group().broadcast(unified_confidence(logits, self.config).contiguous(), src=0)
-        if not self._window.add(tokens, probs, confidence):
+        # round differently per thread count: rank 0's signals decide for
+        # all, so the ranks stop (and verify) together.
+        tp_group = get_tp_group()
+        confidence = tp_group.broadcast(unified_confidence(logits, self.config).contiguous(), src=0)
+        entropy = None
+        if self.config.verification == "rstitch":
+            entropy = tp_group.broadcast(drafter_entropy(logits).contiguous(), src=0)
+        if not self._window.add(tokens, probs, confidence, entropy):
             raise _DraftingFinished
         return tokens, probs
 
     def propose(self, num_speculative_tokens, *args, **kwargs) -> list[list[int]]:
         batch_size = kwargs["common_attn_metadata"].batch_size()
-        window = self._window = DraftWindow(batch_size, self.config, self.device)
+        budget = StepBudget(self.costs, batch_size) if self.costs is not None else None
+        window = self._window = DraftWindow(batch_size, self.config, self.device, budget)
         try:
             super().propose(min(num_speculative_tokens, self.config.k_max), *args, **kwargs)
         except _DraftingFinished:
@@ -120,28 +178,35 @@ class CmasdProposer(DraftModelProposer):
         tokens = torch.stack(window.tokens, dim=1).tolist()
         lengths = window.lengths.tolist()
         self._last_draft_probs = torch.stack(window.probs, dim=1) if window.probs else None
-        self._confidence_rows = torch.stack(window.confidences, dim=1)
-        self._confidence_req_ids = list(self.runner.input_batch.req_ids)
+        self._rows = {"confidence": torch.stack(window.confidences, dim=1)}
+        if window.entropies:
+            self._rows["entropy"] = torch.stack(window.entropies, dim=1)
+        self._row_req_ids = list(self.runner.input_batch.req_ids)
         self.stats.record_drafts(lengths)
         return [row[:n] for row, n in zip(tokens, lengths)]
 
-    def confidence_for(self, req_ids: list[str], num_draft_tokens: list[int]) -> torch.Tensor | None:
-        """Confidence of each drafted token being verified, flattened in batch order.
+    def signal_for(self, name: str, req_ids: list[str], num_draft_tokens: list[int]) -> torch.Tensor | None:
+        """A per-token drafter signal ("confidence" or "entropy") of the drafts being
+        verified, flattened in batch order; None if the last drafts did not record it.
 
         The batch may have been reordered since the drafts were proposed, so
         rows are looked up by request id; the scheduler may also have cut a
-        draft short, so only the first ``n`` confidences of a row are used.
+        draft short, so only the first ``n`` values of a row are used. A
+        request without a row (vLLM's warm-up batch) gets the strictest value:
+        confidence 0, entropy +inf.
         """
-        if self._confidence_rows is None:
+        rows = self._rows.get(name)
+        if rows is None:
             return None
-        row_of = {req_id: i for i, req_id in enumerate(self._confidence_req_ids)}
+        missing = 0.0 if name == "confidence" else float("inf")
+        row_of = {req_id: i for i, req_id in enumerate(self._row_req_ids)}
         parts = []
         for i, n in enumerate(num_draft_tokens):
             if n == 0:
                 continue
             row = row_of.get(req_ids[i]) if i < len(req_ids) else None
-            if row is None:  # e.g. vLLM's warm-up batch: verify it strictly
-                parts.append(torch.zeros(n, device=self._confidence_rows.device))
+            if row is None:
+                parts.append(torch.full((n,), missing, device=rows.device))
             else:
-                parts.append(self._confidence_rows[row, :n])
+                parts.append(rows[row, :n])
         return torch.cat(parts) if parts else None

@@ -43,6 +43,7 @@ _POLICY_BY_NAME = {
     "exact": Policy.EXACT,
     "confidence": Policy.CONFIDENCE,
     "topk-tolerance": Policy.TOPK_TOLERANCE,
+    "rstitch": Policy.RSTITCH,
 }
 
 
@@ -55,6 +56,7 @@ class PolicyParams:
     confidence_floor: float = 0.0
     topk_beta: int = 1
     topk_tau: float = 0.0
+    rstitch_entropy: float = 0.0
 
     @classmethod
     def from_config(cls, config: CmasdConfig) -> PolicyParams:
@@ -64,6 +66,7 @@ class PolicyParams:
             confidence_floor=config.confidence_floor,
             topk_beta=config.topk_beta,
             topk_tau=config.topk_tau,
+            rstitch_entropy=config.rstitch_entropy,
         )
 
 
@@ -101,6 +104,7 @@ def cmasd_rejection_sample(
     confidence: torch.Tensor | None,  # [num_tokens] in [0, 1]; None = 0 (strict)
     policy_params: PolicyParams,
     use_fp64_gumbel: bool = False,
+    draft_entropy: torch.Tensor | None = None,  # [num_tokens] nats; rstitch only, None = +inf
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """vLLM's ``rejection_sample`` with a CM-ASD acceptance policy.
 
@@ -116,6 +120,7 @@ def cmasd_rejection_sample(
     assert draft_token_ids.shape == (num_tokens,) and draft_token_ids.is_contiguous()
     assert draft_probs is None or (draft_probs.shape == target_logits.shape and draft_probs.is_contiguous())
     assert confidence is None or (confidence.shape == (num_tokens,) and confidence.is_contiguous())
+    assert draft_entropy is None or (draft_entropy.shape == (num_tokens,) and draft_entropy.is_contiguous())
     assert cu_num_draft_tokens.shape == (len(num_draft_tokens),)
     assert bonus_token_ids.is_contiguous()
     device = target_logits.device
@@ -131,8 +136,10 @@ def cmasd_rejection_sample(
             num_draft_tokens, vocab_size, sampling_metadata.generators, device, use_fp64_gumbel
         )
 
-    if policy_params.policy == Policy.EXACT and sampling_metadata.all_greedy:
-        stats = argmax_draft_token_stats(target_logits)
+    # Greedy exact and R-Stitch walks read only the target's argmax (and
+    # whether a draft id is real).
+    if policy_params.policy in (Policy.EXACT, Policy.RSTITCH) and sampling_metadata.all_greedy:
+        stats = argmax_draft_token_stats(target_logits, draft_token_ids)
     else:
         target_probs = target_logits.softmax(dim=-1, dtype=torch.float32)
         stats = compute_draft_token_stats(
@@ -152,14 +159,17 @@ def cmasd_rejection_sample(
         policy_params.confidence_floor,
         policy_params.topk_beta,
         policy_params.topk_tau,
+        draft_entropy,
+        policy_params.rstitch_entropy,
     )
 
 
 class CmasdRejectionSampler(RejectionSampler):
     """vLLM's rejection sampler, verifying with :func:`cmasd_rejection_sample`.
 
-    ``confidence_source(metadata)`` returns the drafter's confidence per
-    drafted token, in ``metadata.draft_token_ids`` order (or None).
+    ``signal_source(name, metadata)`` returns a drafter signal per drafted
+    token ("confidence" in [0, 1], or "entropy" in nats for R-Stitch), in
+    ``metadata.draft_token_ids`` order, or None when there is none.
     ``last_num_accepted`` holds the latest step's accepted count per request.
     """
 
@@ -169,11 +179,11 @@ class CmasdRejectionSampler(RejectionSampler):
         spec_config,
         device: torch.device | None,
         cmasd_config: CmasdConfig,
-        confidence_source: Callable[[SpecDecodeMetadata], torch.Tensor | None],
+        signal_source: Callable[[str, SpecDecodeMetadata], torch.Tensor | None],
     ):
         super().__init__(sampler, spec_config, device)
         self.policy_params = PolicyParams.from_config(cmasd_config)
-        self.confidence_source = confidence_source
+        self.signal_source = signal_source
         self.last_num_accepted: torch.Tensor | None = None
 
     def forward(
@@ -211,9 +221,10 @@ class CmasdRejectionSampler(RejectionSampler):
             target_logits,
             bonus_output.sampled_token_ids,
             sampling_metadata,
-            self.confidence_source(metadata),
+            self.signal_source("confidence", metadata) if self.policy_params.policy == Policy.CONFIDENCE else None,
             self.policy_params,
             use_fp64_gumbel=self.use_fp64_gumbel,
+            draft_entropy=self.signal_source("entropy", metadata) if self.policy_params.policy == Policy.RSTITCH else None,
         )
 
         logprobs_tensors = None

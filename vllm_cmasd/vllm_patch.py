@@ -116,8 +116,8 @@ def _swap_in_cmasd(original_init):
             self.speculative_config,
             device,
             config,
-            confidence_source=lambda metadata: drafter.confidence_for(
-                self.input_batch.req_ids, metadata.num_draft_tokens
+            signal_source=lambda name, metadata: drafter.signal_for(
+                name, self.input_batch.req_ids, metadata.num_draft_tokens
             ),
         )
         _register_cpu_kernels_if_needed(register_cpu_kernels)

@@ -43,12 +43,14 @@ class Policy(enum.IntEnum):
     EXACT = 0
     CONFIDENCE = 1
     TOPK_TOLERANCE = 2
+    RSTITCH = 3
 
 
 # Kernels may only read globals that are tl.constexpr; these mirror Policy.
 EXACT = tl.constexpr(int(Policy.EXACT))
 CONFIDENCE = tl.constexpr(int(Policy.CONFIDENCE))
 TOPK_TOLERANCE = tl.constexpr(int(Policy.TOPK_TOLERANCE))
+RSTITCH = tl.constexpr(int(Policy.RSTITCH))
 
 # Vocabulary entries per block of the stats kernel: 1024 lanes over 4 warps
 # keep p, q, noise and the two running reductions in registers (no spills on
@@ -260,23 +262,26 @@ def compute_draft_token_stats(
     return stats
 
 
-def argmax_draft_token_stats(target_logits: torch.Tensor) -> DraftTokenStats:
-    """The stats an all-greedy ``EXACT`` batch needs, from the logits alone.
+def argmax_draft_token_stats(target_logits: torch.Tensor, draft_token_ids: torch.Tensor) -> DraftTokenStats:
+    """The stats an all-greedy ``EXACT`` or ``RSTITCH`` batch needs, from the logits alone.
 
     Greedy exact verification only compares each draft with the target's
     argmax, so it skips the softmax and the stats kernel: one argmax pass, on
     the logits like vLLM's greedy sampler (softmax can round two close logits
     to one probability and move a tie). A row whose top logit is NaN, +inf or
     -inf (no finite maximum) is broken as in the kernel: its argmax is token 0.
-    The probability fields are unused by this walk and left at 0.
+    q(d) is the one-hot draft's: 1 for an id in [0, vocab), else 0 (RSTITCH
+    keeps only real ids). The other probability fields are unused by these
+    walks and left at 0.
     """
     argmax_id = target_logits.argmax(dim=-1, keepdim=True)
     top = target_logits.gather(1, argmax_id).squeeze(1)
     argmax_id = torch.where(top.isfinite(), argmax_id.squeeze(1), 0).int()
     unused = torch.zeros(argmax_id.shape, dtype=torch.float32, device=argmax_id.device)
+    is_real = (draft_token_ids >= 0) & (draft_token_ids < target_logits.shape[-1])
     return DraftTokenStats(
         target_prob_of_draft=unused,
-        draft_prob_of_draft=unused,
+        draft_prob_of_draft=is_real.float(),
         target_max_prob=unused,
         target_argmax=argmax_id,
         num_more_likely=None,
@@ -304,6 +309,7 @@ def acceptance_walk_kernel(
     recovered_token_ids,  # [num_tokens], or None: all greedy
     uniform_probs,  # [num_tokens] float64, or None: all greedy
     confidence,  # [num_tokens] drafter confidence in [0, 1], or None: 0
+    draft_entropy,  # [num_tokens] drafter entropy (nats), or None unless POLICY is RSTITCH
     is_greedy,  # [batch_size] bool, or None: all greedy
     bonus_token_ids,  # [batch_size]
     max_spec_len,
@@ -312,6 +318,7 @@ def acceptance_walk_kernel(
     confidence_span,  # 1 - confidence_floor
     topk_beta,
     topk_tau,
+    rstitch_entropy,
     POLICY: tl.constexpr,
 ):
     request = tl.program_id(0)
@@ -363,6 +370,13 @@ def acceptance_walk_kernel(
                         # u <= min(1, p e^delta / q), written as vLLM writes it so
                         # that EXACT (and delta = 0) round exactly like vLLM.
                         accepted = (q_draft > 0) & (target / q_draft >= tl.load(uniform_probs + token))
+                if POLICY == RSTITCH:
+                    # R-Stitch: the drafter's low-entropy tokens stand without
+                    # the target's check (q(d) > 0: a real id, not padding;
+                    # a NaN entropy fails the comparison and is checked).
+                    entropy = tl.load(draft_entropy + token).to(tl.float32)
+                    kept = (tl.load(draft_prob_of_draft + token) > 0) & (entropy < rstitch_entropy)
+                    accepted = accepted | kept
 
             if accepted:
                 out_token = draft_id
@@ -393,6 +407,7 @@ def acceptance_walk_torch(
     recovered_token_ids,
     uniform_probs,
     confidence,
+    draft_entropy,
     is_greedy,
     bonus_token_ids,
     max_spec_len,  # noqa: ARG001 -- the row width, output_token_ids.shape[1] here
@@ -401,6 +416,7 @@ def acceptance_walk_torch(
     confidence_span,
     topk_beta,
     topk_tau,
+    rstitch_entropy,
     POLICY,
 ):
     """``acceptance_walk_kernel`` for all requests at once: decide every drafted
@@ -435,6 +451,8 @@ def acceptance_walk_torch(
             q_draft = draft_prob_of_draft
             random_accepted = (q_draft > 0) & (target / q_draft >= uniform_probs)
             accepted = torch.where(greedy, accepted, random_accepted)
+        if POLICY == Policy.RSTITCH:
+            accepted |= (draft_prob_of_draft > 0) & (draft_entropy.float() < f32(rstitch_entropy))
     replacement = target_argmax if greedy is None else torch.where(greedy, target_argmax, recovered_token_ids)
 
     # Row-major order of `in_draft` is the flat token order, so boolean-mask
@@ -473,6 +491,8 @@ def walk_acceptance(
     confidence_floor: float,
     topk_beta: int,
     topk_tau: float,
+    draft_entropy: torch.Tensor | None = None,  # [num_tokens] nats; RSTITCH only
+    rstitch_entropy: float = 0.0,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Launch ``acceptance_walk_kernel`` (or its torch twin), one program per request.
 
@@ -481,6 +501,11 @@ def walk_acceptance(
     """
     batch_size = cu_num_draft_tokens.shape[0]
     device = draft_token_ids.device
+    if policy == Policy.RSTITCH and draft_entropy is None:
+        # No entropy known: nothing is kept unchecked (RSTITCH == EXACT).
+        draft_entropy = torch.full(draft_token_ids.shape, float("inf"), device=device)
+    elif policy != Policy.RSTITCH:
+        draft_entropy = None
     output_token_ids = torch.full(
         (batch_size, max_spec_len + 1), PLACEHOLDER_TOKEN_ID, dtype=torch.int32, device=device
     )
@@ -493,6 +518,7 @@ def walk_acceptance(
         **stats._asdict(),
         uniform_probs=uniform_probs,
         confidence=confidence,
+        draft_entropy=draft_entropy,
         is_greedy=is_greedy,
         bonus_token_ids=bonus_token_ids,
         max_spec_len=max_spec_len,
@@ -504,6 +530,7 @@ def walk_acceptance(
         confidence_span=1.0 - confidence_floor,
         topk_beta=int(topk_beta),
         topk_tau=float(topk_tau),
+        rstitch_entropy=float(rstitch_entropy),
         POLICY=int(policy),
     )
     return output_token_ids, num_accepted

@@ -1,0 +1,79 @@
+"""The batch-aware draft budget's decisions, on hand-made cost models."""
+
+import pytest
+import torch
+
+from vllm_cmasd.budget import CostModel, StepBudget
+from vllm_cmasd.config import CmasdConfig
+from vllm_cmasd.proposer import DraftWindow
+
+TOKENS = (1, 2, 4, 8, 16, 32, 64, 128)
+
+
+def costs(target, draft):
+    return CostModel(TOKENS, tuple(float(target(n)) for n in TOKENS), tuple(float(draft(n)) for n in TOKENS))
+
+
+def test_cost_model_interpolates_and_extends():
+    model = costs(lambda n: 1.0 + 0.5 * n, lambda n: 0.1 * n)
+    assert model.target(3) == pytest.approx(2.5)
+    assert model.target(24) == pytest.approx(13.0)
+    assert model.target(256) == pytest.approx(129.0)  # linear past the last point
+    assert model.draft(1) == pytest.approx(0.1)
+
+
+def test_free_verification_admits_every_likely_token():
+    """Memory-bound target (flat cost): any survival > 0 is worth verifying."""
+    budget = StepBudget(costs(lambda n: 1.0, lambda n: 0.1), batch_size=4)
+    assert budget.admit([0.9, 0.05, 0.5, 0.0], [True, True, True, True]) == [True, True, True, False]
+
+
+def test_compute_bound_verification_admits_only_what_pays():
+    """target(n) = n: a token costs as much as a request's whole step, so only
+    survival above tokens/seconds of the step pays."""
+    budget = StepBudget(costs(lambda n: float(n), lambda n: 0.0), batch_size=4)
+    # rate = 4 tokens / 4 s = 1 token/s; a token costs 1 s: needs survival > 1.
+    assert budget.admit([0.99, 0.9, 0.5, 0.3], [True] * 4) == [False] * 4
+    # A drafter that costs something makes the step slower, so likely tokens pay.
+    budget = StepBudget(costs(lambda n: float(n), lambda n: 4.0), batch_size=4)  # 4 tokens / 8 s
+    assert budget.admit([0.99, 0.9, 0.3, 0.6], [True] * 4) == [True, True, False, True]
+
+
+def test_another_pass_only_when_it_raises_the_rate():
+    cheap_pass = StepBudget(costs(lambda n: 1.0 + 0.01 * n, lambda n: 0.05), batch_size=2)
+    assert cheap_pass.another_pass([0.8, 0.1], [True, True]) == [True, True]
+    dear_pass = StepBudget(costs(lambda n: 1.0 + 0.01 * n, lambda n: 5.0), batch_size=2)
+    assert dear_pass.another_pass([0.8, 0.1], [True, True]) == [False, False]
+    before = dear_pass.seconds
+    assert dear_pass.another_pass([0.8, 0.1], [True, True], force=True) == [True, True]
+    assert dear_pass.seconds == pytest.approx(before + 5.0)
+
+
+def test_window_with_budget_keeps_k_min_and_stops_what_does_not_pay():
+    config = CmasdConfig(k_max=6, k_min=2, threshold=0.0, draft_budget="auto")
+    # Compute-bound target, dear drafter passes: after k_min nothing pays.
+    budget = StepBudget(costs(lambda n: float(n), lambda n: 3.0), batch_size=3)
+    window = DraftWindow(3, config, torch.device("cpu"), budget)
+    tokens = torch.tensor([1, 2, 3])
+    confidence = torch.tensor([0.95, 0.6, 0.2])
+    assert window.add(tokens, None, confidence)  # position 0 < k_min: kept, all draft on
+    assert window.lengths.tolist() == [1, 1, 1]
+    assert not window.add(tokens, None, confidence)  # position 1 < k_min: kept; no pass pays
+    assert window.lengths.tolist() == [2, 2, 2]
+
+    # Without a budget the same window (threshold 0) drafts to k_max.
+    window = DraftWindow(3, config, torch.device("cpu"))
+    while window.add(tokens, None, confidence):
+        pass
+    assert window.lengths.tolist() == [6, 6, 6]
+
+
+def test_window_with_free_verification_drafts_the_likely_requests_longer():
+    config = CmasdConfig(k_max=8, k_min=1, threshold=0.0, draft_budget="auto")
+    budget = StepBudget(costs(lambda n: 1.0 + 0.02 * n, lambda n: 0.08), batch_size=2)
+    window = DraftWindow(2, config, torch.device("cpu"), budget)
+    confidence = torch.tensor([0.95, 0.3])
+    while window.add(torch.tensor([5, 6]), None, confidence):
+        pass
+    confident, unsure = window.lengths.tolist()
+    assert 1 <= unsure < confident <= 8

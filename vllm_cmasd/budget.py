@@ -1,0 +1,158 @@
+"""Batch-aware draft budget (``cmasd.draft_budget = "auto"``).
+
+At batch 1 verifying one more drafted token costs the memory-bound target
+almost nothing; at larger batches it does not, and neither does a drafter
+pass. The budget decides, position by position, which drafted tokens are
+worth verifying and whether another drafter pass is worth running, from
+
+* a **cost model** profiled once at startup (:func:`profile_costs`): seconds
+  of one target forward (with its LM head) and of one drafter pass, against
+  the number of tokens it processes, interpolated between measured points;
+* each request's **predicted survival**: the running product of its drafted
+  tokens' confidences, the estimate that the whole draft so far is accepted.
+
+A step is worth ``B + sum(survival of verified drafts)`` tokens (each of the
+B requests emits at least one) and costs ``target(B + drafts) + drafter
+passes``. Tokens are admitted most-likely-first while each one's expected
+gain per second (survival / the target's marginal cost of one more token)
+beats the step's average; another drafter pass runs only when what it is
+predicted to add (the next token's survival taken as survival x this
+position's confidence) raises the step's rate. Equations: docs/confidence.md.
+"""
+
+from __future__ import annotations
+
+import bisect
+import time
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass(frozen=True)
+class CostModel:
+    """Seconds per forward pass against tokens processed (piecewise linear)."""
+
+    tokens: tuple[int, ...]
+    """Profiled token counts, ascending."""
+    target_s: tuple[float, ...]
+    """One target forward over that many tokens, logits included."""
+    draft_s: tuple[float, ...]
+    """One drafter pass over that many tokens, logits included."""
+
+    def target(self, num_tokens: int) -> float:
+        return _interpolate(self.tokens, self.target_s, num_tokens)
+
+    def draft(self, num_tokens: int) -> float:
+        return _interpolate(self.tokens, self.draft_s, num_tokens)
+
+
+def _interpolate(xs: tuple[int, ...], ys: tuple[float, ...], x: float) -> float:
+    """Linear between points, extended linearly past the last two."""
+    if len(xs) == 1:
+        return ys[0] * max(x, 1) / xs[0]
+    i = min(max(bisect.bisect_left(xs, x), 1), len(xs) - 1)
+    x0, x1, y0, y1 = xs[i - 1], xs[i], ys[i - 1], ys[i]
+    return max(y0 + (y1 - y0) * (x - x0) / (x1 - x0), 0.0)
+
+
+class StepBudget:
+    """One step's draft plan: admits drafted tokens while they pay for themselves."""
+
+    def __init__(self, costs: CostModel, batch_size: int):
+        self.costs = costs
+        self.batch_size = batch_size
+        self.expected_tokens = float(batch_size)
+        self.verify_tokens = batch_size
+        # The first drafter pass is already paid when the budget is asked.
+        self.seconds = costs.target(batch_size) + costs.draft(batch_size)
+
+    def _admit(self, survival: list[float], candidates: list[bool], seconds: float, force: bool):
+        """Most likely first, while survival / marginal verify cost beats the
+        average rate (every candidate when ``force``).
+
+        Returns (admitted, expected tokens, seconds, verified tokens) after admitting.
+        """
+        tokens, verify = self.expected_tokens, self.verify_tokens
+        admitted = [False] * len(survival)
+        for i in sorted((i for i, c in enumerate(candidates) if c), key=lambda i: -survival[i]):
+            extra = self.costs.target(verify + 1) - self.costs.target(verify)
+            # s / extra > tokens / seconds, without dividing by a zero cost.
+            if not force and survival[i] * seconds <= tokens * extra:
+                break
+            admitted[i] = True
+            tokens, seconds, verify = tokens + survival[i], seconds + extra, verify + 1
+        return admitted, tokens, seconds, verify
+
+    def admit(self, survival: list[float], candidates: list[bool], force: bool = False) -> list[bool]:
+        """Which of this position's drafted tokens to verify (and so keep)."""
+        admitted, self.expected_tokens, self.seconds, self.verify_tokens = self._admit(
+            survival, candidates, self.seconds, force
+        )
+        return admitted
+
+    def another_pass(self, predicted_survival: list[float], candidates: list[bool], force: bool = False) -> list[bool]:
+        """Which requests should draft one more token; all False if the pass does
+        not pay (all candidates, and the pass paid, when ``force``).
+
+        vLLM's drafting loop runs every row of the batch, so a pass costs
+        ``draft(batch_size)`` however few requests still draft.
+        """
+        with_pass = self.seconds + self.costs.draft(self.batch_size)
+        if force:
+            self.seconds = with_pass
+            return list(candidates)
+        admitted, tokens, seconds, _ = self._admit(predicted_survival, candidates, with_pass, False)
+        if tokens * self.seconds <= self.expected_tokens * seconds:  # the rate would not rise
+            return [False] * len(candidates)
+        self.seconds = with_pass
+        return admitted
+
+
+def _profile_points(max_tokens: int) -> list[int]:
+    points, n = [], 1
+    while n < max_tokens:
+        points.append(n)
+        n *= 2
+    return points + [max_tokens]
+
+
+@torch.inference_mode()
+def profile_costs(runner, drafter, max_tokens: int, repeats: int = 3) -> CostModel:
+    """Time the target and the drafter on dummy batches of 1..max_tokens tokens.
+
+    Runs like vLLM's own dummy runs (no attention metadata, so attention is
+    skipped): what grows with the number of tokens at short contexts is the
+    linear layers and the LM head, which this measures. The median of
+    ``repeats`` runs after one warm-up run. Called on every tensor-parallel
+    rank (the forwards hold collectives); rank 0's figures are broadcast so
+    every rank makes the same draft decisions.
+    """
+    from vllm.distributed import get_tp_group
+    from vllm.forward_context import set_forward_context
+
+    def seconds(model, n: int) -> float:
+        ids = torch.zeros(n, dtype=torch.long, device=drafter.device)
+        positions = torch.arange(n, dtype=torch.long, device=drafter.device)
+        times = []
+        for attempt in range(repeats + 1):
+            runner._sync_device()
+            start = time.perf_counter()
+            with set_forward_context(None, drafter.vllm_config, num_tokens=n, slot_mapping={}):
+                hidden = model(input_ids=ids, positions=positions)
+            if isinstance(hidden, tuple):
+                hidden = hidden[0]
+            model.compute_logits(hidden)
+            runner._sync_device()
+            if attempt:  # the first run warms up
+                times.append(time.perf_counter() - start)
+        return sorted(times)[len(times) // 2]
+
+    points = _profile_points(max_tokens)
+    measured = torch.tensor(
+        [[seconds(runner.model, n) for n in points], [seconds(drafter.model, n) for n in points]],
+        dtype=torch.float64,
+        device=drafter.device,
+    )
+    measured = get_tp_group().broadcast(measured, src=0).cpu()
+    return CostModel(tuple(points), tuple(measured[0].tolist()), tuple(measured[1].tolist()))
