@@ -19,10 +19,20 @@ def tiny_pair(tmp_path_factory):
     return make_tiny_pair(tmp_path_factory.mktemp("tiny-models"))
 
 
+@pytest.fixture(scope="session")
+def tiny_self_draft(tiny_pair, tmp_path_factory):
+    """The tiny target's own first 2 of 4 layers and LM head (SpecBound self-draft)."""
+    from vllm_cmasd.self_draft import build_self_draft
+
+    target, _ = tiny_pair
+    return build_self_draft(target, tmp_path_factory.mktemp("tiny-self-draft") / "self-draft", 2, 1.0)
+
+
 @dataclass
 class EngineRun:
     outputs: list  # vLLM RequestOutput per prompt
     drafter: object | None = None
+    model: object | None = None  # the target model (vLLM drops its reference at shutdown)
     sampler: object | None = None
     counters: dict = field(default_factory=dict)  # vLLM's spec-decode counters
     num_preemptions: int = 0
@@ -45,6 +55,7 @@ def run_engine(prompts, params, **engine_kwargs) -> EngineRun:
         return EngineRun(
             outputs=outputs,
             drafter=getattr(runner, "drafter", None),
+            model=runner.get_model(),
             sampler=getattr(runner, "rejection_sampler", None),
             counters=spec_decode_counters(llm),
             num_preemptions=sum(

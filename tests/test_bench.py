@@ -6,9 +6,11 @@ import json
 
 import pytest
 
+from vllm_cmasd.bench.report import CMASD_METHODS
+
 pytestmark = pytest.mark.engine
 
-METHODS = {"ar", "draft_model", "ngram", "cmasd_exact", "cmasd_confidence"}
+METHODS = {"ar", "draft_model", "ngram", "cmasd_exact", "cmasd_confidence", "rstitch", "specbound", "cmasd_budget"}
 RECORD_FIELDS = {
     "method", "setting", "task", "k", "batch_size", "tokens_per_s", "speedup_vs_ar",
     "mean_acceptance_length", "draft_length_histogram", "rollback_rate", "rel_bleu_vs_ar",
@@ -35,12 +37,14 @@ def test_committed_prompts_are_fixed_and_sourced():
 
 
 @pytest.fixture(scope="module")
-def micro_bench(tiny_pair, tmp_path_factory):
+def micro_bench(tiny_pair, tiny_self_draft, tmp_path_factory):
     from vllm_cmasd.bench import resolve_preset, run_bench
 
     target, draft = tiny_pair
     out = tmp_path_factory.mktemp("bench")
-    bench = run_bench(resolve_preset("micro"), out, target=target, draft=draft, progress=False)
+    bench = run_bench(
+        resolve_preset("micro"), out, target=target, draft=draft, self_draft=tiny_self_draft, progress=False
+    )
     return bench, out
 
 
@@ -84,14 +88,20 @@ def test_micro_bench_records(micro_bench):
             assert 0.0 <= r["rollback_rate"] <= 1.0
             assert sum(r["accepted_length_histogram"].values()) == r["num_drafts"]
         assert r["oracle_speedup"] > 0 and r["oracle_fraction"] > 0
-        if r["method"] in ("draft_model", "cmasd_exact"):
+        if r["method"] in ("draft_model", "cmasd_exact", "specbound", "cmasd_budget"):
             # Lossless under greedy decoding: token for token AR's output.
             assert r["identical_to_ar"] is True, r["setting"]
             assert r["rel_bleu_vs_ar"] == pytest.approx(100.0)
         if r["method"] == "draft_model":
             assert set(map(int, r["draft_length_histogram"])) == {r["k"]}
-        if r["method"].startswith("cmasd"):
-            assert r["k_max"] == r["k"] and r["cmasd"]["verification"] in ("exact", "confidence")
+        if r["method"] in CMASD_METHODS:
+            assert r["k_max"] == r["k"] and r["cmasd"]["verification"] in ("exact", "confidence", "rstitch")
+        # Memory: the trained draft has weights of its own, the self-draft none.
+        assert r["target_weight_bytes"] > 0
+        if r["method"] == "specbound":
+            assert r["draft_weight_bytes"] == 0
+        elif r["method"] in ("draft_model", "cmasd_exact"):
+            assert r["draft_weight_bytes"] > 0
     # The best fixed k is marked once per (task, batch size).
     best = [r for r in records if r.get("best_fixed_k")]
     assert len(best) == len({(r["task"], r["batch_size"]) for r in records})

@@ -309,7 +309,13 @@ def draft_lengths(records) -> list[list[int]]:
 # --------------------------------------------------------------------------- test
 
 
-def test_cmasd_over_ray_tp2(ray_cluster, tiny_pair):
+@pytest.fixture(scope="module")
+def plain_tp2(ray_cluster, tiny_pair):
+    target, _ = tiny_pair
+    return generate([(PROMPTS, greedy())], **engine(target))
+
+
+def test_cmasd_over_ray_tp2(ray_cluster, tiny_pair, plain_tp2):
     """Greedy exact: TP=2 CM-ASD == TP=2 plain decoding, == TP=1 CM-ASD where fp32
     allows; greedy and sampled: both ranks draft, decide and verify identically."""
     target, draft = tiny_pair
@@ -318,7 +324,6 @@ def test_cmasd_over_ray_tp2(ray_cluster, tiny_pair):
     # in the drafting loop too); greedy requests still draft the argmax.
     probabilistic = {"draft_sample_method": "probabilistic"}
 
-    plain_tp2 = generate([(PROMPTS, greedy())], **engine(target))
     kwargs = engine(target, **cmasd)
     kwargs["speculative_config"].update(probabilistic)
     ours_tp2 = generate([(PROMPTS, greedy()), (PROMPTS, sampled())], record=True, **kwargs)
@@ -362,3 +367,27 @@ def test_cmasd_over_ray_tp2(ray_cluster, tiny_pair):
         print(f"prompt {i}: TP=2 and TP=1 part at token {pos}; TP=1 top-2 logprob gap there {gap:.2e}")
         assert gap < 1e-3, (i, pos, gap)
     print(f"TP=2 == TP=1 on {same}/{len(PROMPTS)} prompts")
+
+
+def test_options_over_ray_tp2(ray_cluster, tiny_pair, tiny_self_draft, plain_tp2):
+    """R-Stitch, the draft budget and the self-draft at TP=2: ranks identical;
+    the budget and the self-draft (weights shared per rank) stay lossless."""
+    target, draft = tiny_pair
+    options = {
+        "rstitch": (draft, {"verification": "rstitch", "rstitch_entropy": 2.0, "threshold": 0.3}),
+        "budget": (draft, {"verification": "exact", "threshold": 0.3, "draft_budget": "auto"}),
+        "specbound": (tiny_self_draft, {"verification": "exact", "threshold": 0.3}),
+    }
+    for name, (drafter, cmasd) in options.items():
+        run = generate(
+            [(PROMPTS, greedy())], record=True,
+            **engine(target, draft=drafter, num_speculative_tokens=K_MAX, cmasd=cmasd),
+        )
+        first = assert_ranks_agree(run, run.records[0])
+        accepted = sum(sum(r["num_accepted"]) for r in first if r["step"] == "verify")
+        print(f"{name}: TP=2 engine {run.seconds:.0f}s, ranks identical, {accepted} drafted tokens accepted")
+        assert accepted > 0, name
+        if name == "rstitch":
+            assert run.token_ids[0] != plain_tp2.token_ids[0]  # kept drafts the target would not have picked
+        else:
+            assert run.token_ids[0] == plain_tp2.token_ids[0], name

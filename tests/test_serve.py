@@ -5,6 +5,8 @@ Servers (module-scoped, reused by every test, always stopped):
 * ``plain``: the target alone (plain decoding), the reference for every output;
 * ``cmasd``: the same target with CM-ASD (exact verification, k_max 6);
 * ``preempt``: CM-ASD with an 8-block KV cache, so requests get preempted;
+* ``rstitch``, ``budget``, ``specbound``: the issue-9 options through the same
+  two flags (R-Stitch routing, the draft budget, the self-draft);
 * servers with an invalid CM-ASD config, which must exit at startup.
 
 Greedy CM-ASD outputs must equal plain decoding's (exact verification is
@@ -88,6 +90,29 @@ def preempt_server(tiny_pair, tmp_path_factory):
         yield server
     finally:
         server.stop()
+
+
+# R-Stitch with a threshold above log(vocab) (1024 tokens): every draft is kept.
+RSTITCH_ALL = {"verification": "rstitch", "rstitch_entropy": 8.0, "threshold": 0.3}
+
+
+@pytest.fixture(scope="module")
+def option_servers(tiny_pair, tiny_self_draft, tmp_path_factory):
+    target, draft = tiny_pair
+    logs = tmp_path_factory.mktemp("serve-logs")
+    started = {
+        "rstitch": VllmServer(target, tiny_flags(target, draft, RSTITCH_ALL), name="rstitch", log_dir=logs),
+        "budget": VllmServer(
+            target, tiny_flags(target, draft, {**CMASD, "draft_budget": "auto"}), name="budget", log_dir=logs
+        ),
+        "specbound": VllmServer(target, tiny_flags(target, tiny_self_draft, CMASD), name="specbound", log_dir=logs),
+    }
+    start_all(list(started.values()))
+    try:
+        yield started
+    finally:
+        for server in started.values():
+            server.stop()
 
 
 def client(server):
@@ -303,6 +328,25 @@ def test_metrics_report_cmasd_series(servers):
     assert not [k for k in plain.metrics() if k.startswith("vllm:cmasd_")]
 
 
+def test_options_through_vllm_serve(servers, option_servers):
+    """Budget and self-draft stay lossless; R-Stitch keeps drafts the target did
+    not check, which /metrics shows as every drafted token accepted."""
+    plain, _ = servers
+    reference = greedy_texts(plain, PROMPTS, 32)
+    for name in ("budget", "specbound"):
+        assert greedy_texts(option_servers[name], PROMPTS, 32) == reference, name
+        m = option_servers[name].metrics()
+        assert metric_total(m, "vllm:spec_decode_num_accepted_tokens_total") > 0, name
+    rstitch = option_servers["rstitch"]
+    assert greedy_texts(rstitch, PROMPTS, 32) != reference
+    m = rstitch.metrics()
+    drafted = metric_total(m, "vllm:spec_decode_num_draft_tokens_total")
+    assert drafted > 0 and metric_total(m, "vllm:spec_decode_num_accepted_tokens_total") == drafted
+    assert any('verification="rstitch"' in k for k in m if k.startswith("vllm:cmasd_policy_info{"))
+    for server in option_servers.values():
+        assert_idle(server)
+
+
 # --------------------------------------------------------------------------- load
 
 
@@ -484,7 +528,12 @@ def test_invalid_request_parameters_get_400(servers, endpoint, params):
 
 @pytest.mark.parametrize(
     "cmasd, field",
-    [({"k_min": 99}, "cmasd.k_min"), ({"verification": "loose"}, "cmasd.verification")],
+    [
+        ({"k_min": 99}, "cmasd.k_min"),
+        ({"verification": "loose"}, "cmasd.verification"),
+        ({"verification": "rstitch", "rstitch_entropy": -1}, "cmasd.rstitch_entropy"),
+        ({"draft_budget": "yes"}, "cmasd.draft_budget"),
+    ],
 )
 def test_invalid_cmasd_config_exits_at_startup(tiny_pair, tmp_path, cmasd, field):
     target, draft = tiny_pair

@@ -57,6 +57,7 @@ def run_bench(
     *,
     target: str | Path,
     draft: str | Path,
+    self_draft: str | Path,
     prompts_path: str | Path | None = None,
     progress: bool = True,
     command: str | None = None,
@@ -66,7 +67,9 @@ def run_bench(
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    raw = runner.run(preset, target=target, draft=draft, prompts_path=prompts_path, progress=progress)
+    raw = runner.run(
+        preset, target=target, draft=draft, self_draft=self_draft, prompts_path=prompts_path, progress=progress
+    )
     runner.save_raw(raw, out / "raw.json")
     report.write_outputs(raw, out / "outputs.jsonl")
     bench = report.build(raw)
@@ -76,18 +79,23 @@ def run_bench(
 
 
 def add_arguments(parser) -> None:
-    from vllm_cmasd.engines import DEFAULT_DRAFT, DEFAULT_TARGET
+    from vllm_cmasd.bench.runner import METHODS, PRESETS
+    from vllm_cmasd.engines import DEFAULT_DRAFT, DEFAULT_SELF_DRAFT, DEFAULT_TARGET
 
-    parser.add_argument("--preset", default="quick", help="quick (<= 20 min on 2 CPU cores), full, or micro (tests)")
+    parser.add_argument(
+        "--preset", default="quick",
+        help=f"one of {sorted(PRESETS)}: quick (~25 min on 2 CPU cores), batch16 (~10 min), full, micro (tests)",
+    )
     parser.add_argument("--out", required=True, help="output directory (bench.json, bench.md, *.png)")
     parser.add_argument("--target", default=str(DEFAULT_TARGET))
     parser.add_argument("--draft", default=str(DEFAULT_DRAFT), help="draft model for draft_model and CM-ASD")
+    parser.add_argument("--self-draft", default=str(DEFAULT_SELF_DRAFT), help="self-draft for specbound")
     parser.add_argument("--prompts", default=None, help="prompt set JSON (default: the committed prompts.json)")
     parser.add_argument("--max-tokens", type=int, default=None, help="override the preset's max new tokens")
     parser.add_argument("--prompts-per-task", type=int, default=None)
     parser.add_argument("--batch-sizes", default=None, help="comma list, e.g. 1,4,16")
     parser.add_argument("--rounds", type=int, default=None, help="interleaved rounds")
-    parser.add_argument("--methods", default=None, help="keep only these methods (comma list of ar,draft_model,ngram,cmasd_exact,cmasd_confidence)")
+    parser.add_argument("--methods", default=None, help=f"keep only these methods (comma list of {','.join(METHODS)})")
     parser.add_argument("--no-progress", action="store_true")
 
 
@@ -106,6 +114,7 @@ def main_from_args(args) -> int:
         args.out,
         target=args.target,
         draft=args.draft,
+        self_draft=args.self_draft,
         prompts_path=args.prompts,
         progress=not args.no_progress,
         command=command,

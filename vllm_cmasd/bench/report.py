@@ -32,8 +32,10 @@ from collections import defaultdict
 from pathlib import Path
 from typing import Any
 
-LOSSLESS = {"ar", "draft_model", "ngram", "cmasd_exact"}
-SPECULATIVE = {"draft_model", "ngram", "cmasd_exact", "cmasd_confidence"}
+LOSSLESS = {"ar", "draft_model", "ngram", "cmasd_exact", "specbound", "cmasd_budget"}
+SPECULATIVE = {"draft_model", "ngram", "cmasd_exact", "cmasd_confidence", "rstitch", "specbound", "cmasd_budget"}
+# Methods run by CM-ASD's proposer (k is k_max; its draft-length histogram).
+CMASD_METHODS = {"cmasd_exact", "cmasd_confidence", "rstitch", "specbound", "cmasd_budget"}
 
 
 # ---------------------------------------------------------------------------
@@ -147,8 +149,10 @@ def build(raw: dict[str, Any]) -> dict[str, Any]:
     tasks = list(raw["preset"]["tasks"])
     batch_sizes = list(raw["preset"]["batch_sizes"])
     machine = raw["machine"]
+    # Weights as loaded in each engine (the same every round).
+    memory = {e["label"]: e for e in raw["engine_starts"]}
 
-    cmasd_kmax = [m["k"] for m in raw["methods"] if m["method"].startswith("cmasd")]
+    cmasd_kmax = [m["k"] for m in raw["methods"] if m["method"] in CMASD_METHODS]
     fixed = sorted(m["k"] for m in raw["methods"] if m["method"] == "draft_model")
     k_ref = max(cmasd_kmax) if cmasd_kmax else (max(fixed) if fixed else None)
     ref_label = next(
@@ -197,7 +201,7 @@ def build(raw: dict[str, Any]) -> dict[str, Any]:
             "task": task,
             "batch_size": bs,
             "k": m["k"],
-            "k_max": m["k"] if method.startswith("cmasd") else None,
+            "k_max": m["k"] if method in CMASD_METHODS else None,
             "cmasd": m["cmasd"],
             "num_prompts": len(g.outputs),
             "num_batches": len(g.calls),
@@ -217,8 +221,10 @@ def build(raw: dict[str, Any]) -> dict[str, Any]:
             "rollback_rate": (g.drafted - g.accepted) / g.drafted if g.drafted else None,
             "draft_time_s": g.propose_s,
             "lossless": method in LOSSLESS,
+            "target_weight_bytes": memory.get(label, {}).get("target_weight_bytes"),
+            "draft_weight_bytes": memory.get(label, {}).get("draft_weight_bytes"),
         }
-        if method.startswith("cmasd"):
+        if method in CMASD_METHODS:
             rec["draft_length_histogram"] = _sum_hist(
                 [_list_hist(c.get("cmasd_length_histogram", [])) for c in g.calls]
             )
@@ -290,6 +296,7 @@ def build(raw: dict[str, Any]) -> dict[str, Any]:
         "preset_settings": raw["preset"],
         "target": raw["target"],
         "draft": raw["draft"],
+        "self_draft": raw.get("self_draft"),
         "prompts_version": raw["prompts_version"],
         "prompts": raw["prompts"],
         "machine": machine,
@@ -329,17 +336,19 @@ def _fmt(value: Any, spec: str = ".2f") -> str:
 def _table(rows: list[dict]) -> list[str]:
     head = (
         "| method | setting | batch | tok/s | speedup | acc. len | draft len | rollback | "
-        "BLEU vs AR | ROUGE-L vs AR | identical | oracle speedup | of oracle |"
+        "BLEU vs AR | ROUGE-L vs AR | identical | oracle speedup | of oracle | draft weights MiB |"
     )
     lines = [head, "|" + "---|" * head.count(" | ") + "---|"]
     for r in rows:
         setting = r["setting"] + (" (best k)" if r.get("best_fixed_k") else "")
         identical = f"{r['num_identical_to_ar']}/{r['num_prompts']}" if r["num_identical_to_ar"] is not None else "-"
+        draft_mib = r.get("draft_weight_bytes")
+        draft_mib = None if draft_mib is None else draft_mib / 2**20
         lines.append(
             f"| {r['method']} | {setting} | {r['batch_size']} | {_fmt(r['tokens_per_s'], '.1f')} | "
             f"{_fmt(r['speedup_vs_ar'])} | {_fmt(r['mean_acceptance_length'])} | {_fmt(r['mean_draft_length'])} | "
             f"{_fmt(r['rollback_rate'], '.1%')} | {_fmt(r['rel_bleu_vs_ar'], '.1f')} | {_fmt(r['rouge_l_vs_ar'], '.3f')} | "
-            f"{identical} | {_fmt(r['oracle_speedup'])} | {_fmt(r['oracle_fraction'], '.0%')} |"
+            f"{identical} | {_fmt(r['oracle_speedup'])} | {_fmt(r['oracle_fraction'], '.0%')} | {_fmt(draft_mib, '.1f')} |"
         )
     return lines
 
@@ -355,7 +364,7 @@ def markdown(bench: dict[str, Any], command: str | None = None) -> str:
         f"{m.get('memory_gib')} GiB, GPU: {m.get('gpu') or 'none'}; torch {m['torch']}, vLLM {m['vllm']}; "
         f"load average at start/end: {_fmt((m.get('load_average_at_start') or [None])[0])} / "
         f"{_fmt((m.get('load_average_at_end') or [None])[0])}",
-        f"- target `{bench['target']}`, draft `{bench['draft']}`; prompts v{bench['prompts_version']}, "
+        f"- target `{bench['target']}`, draft `{bench['draft']}`, self-draft `{bench.get('self_draft')}`; prompts v{bench['prompts_version']}, "
         f"{bench['preset_settings']['prompts_per_task']} per task, max {bench['preset_settings']['max_tokens']} "
         f"new tokens, greedy, {bench['preset_settings']['rounds']} interleaved round(s)",
         f"- oracle reference: `{bench['oracle']['reference_setting']}`; measured costs (all tasks): "
@@ -379,7 +388,8 @@ def markdown(bench: dict[str, Any], command: str | None = None) -> str:
         "draft len = mean drafted tokens per draft; rollback = rejected / drafted tokens; BLEU (0-100) and ROUGE-L F1 "
         "(0-1) use AR's text as the reference; identical = prompts whose output tokens equal AR's; oracle speedup = "
         "a drafter that drafts exactly the tokens that will be accepted (k_max, same draft, measured costs); "
-        "of oracle = speedup / oracle speedup. Definitions: docs/notes/benchmark.md.",
+        "of oracle = speedup / oracle speedup; draft weights = the drafter's weights not shared with the target "
+        "(0 for the self-draft). Definitions: docs/notes/benchmark.md.",
         "",
     ]
     return "\n".join(lines)
@@ -403,6 +413,9 @@ def plots(bench: dict[str, Any], out_dir: Path) -> list[Path]:
         "ngram": "tab:olive",
         "cmasd_exact": "tab:green",
         "cmasd_confidence": "tab:red",
+        "rstitch": "tab:purple",
+        "specbound": "tab:brown",
+        "cmasd_budget": "tab:cyan",
     }
     method_of = {r["setting"]: r["method"] for r in summary}
 
@@ -433,19 +446,22 @@ def plots(bench: dict[str, Any], out_dir: Path) -> list[Path]:
     fig, axes = plt.subplots(1, len(batch_sizes), figsize=(5 * len(batch_sizes), 4.2), squeeze=False)
     for ax, bs in zip(axes[0], batch_sizes):
         rows = [r for r in summary if r["batch_size"] == bs and r["speedup_vs_ar"] is not None]
+        # The lossy methods' knob: each is drawn as a curve along it.
+        curves = {"cmasd_confidence": ("leniency", "δ="), "rstitch": ("rstitch_entropy", "H<")}
         for method in colors:
             pts = [r for r in rows if r["method"] == method]
-            if method == "cmasd_confidence":
-                pts.sort(key=lambda r: (r["cmasd"] or {}).get("leniency", 1.0))
+            if method in curves:
+                pts.sort(key=lambda r: (r["cmasd"] or {}).get(curves[method][0], 0.0))
             if not pts:
                 continue
             xs = [r["speedup_vs_ar"] for r in pts]
             ys = [r["rel_bleu_vs_ar"] for r in pts]
-            style = "-o" if method == "cmasd_confidence" and len(pts) > 1 else "o"
+            style = "-o" if method in curves and len(pts) > 1 else "o"
             ax.plot(xs, ys, style, color=colors[method], label=method)
             for r in pts:
-                if method == "cmasd_confidence":
-                    text = f"δ={(r['cmasd'] or {}).get('leniency', 'default')}"
+                if method in curves:
+                    knob, prefix = curves[method]
+                    text = f"{prefix}{(r['cmasd'] or {}).get(knob, 'default')}"
                 elif method in ("draft_model", "ngram"):
                     text = f"k={r['k']}"
                 else:
@@ -465,7 +481,7 @@ def plots(bench: dict[str, Any], out_dir: Path) -> list[Path]:
     written.append(path)
 
     # 3. Draft-length histograms of the adaptive and variable-length methods.
-    adaptive = [r for r in summary if r["method"] in ("cmasd_exact", "cmasd_confidence", "ngram") and r["draft_length_histogram"]]
+    adaptive = [r for r in summary if r["method"] in CMASD_METHODS | {"ngram"} and r["draft_length_histogram"]]
     if adaptive:
         fig, axes = plt.subplots(1, len(batch_sizes), figsize=(5 * len(batch_sizes), 4), squeeze=False)
         for ax, bs in zip(axes[0], batch_sizes):

@@ -29,7 +29,9 @@ from typing import Any, Callable
 from vllm_cmasd.bench.prompts import TASKS, load_prompts
 from vllm_cmasd.vllm_patch import install_dispatcher_scan_fix
 
-METHODS: tuple[str, ...] = ("ar", "draft_model", "ngram", "cmasd_exact", "cmasd_confidence")
+METHODS: tuple[str, ...] = (
+    "ar", "draft_model", "ngram", "cmasd_exact", "cmasd_confidence", "rstitch", "specbound", "cmasd_budget",
+)
 
 
 @dataclass(frozen=True)
@@ -48,11 +50,12 @@ class MethodSpec:
             return "ar"
         parts = [self.method, f"k={self.k}" if self.method in ("draft_model", "ngram") else f"k_max={self.k}"]
         for key, value in sorted((self.cmasd or {}).items()):
-            if key != "verification":
+            # The method name already says these.
+            if key not in ("verification", "draft_budget"):
                 parts.append(f"{key}={value}")
         return " ".join(parts)
 
-    def engine_kwargs(self, target: str, draft: str, overrides: dict[str, Any]) -> dict[str, Any]:
+    def engine_kwargs(self, target: str, draft: str, self_draft: str, overrides: dict[str, Any]) -> dict[str, Any]:
         from vllm_cmasd.engines import llm_kwargs
 
         if self.method == "ar":
@@ -61,7 +64,8 @@ class MethodSpec:
             return llm_kwargs(target, ngram=True, num_speculative_tokens=self.k, **overrides)
         if self.method == "draft_model":
             return llm_kwargs(target, draft=draft, num_speculative_tokens=self.k, **overrides)
-        return llm_kwargs(target, draft=draft, num_speculative_tokens=self.k, cmasd=dict(self.cmasd or {}), **overrides)
+        drafter = self_draft if self.method == "specbound" else draft
+        return llm_kwargs(target, draft=drafter, num_speculative_tokens=self.k, cmasd=dict(self.cmasd or {}), **overrides)
 
 
 def cmasd_exact(k_max: int, **settings: Any) -> MethodSpec:
@@ -70,6 +74,18 @@ def cmasd_exact(k_max: int, **settings: Any) -> MethodSpec:
 
 def cmasd_confidence(k_max: int, **settings: Any) -> MethodSpec:
     return MethodSpec("cmasd_confidence", k_max, {"verification": "confidence", **settings})
+
+
+def rstitch(k_max: int, entropy: float) -> MethodSpec:
+    return MethodSpec("rstitch", k_max, {"verification": "rstitch", "rstitch_entropy": entropy})
+
+
+def specbound(k_max: int) -> MethodSpec:
+    return MethodSpec("specbound", k_max, {"verification": "exact"})
+
+
+def cmasd_budget(k_max: int) -> MethodSpec:
+    return MethodSpec("cmasd_budget", k_max, {"verification": "exact", "draft_budget": "auto"})
 
 
 @dataclass(frozen=True)
@@ -93,8 +109,16 @@ def _config_default(name: str) -> Any:
     return next(f.default for f in dataclasses.fields(CmasdConfig) if f.name == name)
 
 
-def default_methods(k_max: int = 8, fixed_ks=(2, 4, 6, 8), leniencies=(0.5, None, 2.0), thresholds=(None,), ngram_k: int = 4):
-    """AR, vLLM's draft model at each fixed k, n-gram, CM-ASD exact and confidence.
+def default_methods(
+    k_max: int = 8,
+    fixed_ks=(2, 4, 6, 8),
+    leniencies=(0.5, None, 2.0),
+    thresholds=(None,),
+    ngram_k: int = 4,
+    rstitch_entropies=(0.5, 1.5, 3.0),
+):
+    """AR, vLLM's draft model at each fixed k, n-gram, CM-ASD exact and
+    confidence, R-Stitch routing, SpecBound self-drafting, the draft budget.
 
     ``None`` in ``leniencies``/``thresholds`` means the config's default,
     written out so that labels and records name the value.
@@ -105,6 +129,8 @@ def default_methods(k_max: int = 8, fixed_ks=(2, 4, 6, 8), leniencies=(0.5, None
     methods.append(MethodSpec("ngram", ngram_k))
     methods += [cmasd_exact(k_max, threshold=threshold_default if t is None else t) for t in thresholds]
     methods += [cmasd_confidence(k_max, leniency=leniency_default if v is None else v) for v in leniencies]
+    methods += [rstitch(k_max, h) for h in rstitch_entropies]
+    methods += [specbound(k_max), cmasd_budget(k_max)]
     return tuple(methods)
 
 
@@ -121,14 +147,30 @@ PRESETS: dict[str, Preset] = {
         rounds=2,
         methods=default_methods(thresholds=(None, 0.15, 0.5), leniencies=(0.25, 0.5, None, 2.0, 4.0)),
     ),
-    # For tests on the tiny random-weight pair: 5 engines, one round, seconds each.
+    # Batch 16, where verification is no longer free: the draft budget against
+    # fixed k and CM-ASD without it; ~10 minutes on 2 CPU cores.
+    "batch16": Preset(
+        "batch16",
+        prompts_per_task=16,
+        batch_sizes=(16,),
+        max_tokens=32,
+        rounds=2,
+        methods=(
+            MethodSpec("ar"), MethodSpec("draft_model", 2), MethodSpec("draft_model", 4),
+            cmasd_exact(8, threshold=_config_default("threshold")), cmasd_budget(8),
+        ),
+    ),
+    # For tests on the tiny random-weight pair: 8 engines, one round, seconds each.
     "micro": Preset(
         "micro",
         prompts_per_task=2,
         batch_sizes=(1, 2),
         max_tokens=12,
         rounds=1,
-        methods=(MethodSpec("ar"), MethodSpec("draft_model", 4), MethodSpec("ngram", 4), cmasd_exact(4), cmasd_confidence(4)),
+        methods=(
+            MethodSpec("ar"), MethodSpec("draft_model", 4), MethodSpec("ngram", 4), cmasd_exact(4),
+            cmasd_confidence(4), rstitch(4, 1.0), specbound(4), cmasd_budget(4),
+        ),
         kv_cache_gib=1,
     ),
 }
@@ -265,6 +307,20 @@ def _cmasd_stats(llm):
     return getattr(drafter, "stats", None)
 
 
+def weight_memory(llm) -> dict[str, int]:
+    """Bytes of the target's weights, and of the drafter's that are its own
+    (a self-draft's are the target's: 0), as loaded in the engine."""
+    from vllm_cmasd.self_draft import unique_weight_bytes
+
+    runner = _model_runner(llm)
+    target = runner.model
+    out = {"target_weight_bytes": sum(p.numel() * p.element_size() for p in target.parameters())}
+    drafter = getattr(runner, "drafter", None)
+    if drafter is not None and hasattr(drafter, "model"):
+        out["draft_weight_bytes"] = unique_weight_bytes(drafter.model, target)
+    return out
+
+
 # ---------------------------------------------------------------------------
 # The run
 
@@ -309,6 +365,7 @@ def run(
     *,
     target: str | Path,
     draft: str | Path,
+    self_draft: str | Path,
     prompts_path: str | Path | None = None,
     progress: bool = True,
     log: Callable[[str], None] = print,
@@ -340,7 +397,7 @@ def run(
 
     install_dispatcher_scan_fix()
     started = time.time()
-    target, draft = str(target), str(draft)
+    target, draft, self_draft = str(target), str(draft), str(self_draft)
     data = load_prompts(prompts_path)
     overrides = dict(engine_overrides or {})
     token_ids = _chat_token_ids(target, {task: data["tasks"][task] for task in preset.tasks})
@@ -382,7 +439,7 @@ def run(
             gc.collect()
             gc.freeze()
             try:
-                llm = LLM(**spec.engine_kwargs(target, draft, overrides))
+                llm = LLM(**spec.engine_kwargs(target, draft, self_draft, overrides))
                 llm.generate([warmup_prompt], warmup_params, use_tqdm=False)
             except Exception as exc:  # a method that cannot start must not sink the others
                 failed[spec.label] = f"{type(exc).__name__}: {exc}"
@@ -392,7 +449,9 @@ def run(
                 llm = None
                 bar.update(len(units))
                 continue
-            engine_starts.append({"label": spec.label, "round": r, "seconds": time.perf_counter() - t0})
+            engine_starts.append(
+                {"label": spec.label, "round": r, "seconds": time.perf_counter() - t0, **weight_memory(llm)}
+            )
             probe = instrument(llm)
             stats = _cmasd_stats(llm)
             try:
@@ -443,6 +502,7 @@ def run(
         "preset": asdict(preset),
         "target": target,
         "draft": draft,
+        "self_draft": self_draft,
         "prompts_version": data.get("version"),
         "prompts": {
             task: [{"id": p["id"], "source": p["source"], "prompt_tokens": len(token_ids[p["id"]])} for p in items]
