@@ -71,10 +71,19 @@ def plain_samples(tiny_pair):
     return sample(engine(target), first_seed=0)
 
 
-@pytest.mark.parametrize("draft_sample_method", ["greedy", "probabilistic"])
-def test_exact_verification_keeps_the_target_distribution(tiny_pair, plain_samples, draft_sample_method):
+@pytest.mark.parametrize(
+    "draft_sample_method, cmasd",
+    [
+        ("greedy", {"verification": "exact"}),
+        ("probabilistic", {"verification": "exact"}),
+        # The draft budget changes what is drafted, never how it is verified.
+        ("probabilistic", {"verification": "exact", "draft_budget": "auto"}),
+    ],
+    ids=["exact-greedy-drafts", "exact-sampled-drafts", "budget-sampled-drafts"],
+)
+def test_exact_verification_keeps_the_target_distribution(tiny_pair, plain_samples, draft_sample_method, cmasd):
     target, draft = tiny_pair
-    kwargs = engine(target, draft=draft, num_speculative_tokens=4, cmasd={"verification": "exact"})
+    kwargs = engine(target, draft=draft, num_speculative_tokens=4, cmasd=cmasd)
     kwargs["speculative_config"]["draft_sample_method"] = draft_sample_method
     # Independent seeds: the samples must agree in distribution, not token for token.
     ours = sample(kwargs, first_seed=NUM_SAMPLES)
@@ -82,9 +91,14 @@ def test_exact_verification_keeps_the_target_distribution(tiny_pair, plain_sampl
     assert min(p) > P_VALUE, p
 
 
-def test_lenient_verification_is_detected_as_a_different_distribution(tiny_pair, plain_samples):
+@pytest.mark.parametrize(
+    "cmasd",
+    [{"verification": "confidence", "leniency": 1.0}, {"verification": "rstitch", "rstitch_entropy": 2.0}],
+    ids=["confidence", "rstitch"],
+)
+def test_lenient_verification_is_detected_as_a_different_distribution(tiny_pair, plain_samples, cmasd):
     target, draft = tiny_pair
-    kwargs = engine(target, draft=draft, num_speculative_tokens=4, cmasd={"verification": "confidence", "leniency": 1.0})
+    kwargs = engine(target, draft=draft, num_speculative_tokens=4, cmasd=cmasd)
     lenient = sample(kwargs, first_seed=NUM_SAMPLES)
     p = p_values(plain_samples, lenient)
     assert min(p) < P_VALUE, p

@@ -163,6 +163,35 @@ def test_exact_reproduces_the_target_distribution():
     assert abs(num_accepted.float().mean().item() - torch.minimum(p, q).sum().item()) < 0.005
 
 
+@pytest.mark.parametrize("threshold, emitted", [(2.5, "q"), (1.5, "p")])
+def test_rstitch_emits_the_drafter_where_it_is_sure_and_the_target_elsewhere(threshold, emitted):
+    """One-token drafts d ~ q, verified by R-Stitch: below the entropy threshold
+    the first emitted token is distributed as q (the drafter's token stands),
+    above it as p (exact verification)."""
+    p = torch.tensor([0.30, 0.20, 0.15, 0.10, 0.10, 0.08, 0.05, 0.02])
+    q = torch.tensor([0.05, 0.10, 0.30, 0.05, 0.20, 0.05, 0.05, 0.20])
+    entropy = -(q * q.log()).sum()  # 1.91 nats
+    n = 200_000
+    g = torch.Generator().manual_seed(DATA_SEED)
+    batch = dict(
+        draft_token_ids=torch.multinomial(q, n, replacement=True, generator=g).int().to(DEVICE),
+        num_draft_tokens=[1] * n,
+        max_spec_len=1,
+        cu_num_draft_tokens=torch.arange(1, n + 1, dtype=torch.int32, device=DEVICE),
+        draft_probs=q.expand(n, -1).contiguous().to(DEVICE),
+        target_logits=p.log().expand(n, -1).contiguous().to(DEVICE),
+        bonus_token_ids=torch.zeros(n, 1, dtype=torch.long, device=DEVICE),
+    )
+    output_token_ids, _ = run_cmasd(
+        batch, [1.0] * n, PolicyParams(Policy.RSTITCH, rstitch_entropy=threshold),
+        draft_entropy=entropy.expand(n).contiguous().to(DEVICE),
+    )
+    counts = torch.bincount(output_token_ids[:, 0].long().cpu(), minlength=8).double()
+    expected = n * (q if emitted == "q" else p).double()
+    chi_square = ((counts - expected) ** 2 / expected).sum().item()
+    assert chi_square < 24.32, (chi_square, counts)  # chi2(7 dof) at p = 0.001
+
+
 # --------------------------------------------------------------------------
 # The relaxed policies follow their rules.
 # --------------------------------------------------------------------------
