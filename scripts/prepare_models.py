@@ -401,6 +401,7 @@ def prepare(
         log(f"target: {target_dir} already prepared, skipping download/extract/convert")
     make_truncated_draft(target_dir, draft_dir, draft_layers)
     assemble_trained_draft(target_dir, models_dir)
+    build_self_draft_dir(target_dir, models_dir)
     return target_dir, draft_dir
 
 
@@ -422,6 +423,38 @@ def assemble_trained_draft(target_dir: Path, models_dir: Path) -> Path:
         return out_dir
     log(f"trained draft: assembling {out_dir} from {shipped}")
     assemble_draft(target_dir, shipped, out_dir)
+    stamp.write_text(source)
+    return out_dir
+
+
+SELF_DRAFT = "smollm2-135m-selfdraft"
+
+
+def build_self_draft_dir(target_dir: Path, models_dir: Path) -> Path:
+    """The SpecBound-style self-draft (docs/self_draft.md): calibrated early exit of the target.
+
+    Runs scripts/build_self_draft.py (exit layer auto) in a subprocess; about 2-3 minutes
+    on 2 CPU cores (transformers, 29 layers calibrated on ~2200 positions), so it runs
+    only when the directory is missing or its inputs (the target, the script, the
+    architecture module) changed.
+    """
+    here = Path(__file__).resolve().parent
+    out_dir = models_dir / SELF_DRAFT
+    h = hashlib.sha256()
+    for f in (target_dir / PREPARED_MARKER, target_dir / "config.json",
+              here / "build_self_draft.py", here.parent / "vllm_cmasd" / "self_draft.py"):
+        h.update(f.read_bytes())
+    source = h.hexdigest()
+    # The stamp is written after the (atomic) build: a killed run rebuilds.
+    stamp = out_dir / ".source-sha256"
+    if stamp.exists() and stamp.read_text() == source:
+        log(f"self-draft: {out_dir} already built, skipping")
+        return out_dir
+    log(f"self-draft: calibrating early exits of {target_dir.name} -> {out_dir} (2-3 min)")
+    subprocess.run(
+        [sys.executable, str(here / "build_self_draft.py"), str(target_dir), "--out", str(out_dir)],
+        check=True,
+    )
     stamp.write_text(source)
     return out_dir
 
