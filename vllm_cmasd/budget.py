@@ -5,7 +5,8 @@ almost nothing; at larger batches it does not, and neither does a drafter
 pass. The budget decides, position by position, which drafted tokens are
 worth verifying and whether another drafter pass is worth running, from
 
-* a **cost model** profiled once at startup (:func:`profile_costs`): seconds
+* a **cost model** profiled once, on the engine's first drafting step
+  (:func:`profile_costs`): seconds
   of one target forward (with its LM head) and of one drafter pass, against
   the number of tokens it processes, interpolated between measured points;
 * each request's **predicted survival**: the running product of its drafted

@@ -15,6 +15,8 @@ they are.
 
 from __future__ import annotations
 
+import time
+
 import torch
 
 from vllm.distributed import get_tp_group
@@ -127,14 +129,23 @@ class CmasdProposer(DraftModelProposer):
         self._rows: dict[str, torch.Tensor] = {}
         self._row_req_ids: list[str] = []
 
-    def load_model(self, target_model) -> None:
-        super().load_model(target_model)
-        if self.config.draft_budget == "auto":
-            scheduler = self.vllm_config.scheduler_config
-            # The most tokens one verification step can hold.
-            max_tokens = min(scheduler.max_num_seqs * (self.config.k_max + 1), scheduler.max_num_batched_tokens)
-            self.costs = profile_costs(self.runner, self, max_tokens)
-            logger.info("CM-ASD draft budget cost model (tokens, target s, draft s): %s", self.costs)
+    def _profile_costs(self) -> CostModel:
+        """The budget's cost model, measured once, on the engine's first drafting step.
+
+        Not at load time: with torch.compile on, the models' first forwards
+        belong to vLLM (compilation with dynamic shapes, CUDA-graph capture);
+        by the first step everything runs as it will when serving.
+        """
+        scheduler = self.vllm_config.scheduler_config
+        # The most tokens one verification step can hold.
+        max_tokens = min(scheduler.max_num_seqs * (self.config.k_max + 1), scheduler.max_num_batched_tokens)
+        start = time.perf_counter()
+        costs = profile_costs(self.runner, self, max_tokens)
+        logger.info(
+            "CM-ASD draft budget: cost model profiled in %.1f s (tokens, target s, draft s): %s",
+            time.perf_counter() - start, costs,
+        )
+        return costs
 
     def _maybe_share_lm_head(self, target_language_model) -> None:
         # vLLM's draft-model proposer shares nothing with the target; a
@@ -166,7 +177,11 @@ class CmasdProposer(DraftModelProposer):
 
     def propose(self, num_speculative_tokens, *args, **kwargs) -> list[list[int]]:
         batch_size = kwargs["common_attn_metadata"].batch_size()
-        budget = StepBudget(self.costs, batch_size) if self.costs is not None else None
+        budget = None
+        if self.config.draft_budget == "auto":
+            if self.costs is None:
+                self.costs = self._profile_costs()
+            budget = StepBudget(self.costs, batch_size)
         window = self._window = DraftWindow(batch_size, self.config, self.device, budget)
         try:
             super().propose(min(num_speculative_tokens, self.config.k_max), *args, **kwargs)
