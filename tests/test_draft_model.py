@@ -6,29 +6,17 @@ shipped draft (``draft.safetensors`` + ``draft.json`` -> ``assemble_draft``).
 
 from __future__ import annotations
 
-import importlib.util
 import json
-from pathlib import Path
 
 import pytest
-from conftest import run_engine
+from conftest import load_script, run_engine
 
 from vllm_cmasd.engines import llm_kwargs
 
 pytestmark = pytest.mark.engine
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
 KEEP = 256
 LAYERS = 2
-
-
-def _train_draft_module():
-    spec = importlib.util.spec_from_file_location(
-        "train_draft", REPO_ROOT / "scripts" / "train_draft.py"
-    )
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
 
 
 @pytest.fixture(scope="module")
@@ -38,7 +26,7 @@ def reduced_draft(tiny_pair, tmp_path_factory):
     from safetensors.torch import load_file, save_file
 
     target, _ = tiny_pair
-    td = _train_draft_module()
+    td = load_script("train_draft")
     tsd = load_file(str(target / "model.safetensors"))
     vocab = tsd["model.embed_tokens.weight"].shape[0]
     g = torch.Generator().manual_seed(0)

@@ -8,27 +8,14 @@ self-draft must draft exactly what the copy drafts, from the target's own tensor
 
 from __future__ import annotations
 
-import importlib.util
-from pathlib import Path
-
 import pytest
-from conftest import run_engine
+from conftest import load_script, run_engine
 from test_engine import CMASD, PROMPTS, engine, greedy
 
 from vllm_cmasd.self_draft import build_self_draft, unique_weight_bytes
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
 EXIT_LAYER = 2
 HOT = 3.0  # a temperature well above the calibrated ones: visibly lower confidence
-
-
-def _script():
-    spec = importlib.util.spec_from_file_location(
-        "build_self_draft", REPO_ROOT / "scripts" / "build_self_draft.py"
-    )
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
 
 
 @pytest.fixture(scope="module")
@@ -158,7 +145,7 @@ def test_early_exit_calibration_on_the_tiny_target(tiny_pair):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     target, copied_draft = tiny_pair
-    bsd = _script()
+    bsd = load_script("build_self_draft")
     torch.manual_seed(0)
     tok = AutoTokenizer.from_pretrained(str(target))
     model = AutoModelForCausalLM.from_pretrained(str(target), dtype=torch.float32).eval()

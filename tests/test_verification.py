@@ -139,13 +139,14 @@ def test_exact_matches_vllm_token_for_token(kind, with_draft_probs, seeded):
         assert torch.equal(num_accepted, ((ours != -1).sum(dim=1) - 1).int())
 
 
-def test_exact_reproduces_the_target_distribution():
-    """The first emitted token of 200k one-token drafts is distributed as p, not q."""
-    p = torch.tensor([0.30, 0.20, 0.15, 0.10, 0.10, 0.08, 0.05, 0.02])
-    q = torch.tensor([0.05, 0.10, 0.30, 0.05, 0.20, 0.05, 0.05, 0.20])
-    n = 200_000
+P_EIGHT = torch.tensor([0.30, 0.20, 0.15, 0.10, 0.10, 0.08, 0.05, 0.02])
+Q_EIGHT = torch.tensor([0.05, 0.10, 0.30, 0.05, 0.20, 0.05, 0.05, 0.20])
+
+
+def one_token_drafts(p, q, n):
+    """n requests of one draft token d ~ q each, verified against target p."""
     g = torch.Generator().manual_seed(DATA_SEED)
-    batch = dict(
+    return dict(
         draft_token_ids=torch.multinomial(q, n, replacement=True, generator=g).int().to(DEVICE),
         num_draft_tokens=[1] * n,
         max_spec_len=1,
@@ -154,6 +155,13 @@ def test_exact_reproduces_the_target_distribution():
         target_logits=p.log().expand(n, -1).contiguous().to(DEVICE),
         bonus_token_ids=torch.zeros(n, 1, dtype=torch.long, device=DEVICE),
     )
+
+
+def test_exact_reproduces_the_target_distribution():
+    """The first emitted token of 200k one-token drafts is distributed as p, not q."""
+    p, q = P_EIGHT, Q_EIGHT
+    n = 200_000
+    batch = one_token_drafts(p, q, n)
     output_token_ids, num_accepted = run_cmasd(batch, [1.0] * n)
     counts = torch.bincount(output_token_ids[:, 0].long().cpu(), minlength=8).double()
     expected = n * p.double()
@@ -168,20 +176,10 @@ def test_rstitch_emits_the_drafter_where_it_is_sure_and_the_target_elsewhere(thr
     """One-token drafts d ~ q, verified by R-Stitch: below the entropy threshold
     the first emitted token is distributed as q (the drafter's token stands),
     above it as p (exact verification)."""
-    p = torch.tensor([0.30, 0.20, 0.15, 0.10, 0.10, 0.08, 0.05, 0.02])
-    q = torch.tensor([0.05, 0.10, 0.30, 0.05, 0.20, 0.05, 0.05, 0.20])
+    p, q = P_EIGHT, Q_EIGHT
     entropy = -(q * q.log()).sum()  # 1.91 nats
     n = 200_000
-    g = torch.Generator().manual_seed(DATA_SEED)
-    batch = dict(
-        draft_token_ids=torch.multinomial(q, n, replacement=True, generator=g).int().to(DEVICE),
-        num_draft_tokens=[1] * n,
-        max_spec_len=1,
-        cu_num_draft_tokens=torch.arange(1, n + 1, dtype=torch.int32, device=DEVICE),
-        draft_probs=q.expand(n, -1).contiguous().to(DEVICE),
-        target_logits=p.log().expand(n, -1).contiguous().to(DEVICE),
-        bonus_token_ids=torch.zeros(n, 1, dtype=torch.long, device=DEVICE),
-    )
+    batch = one_token_drafts(p, q, n)
     output_token_ids, _ = run_cmasd(
         batch, [1.0] * n, PolicyParams(Policy.RSTITCH, rstitch_entropy=threshold),
         draft_entropy=entropy.expand(n).contiguous().to(DEVICE),
