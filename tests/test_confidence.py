@@ -93,3 +93,19 @@ def test_window_mean_rule_and_k_min():
     config = CmasdConfig.from_dict({"threshold": 0.4, "stop_rule": "mean", "k_min": 3}, k_max=6)
     lengths, _ = _run_window(config, [[0.2], [0.2], [1.0], [0.6], [0.1], [1.0]])
     assert lengths == [6]
+
+
+def test_signals_on_kept_tokens_equal_signals_on_full_logits():
+    """A reduced-vocabulary draft's signals come from its kept tokens' logits:
+    the -inf entries of the full logits add nothing, with V the full vocabulary."""
+    from vllm_cmasd.confidence import entropy
+
+    g = torch.Generator().manual_seed(0)
+    small = torch.randn(5, 64, generator=g) * 3
+    kept = torch.randperm(1000, generator=g)[:64]
+    full = torch.full((5, 1000), float("-inf"))
+    full[:, kept] = small
+    config = CmasdConfig(k_max=4)
+    assert torch.allclose(unified_confidence(small, config, vocab_size=1000), unified_confidence(full, config), atol=1e-6)
+    assert torch.allclose(entropy(small), entropy(full), atol=1e-6)
+    assert not torch.allclose(entropy_confidence(small), entropy_confidence(full))  # V matters

@@ -20,9 +20,13 @@ def entropy(logits: torch.Tensor) -> torch.Tensor:
     return -(log_probs.exp() * log_probs).nansum(dim=-1)
 
 
-def entropy_confidence(logits: torch.Tensor) -> torch.Tensor:
-    """1 - H(p) / log V: 1 for a one-hot distribution, 0 for a uniform one."""
-    return (1.0 - entropy(logits) / math.log(logits.shape[-1])).clamp(0.0, 1.0)
+def entropy_confidence(logits: torch.Tensor, vocab_size: int | None = None) -> torch.Tensor:
+    """1 - H(p) / log V: 1 for a one-hot distribution, 0 for a uniform one.
+
+    V is ``vocab_size``, default the logits' width (pass the full vocabulary
+    when ``logits`` holds only the tokens a drafter can propose).
+    """
+    return (1.0 - entropy(logits) / math.log(vocab_size or logits.shape[-1])).clamp(0.0, 1.0)
 
 
 def softmax_margin(logits: torch.Tensor) -> torch.Tensor:
@@ -42,13 +46,14 @@ def logit_margin_confidence(logits: torch.Tensor, scale: float) -> torch.Tensor:
     return torch.tanh((top2[:, 0] - top2[:, 1]) / scale)
 
 
-def unified_confidence(logits: torch.Tensor, config: CmasdConfig) -> torch.Tensor:
-    """Weighted mean of the three signals, weights from ``config.weights``."""
+def unified_confidence(logits: torch.Tensor, config: CmasdConfig, vocab_size: int | None = None) -> torch.Tensor:
+    """Weighted mean of the three signals, weights from ``config.weights``
+    (``vocab_size``: see :func:`entropy_confidence`)."""
     w_entropy, w_softmax, w_logit = config.normalized_weights
     score = torch.zeros(logits.shape[0], device=logits.device, dtype=torch.float32)
     # Skip signals with zero weight: each costs a pass over the vocabulary.
     if w_entropy:
-        score += w_entropy * entropy_confidence(logits)
+        score += w_entropy * entropy_confidence(logits, vocab_size)
     if w_softmax:
         score += w_softmax * softmax_margin(logits)
     if w_logit:

@@ -80,13 +80,15 @@ def _make_class():
         def compute_small_logits(self, hidden_states: torch.Tensor) -> torch.Tensor:
             return self.logits_processor(self.lm_head, hidden_states)
 
-        def compute_logits(self, hidden_states: torch.Tensor) -> torch.Tensor | None:
-            small = self.compute_small_logits(hidden_states)
-            if small is None:
-                return None
+        def expand_small_logits(self, small: torch.Tensor) -> torch.Tensor:
+            """Full-vocabulary logits: the kept tokens' logits, -inf elsewhere."""
             out = small.new_full((small.shape[0], self.config.vocab_size), float("-inf"))
             out.index_copy_(1, self.kept_token_ids, small)
             return out
+
+        def compute_logits(self, hidden_states: torch.Tensor) -> torch.Tensor | None:
+            small = self.compute_small_logits(hidden_states)
+            return None if small is None else self.expand_small_logits(small)
 
         def compute_logits_local(self, hidden_states: torch.Tensor) -> torch.Tensor:
             return self.compute_logits(hidden_states)

@@ -158,7 +158,14 @@ class CmasdProposer(DraftModelProposer):
             self_draft.share_target_weights(self.model, target_language_model)
 
     def _sample_draft_tokens(self, hidden_states, sampling_metadata):
-        logits = self.model.compute_logits(hidden_states)
+        if hasattr(self.model, "compute_small_logits"):
+            # Reduced-vocabulary draft: its signals come from the kept tokens'
+            # logits (the others are -inf and add nothing), ~6x fewer columns
+            # to reduce than the full-vocabulary logits sampling needs.
+            signal_logits = self.model.compute_small_logits(hidden_states)
+            logits = self.model.expand_small_logits(signal_logits)
+        else:
+            logits = signal_logits = self.model.compute_logits(hidden_states)
         # Greedy drafting unless draft_sample_method="probabilistic"; then the
         # draft distribution comes back too, for lossless verification.
         tokens, probs = self._sample_from_logits(logits, sampling_metadata)
@@ -167,10 +174,11 @@ class CmasdProposer(DraftModelProposer):
         # round differently per thread count: rank 0's signals decide for
         # all, so the ranks stop (and verify) together.
         tp_group = get_tp_group()
-        confidence = tp_group.broadcast(unified_confidence(logits, self.config).contiguous(), src=0)
+        vocab_size = logits.shape[-1]
+        confidence = tp_group.broadcast(unified_confidence(signal_logits, self.config, vocab_size).contiguous(), src=0)
         entropy = None
         if self.config.verification == "rstitch":
-            entropy = tp_group.broadcast(drafter_entropy(logits).contiguous(), src=0)
+            entropy = tp_group.broadcast(drafter_entropy(signal_logits).contiguous(), src=0)
         if not self._window.add(tokens, probs, confidence, entropy):
             raise _DraftingFinished
         return tokens, probs

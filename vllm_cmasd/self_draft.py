@@ -191,22 +191,30 @@ def share_target_weights(draft_model, target_model) -> int:
     return shared
 
 
-def unique_weight_bytes(draft_model, target_model) -> int:
-    """Bytes of draft weights the target does not hold (0 after sharing).
+def unique_weight_bytes(model, shared_with=None) -> int:
+    """Bytes of ``model``'s weights that ``shared_with`` does not hold (all of
+    them when it is None; 0 for a self-draft after sharing).
 
-    Counts draft parameters whose storage is none of the target's, and, on CPU, the
-    packed GEMM handles of draft linear layers that are not the target's.
+    Counts parameters whose storage is none of ``shared_with``'s, and, on CPU,
+    the packed GEMM handles of linear layers that are not ``shared_with``'s
+    (vLLM's CPU build keeps a linear layer's weight only in its handle).
     """
-    target_ptrs = {p.data_ptr() for p in target_model.parameters() if p.numel()}
+    others = [] if shared_with is None else list(shared_with.parameters())
+    other_ptrs = {p.data_ptr() for p in others if p.numel()}
     total = sum(
         p.numel() * p.element_size()
-        for p in draft_model.parameters()
-        if p.numel() and p.data_ptr() not in target_ptrs
+        for p in model.parameters()
+        if p.numel() and p.data_ptr() not in other_ptrs
     )
-    for module_name, module in draft_model.named_modules():
+    for module_name, module in model.named_modules():
         if hasattr(module, "cpu_linear"):
-            target_module = target_model.get_submodule(module_name)
-            if module.cpu_linear is not getattr(target_module, "cpu_linear", None):
+            twin = None
+            if shared_with is not None:
+                try:
+                    twin = shared_with.get_submodule(module_name)
+                except AttributeError:
+                    pass
+            if module.cpu_linear is not getattr(twin, "cpu_linear", None):
                 total += _logical_weight_bytes(module)
     return total
 

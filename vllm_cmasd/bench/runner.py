@@ -314,7 +314,7 @@ def weight_memory(llm) -> dict[str, int]:
 
     runner = _model_runner(llm)
     target = runner.model
-    out = {"target_weight_bytes": sum(p.numel() * p.element_size() for p in target.parameters())}
+    out = {"target_weight_bytes": unique_weight_bytes(target)}
     drafter = getattr(runner, "drafter", None)
     if drafter is not None and hasattr(drafter, "model"):
         out["draft_weight_bytes"] = unique_weight_bytes(drafter.model, target)
