@@ -78,10 +78,10 @@ class DraftWindow:
             self.signal = self.signal * confidence
         else:  # running mean
             self.signal = (self.signal * position + confidence) / (position + 1)
-        self.survival = self.survival * confidence
-        below_k_min = position + 1 < self.config.k_min
-        goes_on = below_k_min | (self.signal >= self.config.threshold)
+        goes_on = (position + 1 < self.config.k_min) | (self.signal >= self.config.threshold)
         if self.budget is not None:
+            # The budget's survival is the running product whatever stop_rule is.
+            self.survival = self.survival * confidence
             self._apply_budget(position, confidence, goes_on)
         self.lengths += self.drafting
         self.drafting &= goes_on & (position + 1 < self.config.k_max)
