@@ -84,7 +84,7 @@ def add_arguments(parser) -> None:
 
     parser.add_argument(
         "--preset", default="quick",
-        help=f"one of {sorted(PRESETS)}: quick (~25 min on 2 CPU cores), batch16 (~10 min), full, micro (tests)",
+        help=f"one of {sorted(PRESETS)}: quick (10-15 min on 2 CPU cores), batch16 (~3 min), full, micro (tests)",
     )
     parser.add_argument("--out", required=True, help="output directory (bench.json, bench.md, *.png)")
     parser.add_argument("--target", default=str(DEFAULT_TARGET))

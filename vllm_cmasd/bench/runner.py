@@ -148,7 +148,7 @@ PRESETS: dict[str, Preset] = {
         methods=default_methods(thresholds=(None, 0.15, 0.5), leniencies=(0.25, 0.5, None, 2.0, 4.0)),
     ),
     # Batch 16, where verification is no longer free: the draft budget against
-    # fixed k and CM-ASD without it; ~10 minutes on 2 CPU cores.
+    # fixed k and CM-ASD without it; ~3 minutes on 2 CPU cores.
     "batch16": Preset(
         "batch16",
         prompts_per_task=16,
