@@ -77,3 +77,11 @@ def test_window_with_free_verification_drafts_the_likely_requests_longer():
         pass
     confident, unsure = window.lengths.tolist()
     assert 1 <= unsure < confident <= 8
+
+
+def test_profile_points_are_capped():
+    from vllm_cmasd.budget import MAX_PROFILED_TOKENS, _profile_points
+
+    assert _profile_points(1) == [1]
+    assert _profile_points(20) == [1, 2, 4, 8, 16, 20]
+    assert _profile_points(2304)[-1] == MAX_PROFILED_TOKENS

@@ -110,17 +110,27 @@ class StepBudget:
         return admitted
 
 
+# The largest batch profiled; the cost model extends linearly past it. By
+# then a forward is compute-bound (cost linear in tokens) on CPUs, and the
+# curve's slope is what the budget needs. Profiling up to vLLM's default
+# max_num_seqs x (k_max + 1) = 2304 tokens took 30 s on a 2-core CPU.
+MAX_PROFILED_TOKENS = 256
+
+
 def _profile_points(max_tokens: int) -> list[int]:
+    """1, 2, 4, ... up to max_tokens (capped at MAX_PROFILED_TOKENS), which is included."""
+    top = min(max_tokens, MAX_PROFILED_TOKENS)
     points, n = [], 1
-    while n < max_tokens:
+    while n < top:
         points.append(n)
         n *= 2
-    return points + [max_tokens]
+    return points + [top]
 
 
 @torch.inference_mode()
 def profile_costs(runner, drafter, max_tokens: int, repeats: int = 3) -> CostModel:
-    """Time the target and the drafter on dummy batches of 1..max_tokens tokens.
+    """Time the target and the drafter on dummy batches of 1..max_tokens tokens
+    (at most MAX_PROFILED_TOKENS).
 
     Runs like vLLM's own dummy runs (no attention metadata, so attention is
     skipped): what grows with the number of tokens at short contexts is the
