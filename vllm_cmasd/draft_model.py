@@ -29,17 +29,14 @@ from collections.abc import Iterable
 
 import torch
 
+from vllm_cmasd import architectures
+
 ARCH_NAME = "CmasdReducedVocabLlamaForCausalLM"
 
 
 def register() -> None:
     """Register the architecture with vLLM's ModelRegistry (lazy import path)."""
-    from vllm import ModelRegistry
-
-    if ARCH_NAME not in ModelRegistry.get_supported_archs():
-        ModelRegistry.register_model(
-            ARCH_NAME, "vllm_cmasd.draft_model:CmasdReducedVocabLlamaForCausalLM"
-        )
+    architectures.register(ARCH_NAME, __name__)
 
 
 def _make_class():
@@ -118,16 +115,9 @@ def _make_class():
             loaded |= loader.load_weights(rest())
             return loaded
 
-    CmasdReducedVocabLlamaForCausalLM.__name__ = ARCH_NAME
-    CmasdReducedVocabLlamaForCausalLM.__qualname__ = ARCH_NAME
     return CmasdReducedVocabLlamaForCausalLM
 
 
-def __getattr__(name: str):
-    # Built lazily so importing this module (e.g. from the plugin's register()) does not
-    # import vLLM's model code.
-    if name == ARCH_NAME:
-        cls = _make_class()
-        globals()[name] = cls
-        return cls
-    raise AttributeError(name)
+# Built lazily so importing this module (the plugin's register()) does not import
+# vLLM's model code.
+__getattr__ = architectures.lazy_class(globals(), ARCH_NAME, _make_class)

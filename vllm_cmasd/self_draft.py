@@ -31,6 +31,8 @@ from pathlib import Path
 
 import torch
 
+from vllm_cmasd import architectures
+
 ARCH_NAME = "CmasdSelfDraftLlamaForCausalLM"
 TEMPERATURE_KEY = "self_draft_temperature"
 # The only tensor in a self-draft's weights file: vLLM's loader refuses a model
@@ -49,10 +51,7 @@ COPIED_FILES = (
 
 def register() -> None:
     """Register the architecture with vLLM's ModelRegistry (lazy import path)."""
-    from vllm import ModelRegistry
-
-    if ARCH_NAME not in ModelRegistry.get_supported_archs():
-        ModelRegistry.register_model(ARCH_NAME, f"vllm_cmasd.self_draft:{ARCH_NAME}")
+    architectures.register(ARCH_NAME, __name__)
 
 
 def is_self_draft(model) -> bool:
@@ -103,19 +102,12 @@ def _make_class():
             # parameters as loaded so vLLM's strict loading check passes.
             return {name for name, _ in self.named_parameters(remove_duplicate=False)}
 
-    CmasdSelfDraftLlamaForCausalLM.__name__ = ARCH_NAME
-    CmasdSelfDraftLlamaForCausalLM.__qualname__ = ARCH_NAME
     return CmasdSelfDraftLlamaForCausalLM
 
 
-def __getattr__(name: str):
-    # Built lazily so importing this module (the plugin's register()) does not import
-    # vLLM's model code.
-    if name == ARCH_NAME:
-        cls = _make_class()
-        globals()[name] = cls
-        return cls
-    raise AttributeError(name)
+# Built lazily so importing this module (the plugin's register()) does not import
+# vLLM's model code.
+__getattr__ = architectures.lazy_class(globals(), ARCH_NAME, _make_class)
 
 
 # --------------------------------------------------------------------------- sharing
