@@ -174,6 +174,8 @@ def _digest(tensor) -> str | None:
 
 def _install_recorder(worker):
     """On each rank: record every draft and every verification, bit-exactly."""
+    import torch
+
     runner = worker.model_runner
     drafter, sampler = runner.drafter, runner.rejection_sampler
     records = runner.cmasd_rank_records = []
@@ -186,7 +188,7 @@ def _install_recorder(worker):
             "req_ids": list(runner.input_batch.req_ids),
             "drafts": [list(d) for d in drafts],
             # What the window's stop decisions and the verifier's policy read.
-            "confidence": _digest(drafter._rows.get("confidence")),
+            "confidence": _digest(torch.stack([drafter._signals[r]["confidence"] for r in runner.input_batch.req_ids])),
             "draft_probs": _digest(drafter._last_draft_probs),
         })
         return drafts

@@ -16,6 +16,7 @@ they are.
 from __future__ import annotations
 
 import time
+from collections import OrderedDict
 
 import torch
 
@@ -124,10 +125,13 @@ class CmasdProposer(DraftModelProposer):
         self.stats = DraftStats(config.k_max)
         self.costs: CostModel | None = None
         self._window: DraftWindow | None = None
-        # Kept from the last propose() for verification of those drafts:
-        # per request row, each drafted position's confidence (and entropy).
-        self._rows: dict[str, torch.Tensor] = {}
-        self._row_req_ids: list[str] = []
+        # For verification of the drafts: per request id, each drafted
+        # position's confidence (and entropy), from its latest propose(). Kept
+        # per request, not per batch: a request's drafts are verified on its
+        # next scheduled step, which need not be the next step of the engine.
+        # Oldest first, at most 4 x max_num_seqs entries.
+        self._signals: OrderedDict[str, dict[str, torch.Tensor]] = OrderedDict()
+        self._max_signal_rows = 4 * vllm_config.scheduler_config.max_num_seqs
 
     def _profile_costs(self) -> CostModel:
         """The budget's cost model, measured once, on the engine's first drafting step.
@@ -201,35 +205,37 @@ class CmasdProposer(DraftModelProposer):
         tokens = torch.stack(window.tokens, dim=1).tolist()
         lengths = window.lengths.tolist()
         self._last_draft_probs = torch.stack(window.probs, dim=1) if window.probs else None
-        self._rows = {"confidence": torch.stack(window.confidences, dim=1)}
+        rows = {"confidence": torch.stack(window.confidences, dim=1)}
         if window.entropies:
-            self._rows["entropy"] = torch.stack(window.entropies, dim=1)
-        self._row_req_ids = list(self.runner.input_batch.req_ids)
+            rows["entropy"] = torch.stack(window.entropies, dim=1)
+        for i, req_id in enumerate(self.runner.input_batch.req_ids):
+            self._signals.pop(req_id, None)
+            self._signals[req_id] = {name: values[i] for name, values in rows.items()}
+        while len(self._signals) > self._max_signal_rows:
+            self._signals.popitem(last=False)
         self.stats.record_drafts(lengths)
         return [row[:n] for row, n in zip(tokens, lengths)]
 
     def signal_for(self, name: str, req_ids: list[str], num_draft_tokens: list[int]) -> torch.Tensor | None:
         """A per-token drafter signal ("confidence" or "entropy") of the drafts being
-        verified, flattened in batch order; None if the last drafts did not record it.
+        verified, flattened in batch order; None if no draft recorded it.
 
-        The batch may have been reordered since the drafts were proposed, so
-        rows are looked up by request id; the scheduler may also have cut a
-        draft short, so only the first ``n`` values of a row are used. A
-        request without a row (vLLM's warm-up batch) gets the strictest value:
+        Rows are looked up by request id (the batch may have been reordered
+        since the drafts were proposed); the scheduler may have cut a draft
+        short, so only the first ``n`` values of a row are used. A request
+        without a row (vLLM's warm-up batch) gets the strictest value:
         confidence 0, entropy +inf.
         """
-        rows = self._rows.get(name)
-        if rows is None:
-            return None
         missing = 0.0 if name == "confidence" else float("inf")
-        row_of = {req_id: i for i, req_id in enumerate(self._row_req_ids)}
-        parts = []
+        parts, found = [], False
         for i, n in enumerate(num_draft_tokens):
             if n == 0:
                 continue
-            row = row_of.get(req_ids[i]) if i < len(req_ids) else None
-            if row is None:
-                parts.append(torch.full((n,), missing, device=rows.device))
+            entry = self._signals.get(req_ids[i]) if i < len(req_ids) else None
+            row = None if entry is None else entry.get(name)
+            if row is None or row.numel() < n:
+                parts.append(torch.full((n,), missing, device=self.device))
             else:
-                parts.append(rows[row, :n])
-        return torch.cat(parts) if parts else None
+                parts.append(row[:n])
+                found = True
+        return torch.cat(parts) if found else None
