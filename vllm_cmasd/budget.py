@@ -113,7 +113,8 @@ class StepBudget:
 # The largest batch profiled; the cost model extends linearly past it. By
 # then a forward is compute-bound (cost linear in tokens) on CPUs, and the
 # curve's slope is what the budget needs. Profiling up to vLLM's default
-# max_num_seqs x (k_max + 1) = 2304 tokens took 30 s on a 2-core CPU.
+# max_num_seqs x (k_max + 1) = 2304 tokens made the first step take 30 s on a
+# 2-core CPU; capped, 4.2 s (scripts/probe_drafting.py --budget).
 MAX_PROFILED_TOKENS = 256
 
 
