@@ -76,9 +76,10 @@ class CmasdConfig:
     kept without the target's check; the others are verified exactly (>= 0; 0 = exact)."""
 
     draft_budget: DraftBudget = "off"
-    """auto: each step's drafted tokens are capped by a cost model profiled at
-    startup (draft and verify cost vs tokens), given to the requests most likely
-    to have them accepted; off: every request drafts as its window allows."""
+    """auto: each step's drafted tokens are capped by a cost model profiled on
+    the engine's first drafting step (draft and verify cost vs tokens), given to
+    the requests most likely to have them accepted; off: every request drafts
+    as its window allows."""
 
     @property
     def normalized_weights(self) -> tuple[float, float, float]:
