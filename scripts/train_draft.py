@@ -453,6 +453,38 @@ def magpie_prompts(llm, tok, args) -> tuple[list[dict], dict]:
 
 
 # --------------------------------------------------------------------------------------
+# Benchmark-domain prompts: the benchmark's tasks and templates on other documents
+# --------------------------------------------------------------------------------------
+
+def docs_prompts(seed: int, eval_frac: float = 0.1):
+    """Summarization / translation / instruction prompts made with the plugin
+    benchmark's own templates (:func:`vllm_cmasd.bench.prompts.training_prompts`) from
+    the same kinds of offline text, with every document a benchmark prompt comes from
+    left out. Split train / held-out by a hash of the document, so a held-out document
+    never appears in training either. Each list is shuffled and then interleaved by task,
+    so a time-boxed generation still gets all three tasks."""
+    sys.path.insert(0, str(REPO_ROOT))
+    from vllm_cmasd.bench.prompts import TASKS, training_prompts
+
+    rng = random.Random(seed + 23)
+    split = {"train": {t: [] for t in TASKS}, "eval": {t: [] for t in TASKS}}
+    for q in training_prompts():
+        part = "eval" if (_h(q["origin"]) % 1000) < eval_frac * 1000 else "train"
+        split[part][q["task"]].append({"sid": f"docs:{q['source']}", "kind": f"docs:{q['task']}",
+                                       "prompt": q["prompt"]})
+    out = []
+    for part in ("train", "eval"):
+        queues = list(split[part].values())
+        for queue in queues:
+            rng.shuffle(queue)
+        mixed = []
+        while any(queues):
+            mixed += [queue.pop() for queue in queues if queue]
+        out.append(mixed)
+    return out[0], out[1]
+
+
+# --------------------------------------------------------------------------------------
 # Stage: data (target answers with vLLM, teacher top-k log-probs cached)
 # --------------------------------------------------------------------------------------
 
@@ -558,8 +590,8 @@ def stage_data(args) -> None:
         log(f"data: {out_path} exists, skipping")
         return
     tok = AutoTokenizer.from_pretrained(args.target)
-    records = {"train": [], "eval": [], "eval_chat": []}
-    pj = {"train": [], "eval": [], "eval_chat": [], "train_chat": []}
+    records = {"train": [], "eval": [], "eval_chat": [], "eval_docs": []}
+    pj = {"train": [], "eval": [], "eval_chat": [], "train_chat": [], "eval_docs": [], "train_docs": []}
     reuse = Path(args.reuse_data) if args.reuse_data else None
     if reuse:
         old = torch.load(reuse / "data.pt", weights_only=False)
@@ -585,8 +617,9 @@ def stage_data(args) -> None:
         sp = SamplingParams(temperature=0.0, max_tokens=args.max_new_tokens,
                             logprobs=TOPK, prompt_logprobs=TOPK if args.prompt_logprobs else None)
         _answer(llm, tok, sp, eval_p, "eval", records, args, label="stdlib")
-        stop_at = time.time() + args.gen_minutes * 60 if args.gen_minutes else None
-        _answer(llm, tok, sp, train_p, "train", records, args, stop_at=stop_at, label="stdlib")
+        if args.gen_minutes > 0:  # 0: held-out only (its agreement is still reported)
+            stop_at = time.time() + args.gen_minutes * 60
+            _answer(llm, tok, sp, train_p, "train", records, args, stop_at=stop_at, label="stdlib")
     if args.chat:
         cp = work / "chat_prompts.json"
         if cp.exists():
@@ -613,6 +646,16 @@ def stage_data(args) -> None:
         stop_at = time.time() + args.chat_gen_minutes * 60
         _answer(llm, tok, csp, chat_ev, "eval_chat", records, args, label="chat")
         _answer(llm, tok, csp, chat_tr, "train", records, args, stop_at=stop_at, label="chat")
+    if args.docs_gen_minutes > 0:
+        docs_tr, docs_ev = docs_prompts(args.seed)
+        docs_ev = docs_ev[: args.n_eval_docs]
+        log(f"data: benchmark domain: {len(docs_tr)} train / {len(docs_ev)} held-out prompts; "
+            f"answering the held-out, then train for <= {args.docs_gen_minutes} min")
+        pj["eval_docs"], pj["train_docs"] = docs_ev, docs_tr
+        dsp = SamplingParams(temperature=0.0, max_tokens=args.docs_max_new_tokens, logprobs=TOPK)
+        stop_at = time.time() + args.docs_gen_minutes * 60
+        _answer(llm, tok, dsp, docs_ev, "eval_docs", records, args, label="docs")
+        _answer(llm, tok, dsp, docs_tr, "train", records, args, stop_at=stop_at, label="docs")
     (work / "prompts.json").write_text(json.dumps(pj, indent=0))
     torch.save(records, out_path.with_suffix(".tmp"))
     os.replace(out_path.with_suffix(".tmp"), out_path)
@@ -798,6 +841,23 @@ def evaluate(body, head, kept, records, t2k, max_len, max_tokens=4096):
     }
 
 
+def _load_init(path):
+    """A warm start: a train checkpoint (``ckpt.pt`` / ``best.pt``), or a shipped draft
+    directory (``drafts/<name>/``: its ``draft.safetensors`` and ``draft.json``)."""
+    import torch
+    from safetensors.torch import load_file
+
+    path = Path(path)
+    if path.is_file():
+        return torch.load(path, weights_only=False)
+    tensors = load_file(str(path / "draft.safetensors"))
+    record = json.loads((path / "draft.json").read_text())
+    body = {k[len("model."):]: v.float() for k, v in tensors.items() if k.startswith("model.")}
+    return {"body": body, "head": {"weight": tensors["lm_head.weight"].float()},
+            "kept": tensors["kept_token_ids"], "layers": record["layers"],
+            "step": record["steps"], "t_used": 60 * record["train_minutes"]}
+
+
 def stage_train(args) -> None:
     import torch
     from tqdm import tqdm
@@ -808,7 +868,10 @@ def stage_train(args) -> None:
     work = Path(args.work)
     data = torch.load(work / "data.pt", weights_only=False)
     tok = AutoTokenizer.from_pretrained(args.target)
-    recs, ev_std, ev_chat = data["train"], data["eval"], data.get("eval_chat", [])
+    recs = data["train"]
+    # held-out sets by domain: stdlib/licence, chat, benchmark domain ("docs")
+    held = {d: data.get(key, []) for d, key in (("stdlib", "eval"), ("chat", "eval_chat"), ("docs", "eval_docs"))}
+    held = {d: rs for d, rs in held.items() if rs}
     kept_path = work / "kept_ids.pt"
     if kept_path.exists():
         kept = torch.load(kept_path)
@@ -828,9 +891,10 @@ def stage_train(args) -> None:
     n_tr_tok = sum(len(r["ids"]) for r in recs)
     n_resp = sum(len(r["ids"]) - r["n_prompt"] for r in recs)
     n_chat = sum(is_chat_kind(r["kind"]) for r in recs)
-    log(f"train: {len(recs)} seqs ({n_chat} chat-domain), {n_tr_tok} tokens ({n_resp} response), "
-        f"kept vocab {len(kept)} covers {coverage(recs):.4f} of train response tokens, "
-        f"held-out: stdlib {coverage(ev_std):.4f}, chat {coverage(ev_chat):.4f}; {args.layers} layers")
+    n_docs = sum(r["kind"].startswith("docs:") for r in recs)
+    log(f"train: {len(recs)} seqs ({n_chat} chat-domain, {n_docs} benchmark-domain), {n_tr_tok} tokens "
+        f"({n_resp} response), kept vocab {len(kept)} covers {coverage(recs):.4f} of train response tokens, "
+        "held-out: " + ", ".join(f"{d} {coverage(rs):.4f}" for d, rs in held.items()) + f"; {args.layers} layers")
     step, epoch, t_used = 0, 0, 0.0
     ck = work / "ckpt.pt"
     hist = []
@@ -838,9 +902,10 @@ def stage_train(args) -> None:
     if not ck.exists() and args.init_from:
         # warm start: body as trained; head rows of tokens kept before copied by token id,
         # rows of newly kept tokens stay initialised from the tied embedding
-        st = torch.load(args.init_from, weights_only=False)
+        st = _load_init(args.init_from)
         assert st["layers"] == args.layers, (st["layers"], args.layers)
-        body.load_state_dict(st["body"])
+        missing, unexpected = body.load_state_dict(st["body"], strict=False)
+        assert not unexpected and all(k.startswith("embed_tokens") for k in missing), (missing, unexpected)
         old_kept = st["kept"].long()
         old_row = {int(t): i for i, t in enumerate(old_kept)}
         rows = [(i, old_row[int(t)]) for i, t in enumerate(kept) if int(t) in old_row]
@@ -878,13 +943,13 @@ def stage_train(args) -> None:
         os.replace(tmp, path)
 
     def eval_all(subset=None):
-        """Held-out agreement per domain; the headline number is their mean (chat-domain
-        held-out when the data has it, else stdlib only)."""
-        out = {"stdlib": evaluate(body, head, kept, ev_std[:subset], t2k, args.max_len)}
-        if ev_chat:
-            out["chat"] = evaluate(body, head, kept, ev_chat[:subset], t2k, args.max_len)
+        """Held-out agreement per domain. The headline number (best-checkpoint criterion)
+        is the benchmark domain's when the data has one (it is what the draft is for),
+        else the mean over the domains."""
+        out = {d: evaluate(body, head, kept, rs[:subset], t2k, args.max_len) for d, rs in held.items()}
+        domains = ["docs"] if "docs" in out else list(held)
         for k in ("top1_agreement_response", "kl"):
-            out[k] = sum(out[d][k] for d in ("stdlib", "chat") if d in out) / (2 if ev_chat else 1)
+            out[k] = sum(out[d][k] for d in domains) / len(domains)
         return out
 
     # deterministic batch order: epoch e uses Random(seed + e); resume skips done steps
@@ -925,8 +990,8 @@ def stage_train(args) -> None:
                     best.update(r, step=step)
                     save(work / "best.pt")
                 log(f"train: step {step} held-out top-1 agreement (response) "
-                    f"{r['top1_agreement_response']:.4f} (stdlib {r['stdlib']['top1_agreement_response']:.4f}"
-                    + (f", chat {r['chat']['top1_agreement_response']:.4f}" if "chat" in r else "")
+                    f"{r['top1_agreement_response']:.4f} ("
+                    + ", ".join(f"{d} {r[d]['top1_agreement_response']:.4f}" for d in held)
                     + f") kl {r['kl']:.3f}")
             save()
         if args.max_minutes and t_used > args.max_minutes * 60:
@@ -936,19 +1001,43 @@ def stage_train(args) -> None:
     pbar.close()
     save()
     r = eval_all()
-    for d in ("stdlib", "chat"):
-        if d in r:
-            x = r[d]
-            log(f"train: FINAL held-out ({d}) teacher-forced top-1 agreement with the target: "
-                f"response tokens {x['top1_agreement_response']:.4f} ({x['n_response_tokens']} tokens), "
-                f"KL {x['kl']:.4f}, kept-vocab coverage {coverage(ev_std if d == 'stdlib' else ev_chat):.4f}")
-    r["kept_vocab_coverage"] = {"train": coverage(recs), "stdlib": coverage(ev_std), "chat": coverage(ev_chat)}
+    for d, rs in held.items():
+        x = r[d]
+        log(f"train: FINAL held-out ({d}) teacher-forced top-1 agreement with the target: "
+            f"response tokens {x['top1_agreement_response']:.4f} ({x['n_response_tokens']} tokens), "
+            f"KL {x['kl']:.4f}, kept-vocab coverage {coverage(rs):.4f}")
+    r["kept_vocab_coverage"] = {"train": coverage(recs), **{d: coverage(rs) for d, rs in held.items()}}
     (work / "final_eval.json").write_text(json.dumps({"step": step, "minutes": t_used / 60, **r}, indent=1))
 
 
 # --------------------------------------------------------------------------------------
 # Stage: export (what differs from the target) and assemble (full vLLM checkpoint)
 # --------------------------------------------------------------------------------------
+
+def _domain(kind: str) -> str:
+    return "docs" if kind.startswith("docs:") else "chat" if is_chat_kind(kind) else "stdlib"
+
+
+def _data_sources(records, args) -> list[str]:
+    """What the training records were made from, for ``draft.json``."""
+    domains = {_domain(r["kind"]) for r in records}
+    kinds = {r["kind"] for r in records}
+    out = []
+    if "stdlib" in domains:
+        out += ["Python stdlib docstrings/sources (%s)" % sys.version.split()[0], "/usr/share/common-licenses"]
+    if "magpie" in kinds:
+        out.append(f"chat: Magpie-style user turns sampled from the target (temperature "
+                   f"{args.magpie_temperature}, top-p 0.95, seeded), answers <= {args.chat_max_new_tokens} new tokens")
+    if any(k.startswith("task:") for k in kinds):
+        out.append("chat: templated short tasks (counting, days/months/letters, arithmetic, yes/no, rewrites, "
+                   f"word games, tiny Python functions), answers <= {args.chat_max_new_tokens} new tokens")
+    if "docs" in domains:
+        out.append("benchmark domain: vllm_cmasd.bench.prompts.training_prompts() -- the benchmark's "
+                   "summarization / translation / instruction templates on package READMEs, Debian READMEs "
+                   "and man pages, every document of a benchmark prompt left out; answers <= "
+                   f"{args.docs_max_new_tokens} new tokens")
+    return out
+
 
 def stage_export(args) -> None:
     import torch
@@ -983,15 +1072,12 @@ def stage_export(args) -> None:
         "hparams": {k: getattr(args, k) for k in ("lr", "warmup", "steps", "max_minutes", "batch_tokens",
                                                     "max_len", "keep_vocab", "layers", "init_from")},
         "data": {
-            "sources": ["Python stdlib docstrings/sources (%s)" % sys.version.split()[0],
-                        "/usr/share/common-licenses"]
-            + (["chat domain: Magpie-style user turns sampled from the target (temperature "
-                f"{args.magpie_temperature}, top-p 0.95, seeded) + templated short tasks "
-                f"(counting, days/months/letters, arithmetic, yes/no, rewrites), answers <= "
-                f"{args.chat_max_new_tokens} new tokens"] if data.get("eval_chat") else []),
-            "train_chat_seqs": sum(is_chat_kind(r["kind"]) for r in data["train"]),
-            "eval_chat_seqs": len(data.get("eval_chat", [])),
-            "eval_chat_response_tokens": int(sum(len(r["ids"]) - r["n_prompt"] for r in data.get("eval_chat", []))),
+            "sources": _data_sources(data["train"], args),
+            "train_seqs_by_domain": {d: sum(_domain(r["kind"]) == d for r in data["train"])
+                                     for d in ("stdlib", "chat", "docs")},
+            **{f"{split}_seqs": len(data.get(split, [])) for split in ("eval_chat", "eval_docs")},
+            **{f"{split}_response_tokens": int(sum(len(r["ids"]) - r["n_prompt"] for r in data.get(split, [])))
+               for split in ("eval_chat", "eval_docs")},
             "teacher": (f"target greedy responses via vLLM (chat template, max {args.max_new_tokens} new "
                         f"tokens); target top-{TOPK} log-probs cached at response positions"
                         + (" and prompt positions" if args.prompt_logprobs else
@@ -1055,6 +1141,7 @@ def assemble_draft(target_dir, drafts_dir, out_dir) -> Path:
 def _bench_prompts(args, tok):
     """``--bench-set heldout``: the first ``--bench-prompts`` held-out stdlib/licence
     prompts; ``heldout-chat``: held-out chat-domain prompts (Magpie + templated tasks);
+    ``heldout-docs``: held-out benchmark-domain prompts (documents no benchmark prompt uses);
     ``benchmark``: the first ``--bench-per-task`` prompts of every task of the plugin's
     fixed benchmark (``vllm_cmasd/bench/prompts.json``, never used for training)."""
     work = Path(args.work)
@@ -1070,7 +1157,8 @@ def _bench_prompts(args, tok):
                     n += 1
         return out
     pj = json.loads((work / "prompts.json").read_text())
-    src = pj["eval"] if args.bench_set == "heldout" else pj.get("eval_chat", [])
+    src = {"heldout": pj["eval"], "heldout-chat": pj.get("eval_chat", []),
+           "heldout-docs": pj.get("eval_docs", [])}[args.bench_set]
     out = []
     for p in src:  # held-out: never seen in training (split by source item)
         ids = _chat_ids(tok, p["prompt"], args.max_prompt_tokens)
@@ -1166,7 +1254,7 @@ def main(argv=None) -> None:
     ap.add_argument("--gen-chunk", type=int, default=128)
     ap.add_argument("--gpu-mem", type=float, default=0.25)
     ap.add_argument("--gen-minutes", type=float, default=22.0,
-                    help="stop generating train data after this many minutes (0: no limit)")
+                    help="minutes answering stdlib/licence train prompts (0: none; the held-out set is still answered)")
     ap.add_argument("--reuse-data", default="",
                     help="take the stdlib/licence records from this earlier work dir")
     ap.add_argument("--chat", type=int, default=1, help="add the chat-domain source (0: off)")
@@ -1177,6 +1265,10 @@ def main(argv=None) -> None:
     ap.add_argument("--chat-gen-minutes", type=float, default=16.0,
                     help="time budget for answering the chat prompts (train split)")
     ap.add_argument("--n-eval-chat", type=int, default=64)
+    ap.add_argument("--docs-gen-minutes", type=float, default=32.0,
+                    help="minutes answering benchmark-domain prompts (docs_prompts; 0: off)")
+    ap.add_argument("--docs-max-new-tokens", type=int, default=96)
+    ap.add_argument("--n-eval-docs", type=int, default=96)
     ap.add_argument("--prompt-logprobs", type=int, default=0,
                     help="also cache the target's top-k on prompt (offline text) positions")
     # model / train
@@ -1202,7 +1294,7 @@ def main(argv=None) -> None:
     ap.add_argument("--bench-tokens", type=int, default=96)
     ap.add_argument("--bench-k", type=int, default=4)
     ap.add_argument("--bench-only", default="", help="comma list of target,draft,spec")
-    ap.add_argument("--bench-set", default="heldout", choices=["heldout", "heldout-chat", "benchmark"])
+    ap.add_argument("--bench-set", default="heldout", choices=["heldout", "heldout-chat", "heldout-docs", "benchmark"])
     ap.add_argument("--bench-per-task", type=int, default=4)
     ap.add_argument("--bench-out", default="")
     args = ap.parse_args(argv)

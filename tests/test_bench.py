@@ -36,6 +36,30 @@ def test_committed_prompts_are_fixed_and_sourced():
             ids.add(item["id"])
 
 
+def test_training_prompts_leave_the_benchmark_unseen():
+    """The draft's benchmark-domain training prompts (scripts/train_draft.py) share the
+    benchmark's templates but none of its documents or passages."""
+    from vllm_cmasd.bench.prompts import TASKS, load_prompts, origin_key, training_prompts
+
+    bench = [q for items in load_prompts()["tasks"].values() for q in items]
+    train = training_prompts(english_man_pages=40)
+    assert {q["task"] for q in train} == set(TASKS)
+    origins = {origin_key(q["source"]) for q in bench}
+    assert not origins & {q["origin"] for q in train}
+    bench_text = "\0".join(q["prompt"] for q in bench)
+    for q in train:
+        body = q["prompt"].split("\n\n", 1)[-1]
+        assert body not in bench_text, q["source"]
+    # Without exclusion the same code rebuilds benchmark prompts: the templates are shared.
+    everything = {q["prompt"] for q in training_prompts({"tasks": {}}, english_man_pages=0)}
+    assert any(q["prompt"] in everything for q in bench)
+    # One origin per document, across languages and versions.
+    assert origin_key("manpage:/usr/share/man/de/man1/dpkg.1.gz#paragraph3:de") == origin_key(
+        "manpage:/usr/share/man/man1/dpkg.1.gz#NAME"
+    )
+    assert origin_key("pypi-metadata:Foo_Bar==1.0#Summary") == origin_key("pypi-metadata:foo-bar==2.1#paragraph4")
+
+
 @pytest.fixture(scope="module")
 def micro_bench(tiny_pair, tiny_self_draft, tmp_path_factory):
     from vllm_cmasd.bench import resolve_preset, run_bench

@@ -239,6 +239,18 @@ def _manpage_foreign_passages() -> list[Passage]:
     return out
 
 
+def _manpage_english_passages(max_pages: int) -> list[Passage]:
+    """English prose paragraphs of man1/man5/man8 pages (training data only; the
+    benchmark uses just their NAME lines). ``max_pages`` pages in a stable
+    pseudo-random order: rendering all of them takes ~8 min."""
+    paths = sorted(Path("/usr/share/man").glob("man[158]/*.gz"), key=lambda p: _stable_key("man-en", p.name))
+    out = []
+    for path in paths[:max_pages]:
+        for i, paragraph in enumerate(_manpage_paragraphs(path)):
+            out.append(Passage(paragraph, f"manpage:{path}#paragraph{i}"))
+    return [p for p in out if _language(p.text) == "en" and _is_prose(p.text, 25, 320)]
+
+
 def _manpage_name_lines() -> list[Passage]:
     """English "command - what it does" lines from the NAME section of man1/man8 pages."""
     out = []
@@ -254,6 +266,47 @@ def _manpage_name_lines() -> list[Passage]:
             if m and m.group(1) not in m.group(2) and " - " not in m.group(2) and not _LICENCE_WORDS.search(m.group(2)):
                 out.append(Passage(f"{m.group(1)}\t{m.group(2).rstrip('.')}", f"manpage:{path}#NAME"))
     return out
+
+
+# ---------------------------------------------------------------------------
+# Prompt templates (shared by the benchmark and by the draft's training data)
+
+SUMMARIZATION_TEMPLATE = "Summarize the following text in two or three sentences.\n\n{text}"
+TRANSLATION_TEMPLATE = "Translate the following {src} text into {dst}. Reply with the translation only.\n\n{text}"
+PACKAGE_TEMPLATES = (
+    "Write a short introduction to the Python package {name} ({what}) for a newcomer: "
+    "what problem does it solve and when would you use it?",
+    "A colleague asks whether they should use {name} ({what}) in their next project. "
+    "Give them balanced advice in a few paragraphs.",
+    "Explain to a beginner, step by step, how they might start using {name} ({what}).",
+    "Write a brief blog post announcing that your team has adopted {name} ({what}), "
+    "and explain why.",
+)
+COMMAND_TEMPLATES = (
+    "Explain what the {name} command ({what}) is for, and describe two situations where it is useful.",
+    "Write a short tutorial for a new Linux user about {name} ({what}).",
+    "A junior administrator has never used {name} ({what}). Explain what it does and what "
+    "mistakes to avoid.",
+    "Describe in plain language what {name} ({what}) does, as if explaining it to a non-programmer.",
+)
+
+
+def _lower_first(text: str) -> str:
+    """'A fast parser' -> 'a fast parser'; 'YAML parser', 'Model Context Protocol' and 'Python ...' stay."""
+    words = text.split()
+    proper = {"python", "linux", "debian", "gnu", "microsoft", "intel", "intel®", "google", "apple"}
+    if len(words) > 1 and words[0][1:].islower() and words[1][:1].islower() and words[0].lower() not in proper:
+        return text[0].lower() + text[1:]
+    return text
+
+
+def _translation_prompt(text: str, src: str, dst: str) -> str:
+    return TRANSLATION_TEMPLATE.format(src=_LANGUAGE_NAMES[src], dst=_LANGUAGE_NAMES[dst], text=text)
+
+
+def _instruction_prompt(templates: tuple[str, ...], i: int, passage: "Passage") -> str:
+    name, what = passage.text.split("\t")
+    return templates[i % len(templates)].format(name=name, what=_lower_first(what))
 
 
 # ---------------------------------------------------------------------------
@@ -299,12 +352,46 @@ def _summarization_documents(passages: list[Passage]) -> list[Passage]:
     return out
 
 
+@dataclass
+class _Pools:
+    pypi: list[Passage]  # English prose paragraphs of package READMEs
+    debian: list[Passage]  # English prose paragraphs of Debian READMEs
+    foreign: list[Passage]  # German / French / Spanish man-page paragraphs
+    names: list[Passage]  # "command\twhat it does" from man-page NAME lines
+    summaries: list[Passage]  # "package\tsummary" from package metadata
+
+
+def _pools() -> _Pools:
+    summaries = [
+        Passage(f"{name}\t{summary.rstrip('.')}", f"pypi-metadata:{name}=={version}#Summary")
+        for name, version, summary, _ in _pypi_packages()
+        if 15 <= len(summary) <= 120 and not _LICENCE_WORDS.search(summary) and "http" not in summary
+    ]
+    return _Pools(
+        pypi=[p for p in _pypi_passages() if _language(p.text) == "en" and _is_prose(p.text, 25, 320)],
+        debian=[p for p in _debian_doc_passages() if _language(p.text) == "en" and _is_prose(p.text, 25, 320)],
+        foreign=[p for p in _manpage_foreign_passages() if _is_prose(p.text, 20, 90)],
+        names=_manpage_name_lines(),
+        summaries=summaries,
+    )
+
+
+def origin_key(source: str) -> str:
+    """The document a prompt's text comes from, across versions and translations:
+    ``pypi:sympy``, ``man:dpkg-deb.1`` (every language of that page), ``doc:/usr/share/doc/x/README``."""
+    kind, _, rest = source.partition(":")
+    path = rest.split("#")[0]
+    if kind == "pypi-metadata":
+        return "pypi:" + path.split("==")[0].lower().replace("_", "-")
+    if kind == "manpage":
+        return "man:" + Path(path).name.removesuffix(".gz")
+    return "doc:" + path
+
+
 def extract(per_task: int = PER_TASK) -> dict:
     """Build the prompt set from this machine's offline text (see the module doc)."""
-    pypi = [p for p in _pypi_passages() if _language(p.text) == "en" and _is_prose(p.text, 25, 320)]
-    debian = [p for p in _debian_doc_passages() if _language(p.text) == "en" and _is_prose(p.text, 25, 320)]
-    foreign = [p for p in _manpage_foreign_passages() if _is_prose(p.text, 20, 90)]
-    names = _manpage_name_lines()
+    pools = _pools()
+    pypi, debian, foreign, names = pools.pypi, pools.debian, pools.foreign, pools.names
 
     tasks: dict[str, list[dict]] = {task: [] for task in TASKS}
 
@@ -318,7 +405,7 @@ def extract(per_task: int = PER_TASK) -> dict:
     docs = _pick(_summarization_documents(debian), n_debian, "sum-debian")
     docs += _pick(_summarization_documents(pypi), per_task - len(docs), "sum-pypi")
     for p in docs:
-        add("summarization", f"Summarize the following text in two or three sentences.\n\n{p.text}", p)
+        add("summarization", SUMMARIZATION_TEMPLATE.format(text=p.text), p)
 
     # Translation: half English -> fr/de/es, half de/fr/es man pages -> English.
     n_foreign = per_task // 2
@@ -331,49 +418,16 @@ def extract(per_task: int = PER_TASK) -> dict:
     for i, p in enumerate(_pick(english, per_task - len(chosen), "tr-en")):
         chosen.append((p, "en", ("fr", "de", "es")[i % 3]))
     for p, src, dst in chosen:
-        prompt = (
-            f"Translate the following {_LANGUAGE_NAMES[src]} text into {_LANGUAGE_NAMES[dst]}. "
-            f"Reply with the translation only.\n\n{p.text}"
-        )
+        prompt = _translation_prompt(p.text, src, dst)
         add("translation", prompt, p, source_language=src, target_language=dst)
 
     # Open-ended instructions around real package summaries and command descriptions.
-    summaries = [
-        Passage(f"{name}\t{summary.rstrip('.')}", f"pypi-metadata:{name}=={version}#Summary")
-        for name, version, summary, _ in _pypi_packages()
-        if 15 <= len(summary) <= 120 and not _LICENCE_WORDS.search(summary) and "http" not in summary
-    ]
-    package_templates = [
-        "Write a short introduction to the Python package {name} ({what}) for a newcomer: "
-        "what problem does it solve and when would you use it?",
-        "A colleague asks whether they should use {name} ({what}) in their next project. "
-        "Give them balanced advice in a few paragraphs.",
-        "Explain to a beginner, step by step, how they might start using {name} ({what}).",
-        "Write a brief blog post announcing that your team has adopted {name} ({what}), "
-        "and explain why.",
-    ]
-    command_templates = [
-        "Explain what the {name} command ({what}) is for, and describe two situations where it is useful.",
-        "Write a short tutorial for a new Linux user about {name} ({what}).",
-        "A junior administrator has never used {name} ({what}). Explain what it does and what "
-        "mistakes to avoid.",
-        "Describe in plain language what {name} ({what}) does, as if explaining it to a non-programmer.",
-    ]
-    def lower_first(text: str) -> str:
-        """'A fast parser' -> 'a fast parser'; 'YAML parser', 'Model Context Protocol' and 'Python ...' stay."""
-        words = text.split()
-        proper = {"python", "linux", "debian", "gnu", "microsoft", "intel", "intel®", "google", "apple"}
-        if len(words) > 1 and words[0][1:].islower() and words[1][:1].islower() and words[0].lower() not in proper:
-            return text[0].lower() + text[1:]
-        return text
-
+    summaries = pools.summaries
     half = per_task // 2
     for i, p in enumerate(_pick(summaries, half, "ins-pypi")):
-        name, what = p.text.split("\t")
-        add("instruction", package_templates[i % 4].format(name=name, what=lower_first(what)), p)
+        add("instruction", _instruction_prompt(PACKAGE_TEMPLATES, i, p), p)
     for i, p in enumerate(_pick(names, per_task - half, "ins-man")):
-        name, what = p.text.split("\t")
-        add("instruction", command_templates[i % 4].format(name=name, what=lower_first(what)), p)
+        add("instruction", _instruction_prompt(COMMAND_TEMPLATES, i, p), p)
 
     for task, items in tasks.items():
         if len(items) < per_task:
@@ -398,6 +452,48 @@ def extract(per_task: int = PER_TASK) -> dict:
         "Built by vllm_cmasd.bench.prompts.extract(); sources in docs/notes/benchmark.md.",
         "tasks": tasks,
     }
+
+
+def training_prompts(benchmark: dict | None = None, english_man_pages: int = 1000) -> list[dict]:
+    """Prompts in the benchmark's tasks and templates from this machine's offline text,
+    none of them the benchmark's: ``{"task", "prompt", "source", "origin"}``, for
+    training a draft on the benchmark's domain. Left out: every document a benchmark
+    prompt comes from (:func:`origin_key`: all versions of a package, every language
+    of a man page) and any passage whose text occurs in a benchmark prompt (READMEs
+    shipped by several packages). More than the benchmark's pool: single paragraphs of
+    60+ words are summarized too, English man pages are used too, and each passage or name gets one template, chosen by
+    a hash of its source. ``benchmark``: the prompt set to keep unseen (default: the
+    committed one); ``english_man_pages``: how many English man pages to render."""
+    bench = [q for items in (benchmark or load_prompts())["tasks"].values() for q in items]
+    exclude_origins = {origin_key(q["source"]) for q in bench}
+    bench_text = "\0".join(q["prompt"] for q in bench)
+    pools = _pools()
+    out: list[dict] = []
+
+    def add(task: str, prompt: str, passage: Passage) -> None:
+        origin = origin_key(passage.source)
+        if origin not in exclude_origins and passage.text.split("\t")[-1] not in bench_text:
+            out.append({"task": task, "prompt": prompt, "source": passage.source, "origin": origin})
+
+    def variant(passage: Passage, n: int) -> int:
+        return int(_stable_key("train", passage.source), 16) % n
+
+    man = _manpage_english_passages(english_man_pages)
+    english = pools.pypi + pools.debian + man
+    documents = sum((_summarization_documents(ps) for ps in (pools.debian, pools.pypi, man)), [])
+    documents += [p for p in english if len(p.text.split()) >= 60]
+    for p in documents:
+        add("summarization", SUMMARIZATION_TEMPLATE.format(text=p.text), p)
+    for p in pools.foreign:
+        add("translation", _translation_prompt(p.text, p.source.rsplit(":", 1)[1], "en"), p)
+    for p in english:
+        if len(p.text.split()) <= 90:
+            add("translation", _translation_prompt(p.text, "en", ("fr", "de", "es")[variant(p, 3)]), p)
+    for p in pools.summaries:
+        add("instruction", _instruction_prompt(PACKAGE_TEMPLATES, variant(p, 4), p), p)
+    for p in pools.names:
+        add("instruction", _instruction_prompt(COMMAND_TEMPLATES, variant(p, 4), p), p)
+    return out
 
 
 def main(argv: list[str] | None = None) -> int:
