@@ -41,6 +41,14 @@ Stages:
               the stdlib prompts (<= ``--chat-max-new-tokens``, ``--chat-gen-minutes``;
               held-out ``eval_chat`` first). ``--reuse-data DIR`` takes the stdlib/licence
               records from an earlier work dir instead of regenerating them.
+              Benchmark domain (``--docs-gen-minutes``, default 32; :func:`docs_prompts`):
+              the plugin benchmark's own summarization / translation / instruction
+              templates on package READMEs, Debian READMEs and man pages, with every
+              document a benchmark prompt comes from (all versions, all languages of a
+              man page) and every passage quoted in one left out
+              (``vllm_cmasd.bench.prompts.training_prompts``); split train / held-out
+              (``eval_docs``) by a hash of the document; answered greedily, <=
+              ``--docs-max-new-tokens``.
 ``train``     draft = target's input embedding (frozen, shared, not shipped) + first
               ``--layers`` decoder layers + final norm + a reduced-vocabulary LM head over the
               ``--keep-vocab`` most frequent target tokens of the training data (rows
@@ -62,11 +70,23 @@ Stages:
 ``assemble``  :func:`assemble_draft` -> ``--assemble-to``.
 ``bench``     plain decoding of target and draft alone and vLLM ``draft_model``
               speculative decoding (greedy, k=4) at batch 1 on held-out prompts
-              (``--bench-set heldout``: stdlib/licence, ``heldout-chat``; ``benchmark``:
-              the first ``--bench-per-task`` prompts of each task of the plugin benchmark).
+              (``--bench-set heldout``: stdlib/licence, ``heldout-chat``, ``heldout-docs``;
+              ``benchmark``: the first ``--bench-per-task`` prompts of each task of the
+              plugin benchmark).
 
-The shipped draft (v2) was made in two runs: the stdlib/licence-only run above (defaults
-with ``--chat 0``, work dir ``models/.cache/draft-train``), then::
+The shipped draft (v3) continues v2 on benchmark-domain data (both cores, no other jobs;
+``drafts/smollm2-135m-draft-rv/TRAINING.md`` has the record)::
+
+    .venv/bin/python scripts/train_draft.py data --work models/.cache/draft-train-v3 \
+        --gen-minutes 0 --chat 1 --magpie-n 0 --chat-gen-minutes 3 --docs-gen-minutes 30 \
+        --max-prompt-tokens 640 --gen-batch 128 --gen-chunk 256 --n-eval 32
+    .venv/bin/python scripts/train_draft.py train --work models/.cache/draft-train-v3 \
+        --init-from drafts/smollm2-135m-draft-rv --threads 2 TRAIN_ARGS
+    .venv/bin/python scripts/train_draft.py export --work models/.cache/draft-train-v3 \
+        --init-from drafts/smollm2-135m-draft-rv --threads 2 TRAIN_ARGS
+
+v2 was made in two runs: the stdlib/licence-only run above (defaults with ``--chat 0``,
+work dir ``models/.cache/draft-train``), then::
 
     .venv/bin/python scripts/train_draft.py data --work models/.cache/draft-train-v2 \\
         --reuse-data models/.cache/draft-train

@@ -8,9 +8,11 @@ reviewable and repeatable; bump ``PROMPTS_VERSION`` whenever the committed
 set changes.
 
 Sources (all present offline on the project's Debian 12 CPU machines; see
-docs/notes/benchmark.md). The draft model is trained on Python standard-library
-docstrings and /usr/share/common-licenses, so neither is used, and paragraphs
-that read like licence text are dropped everywhere:
+docs/notes/benchmark.md). The draft model was first trained on Python
+standard-library docstrings and /usr/share/common-licenses, so neither is used,
+and paragraphs that read like licence text are dropped everywhere. (Its later
+training data come from :func:`training_prompts`: this benchmark's templates on
+other documents, none of the benchmark's own.)
 
 * ``pypi-metadata``: long descriptions (README) in the METADATA of the Python
   packages installed in the project's venv (pip installs them with vLLM).
@@ -422,9 +424,8 @@ def extract(per_task: int = PER_TASK) -> dict:
         add("translation", prompt, p, source_language=src, target_language=dst)
 
     # Open-ended instructions around real package summaries and command descriptions.
-    summaries = pools.summaries
     half = per_task // 2
-    for i, p in enumerate(_pick(summaries, half, "ins-pypi")):
+    for i, p in enumerate(_pick(pools.summaries, half, "ins-pypi")):
         add("instruction", _instruction_prompt(PACKAGE_TEMPLATES, i, p), p)
     for i, p in enumerate(_pick(names, per_task - half, "ins-man")):
         add("instruction", _instruction_prompt(COMMAND_TEMPLATES, i, p), p)
@@ -461,9 +462,10 @@ def training_prompts(benchmark: dict | None = None, english_man_pages: int = 100
     prompt comes from (:func:`origin_key`: all versions of a package, every language
     of a man page) and any passage whose text occurs in a benchmark prompt (READMEs
     shipped by several packages). More than the benchmark's pool: single paragraphs of
-    60+ words are summarized too, English man pages are used too, and each passage or name gets one template, chosen by
-    a hash of its source. ``benchmark``: the prompt set to keep unseen (default: the
-    committed one); ``english_man_pages``: how many English man pages to render."""
+    60+ words are summarized too, English man-page paragraphs are used too, and each
+    passage or name gets one template, chosen by a hash of its source. ``benchmark``:
+    the prompt set to keep unseen (default: the committed one); ``english_man_pages``:
+    how many English man pages to render."""
     bench = [q for items in (benchmark or load_prompts())["tasks"].values() for q in items]
     exclude_origins = {origin_key(q["source"]) for q in bench}
     bench_text = "\0".join(q["prompt"] for q in bench)
