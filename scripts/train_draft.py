@@ -2,7 +2,8 @@
 """Train a small draft model for a HF Llama-family target by self-distillation on CPU.
 
 Usage (every stage is resumable / skipped when its output exists; on 2 cores using one
-thread: ~23 min stdlib data + ~20 min chat data, 74 min training, evals)::
+thread: ~23 min stdlib data + ~20 min chat data + 32 min benchmark-domain data, 74 min
+training, evals)::
 
     export LD_PRELOAD=$PWD/.venv/lib/libiomp5.so VLLM_CPU_OMP_THREADS_BIND=nobind \
            OMP_NUM_THREADS=1 VLLM_ENABLE_V1_MULTIPROCESSING=0
@@ -77,13 +78,14 @@ Stages:
 The shipped draft (v3) continues v2 on benchmark-domain data (both cores, no other jobs;
 ``drafts/smollm2-135m-draft-rv/TRAINING.md`` has the record)::
 
-    .venv/bin/python scripts/train_draft.py data --work models/.cache/draft-train-v3 \
-        --gen-minutes 0 --chat 1 --magpie-n 0 --chat-gen-minutes 3 --docs-gen-minutes 30 \
+    .venv/bin/python scripts/train_draft.py data --work models/.cache/draft-train-v3 \\
+        --gen-minutes 0 --chat 1 --magpie-n 0 --chat-gen-minutes 3 --docs-gen-minutes 30 \\
         --max-prompt-tokens 640 --gen-batch 128 --gen-chunk 256 --n-eval 32
-    .venv/bin/python scripts/train_draft.py train --work models/.cache/draft-train-v3 \
-        --init-from drafts/smollm2-135m-draft-rv --threads 2 TRAIN_ARGS
-    .venv/bin/python scripts/train_draft.py export --work models/.cache/draft-train-v3 \
-        --init-from drafts/smollm2-135m-draft-rv --threads 2 TRAIN_ARGS
+    TA="--threads 2 --lr 4e-4 --warmup 20 --batch-tokens 3072 --max-len 768 --max-minutes 60"
+    .venv/bin/python scripts/train_draft.py train --work models/.cache/draft-train-v3 \\
+        --init-from drafts/smollm2-135m-draft-rv $TA --eval-every 100 --eval-subset 48
+    .venv/bin/python scripts/train_draft.py export --work models/.cache/draft-train-v3 \\
+        --init-from drafts/smollm2-135m-draft-rv $TA --export-from best.pt
 
 v2 was made in two runs: the stdlib/licence-only run above (defaults with ``--chat 0``,
 work dir ``models/.cache/draft-train``), then::
