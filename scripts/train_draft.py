@@ -117,6 +117,7 @@ import re
 import shutil
 import sys
 import time
+from collections import Counter
 from pathlib import Path
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -912,9 +913,8 @@ def stage_train(args) -> None:
 
     n_tr_tok = sum(len(r["ids"]) for r in recs)
     n_resp = sum(len(r["ids"]) - r["n_prompt"] for r in recs)
-    n_chat = sum(is_chat_kind(r["kind"]) for r in recs)
-    n_docs = sum(r["kind"].startswith("docs:") for r in recs)
-    log(f"train: {len(recs)} seqs ({n_chat} chat-domain, {n_docs} benchmark-domain), {n_tr_tok} tokens "
+    by_domain = Counter(_domain(r["kind"]) for r in recs)
+    log(f"train: {len(recs)} seqs ({by_domain['chat']} chat-domain, {by_domain['docs']} benchmark-domain), {n_tr_tok} tokens "
         f"({n_resp} response), kept vocab {len(kept)} covers {coverage(recs):.4f} of train response tokens, "
         "held-out: " + ", ".join(f"{d} {coverage(rs):.4f}" for d, rs in held.items()) + f"; {args.layers} layers")
     step, epoch, t_used = 0, 0, 0.0
@@ -1081,6 +1081,7 @@ def stage_export(args) -> None:
     if (work / "final_eval.json").exists():
         fe = json.loads((work / "final_eval.json").read_text())
     data = torch.load(work / "data.pt", weights_only=False)
+    by_domain = Counter(_domain(r["kind"]) for r in data["train"])
     rec = {
         "architecture": DRAFT_ARCH,
         "layers": st["layers"],
@@ -1095,8 +1096,7 @@ def stage_export(args) -> None:
                                                     "max_len", "keep_vocab", "layers", "init_from")},
         "data": {
             "sources": _data_sources(data["train"], args),
-            "train_seqs_by_domain": {d: sum(_domain(r["kind"]) == d for r in data["train"])
-                                     for d in ("stdlib", "chat", "docs")},
+            "train_seqs_by_domain": {d: by_domain[d] for d in ("stdlib", "chat", "docs")},
             **{f"{split}_seqs": len(data.get(split, [])) for split in ("eval_chat", "eval_docs")},
             **{f"{split}_response_tokens": int(sum(len(r["ids"]) - r["n_prompt"] for r in data.get(split, [])))
                for split in ("eval_chat", "eval_docs")},
