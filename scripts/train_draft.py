@@ -40,16 +40,16 @@ Stages:
               yes/no questions, short rewrites, word games, tiny Python functions). Both
               are split train / held-out by a hash of the item id, answered greedily like
               the stdlib prompts (<= ``--chat-max-new-tokens``, ``--chat-gen-minutes``;
-              held-out ``eval_chat`` first). ``--reuse-data DIR`` takes the stdlib/licence
-              records from an earlier work dir instead of regenerating them.
+              held-out ``eval_chat`` first). ``--reuse-data DIR`` starts from every record
+              of an earlier work dir (train and held-out) and asks only new prompts.
               Benchmark domain (``--docs-gen-minutes``, default 32; :func:`docs_prompts`):
               the plugin benchmark's own summarization / translation / instruction
-              templates on package READMEs, Debian READMEs and man pages, with every
-              document a benchmark prompt comes from (all versions, all languages of a
-              man page) and every passage quoted in one left out
-              (``vllm_cmasd.bench.prompts.training_prompts``); split train / held-out
-              (``eval_docs``) by a hash of the document; answered greedily, <=
-              ``--docs-max-new-tokens``.
+              templates on package READMEs and docstrings, Debian READMEs and man pages,
+              with every document a benchmark prompt comes from (all versions, all
+              languages of a man page, a package's docstrings with its README) and every
+              passage quoted in one left out (``vllm_cmasd.bench.prompts.training_prompts``);
+              split train / held-out (``eval_docs``) by a hash of the document; asked in
+              the ratio ``--docs-mix``; answered greedily, <= ``--docs-max-new-tokens``.
 ``train``     draft = target's input embedding (frozen, shared, not shipped) + first
               ``--layers`` decoder layers + final norm + a reduced-vocabulary LM head over the
               ``--keep-vocab`` most frequent target tokens of the training data (rows
@@ -479,16 +479,19 @@ def magpie_prompts(llm, tok, args) -> tuple[list[dict], dict]:
 # Benchmark-domain prompts: the benchmark's tasks and templates on other documents
 # --------------------------------------------------------------------------------------
 
-def docs_prompts(seed: int, eval_frac: float = 0.1):
+def docs_prompts(seed: int, eval_frac: float = 0.1, mix: dict[str, int] | None = None):
     """Summarization / translation / instruction prompts made with the plugin
     benchmark's own templates (:func:`vllm_cmasd.bench.prompts.training_prompts`) from
     the same kinds of offline text, with every document a benchmark prompt comes from
     left out. Split train / held-out by a hash of the document, so a held-out document
     never appears in training either. Each list is shuffled and then interleaved by task,
-    so a time-boxed generation still gets all three tasks."""
+    ``mix[task]`` prompts of each task per round (default one each), so a time-boxed
+    generation gets the tasks in that ratio; within a task, prompts on READMEs and man
+    pages (the benchmark's own kinds of document) come before those on docstrings."""
     sys.path.insert(0, str(REPO_ROOT))
     from vllm_cmasd.bench.prompts import TASKS, training_prompts
 
+    mix = mix or {t: 1 for t in TASKS}
     rng = random.Random(seed + 23)
     split = {"train": {t: [] for t in TASKS}, "eval": {t: [] for t in TASKS}}
     for q in training_prompts():
@@ -497,12 +500,15 @@ def docs_prompts(seed: int, eval_frac: float = 0.1):
                                        "prompt": q["prompt"]})
     out = []
     for part in ("train", "eval"):
-        queues = list(split[part].values())
-        for queue in queues:
+        queues = []
+        for task, queue in split[part].items():
             rng.shuffle(queue)
+            queue.sort(key=lambda q: not q["sid"].startswith("docs:pydoc:"))  # popped from the end
+            queues.append((queue, mix.get(task, 0)))
         mixed = []
-        while any(queues):
-            mixed += [queue.pop() for queue in queues if queue]
+        while any(queue and n for queue, n in queues):
+            for queue, n in queues:
+                mixed += [queue.pop() for _ in range(min(n, len(queue)))]
         out.append(mixed)
     return out[0], out[1]
 
@@ -595,8 +601,10 @@ def stage_data(args) -> None:
     """Two sources, both answered greedily by the target with top-16 log-probs cached:
 
     * stdlib / licence prompts (:func:`build_prompts`), ``--gen-minutes`` of generation;
-      ``--reuse-data DIR`` takes these records (``data.pt`` train/eval + ``prompts.json``)
-      from an earlier run's work dir instead of regenerating them;
+      ``--reuse-data DIR`` starts from every record of an earlier run's work dir
+      (``data.pt`` + ``prompts.json``: train and held-out sets, kept as they are) instead
+      of regenerating the stdlib ones, and asks the other sources only prompts it did
+      not answer;
     * chat domain (``--chat``): :func:`task_prompts` + :func:`magpie_prompts`, split
       train / held-out by a hash of the item id, answered with at most
       ``--chat-max-new-tokens`` new tokens for ``--chat-gen-minutes`` (held-out first).
@@ -616,13 +624,17 @@ def stage_data(args) -> None:
     records = {"train": [], "eval": [], "eval_chat": [], "eval_docs": []}
     pj = {"train": [], "eval": [], "eval_chat": [], "train_chat": [], "eval_docs": [], "train_docs": []}
     reuse = Path(args.reuse_data) if args.reuse_data else None
+    answered = set()  # prompts the reused records already answer (not asked again)
     if reuse:
         old = torch.load(reuse / "data.pt", weights_only=False)
-        records["train"], records["eval"] = list(old["train"]), list(old["eval"])
         opj = json.loads((reuse / "prompts.json").read_text())
-        pj["train"], pj["eval"] = opj["train"], opj["eval"]
-        log(f"data: reusing {len(records['train'])} train / {len(records['eval'])} held-out "
-            f"stdlib/licence records from {reuse}")
+        for key in records:
+            records[key] = list(old.get(key, []))
+        for key in pj:
+            pj[key] = opj.get(key, [])
+        done = {r["sid"] for rs in records.values() for r in rs}
+        answered = {q["prompt"] for qs in pj.values() for q in qs if q["sid"] in done}
+        log(f"data: reusing the records of {reuse}: " + ", ".join(f"{k} {len(v)}" for k, v in records.items()))
         train_p, eval_p = [], []
     else:
         train_p, eval_p = build_prompts(args.seed, args.n_train, args.n_eval)
@@ -670,11 +682,15 @@ def stage_data(args) -> None:
         _answer(llm, tok, csp, chat_ev, "eval_chat", records, args, label="chat")
         _answer(llm, tok, csp, chat_tr, "train", records, args, stop_at=stop_at, label="chat")
     if args.docs_gen_minutes > 0:
-        docs_tr, docs_ev = docs_prompts(args.seed)
-        docs_ev = docs_ev[: args.n_eval_docs]
-        log(f"data: benchmark domain: {len(docs_tr)} train / {len(docs_ev)} held-out prompts; "
-            f"answering the held-out, then train for <= {args.docs_gen_minutes} min")
-        pj["eval_docs"], pj["train_docs"] = docs_ev, docs_tr
+        mix = {task: int(n) for task, n in (item.split("=") for item in args.docs_mix.split(","))}
+        docs_tr, docs_ev = docs_prompts(args.seed, mix=mix)
+        docs_tr = [q for q in docs_tr if q["prompt"] not in answered]
+        # a reused held-out set is kept as it is, so versions are compared on the same text
+        docs_ev = [] if records["eval_docs"] else docs_ev[: args.n_eval_docs]
+        log(f"data: benchmark domain: {len(docs_tr)} new train / {len(docs_ev)} new held-out prompts "
+            f"(mix {mix}); answering the held-out, then train for <= {args.docs_gen_minutes} min")
+        pj["eval_docs"] = pj["eval_docs"] + docs_ev
+        pj["train_docs"] = pj["train_docs"] + docs_tr
         dsp = SamplingParams(temperature=0.0, max_tokens=args.docs_max_new_tokens, logprobs=TOPK)
         stop_at = time.time() + args.docs_gen_minutes * 60
         _answer(llm, tok, dsp, docs_ev, "eval_docs", records, args, label="docs")
@@ -1040,6 +1056,14 @@ def _domain(kind: str) -> str:
     return "docs" if kind.startswith("docs:") else "chat" if is_chat_kind(kind) else "stdlib"
 
 
+def _kind_tokens(records) -> dict[str, int]:
+    """Response tokens per prompt kind (``docs:summarization``, ``task:count``, ...)."""
+    out = Counter()
+    for r in records:
+        out[r["kind"]] += len(r["ids"]) - r["n_prompt"]
+    return dict(sorted(out.items()))
+
+
 def _data_sources(records, args) -> list[str]:
     """What the training records were made from, for ``draft.json``."""
     domains = {_domain(r["kind"]) for r in records}
@@ -1055,8 +1079,8 @@ def _data_sources(records, args) -> list[str]:
                    f"word games, tiny Python functions), answers <= {args.chat_max_new_tokens} new tokens")
     if "docs" in domains:
         out.append("benchmark domain: vllm_cmasd.bench.prompts.training_prompts() -- the benchmark's "
-                   "summarization / translation / instruction templates on package READMEs, Debian READMEs "
-                   "and man pages, every document of a benchmark prompt left out; answers <= "
+                   "summarization / translation / instruction templates on package READMEs and docstrings, "
+                   "Debian READMEs and man pages, every document of a benchmark prompt left out; answers <= "
                    f"{args.docs_max_new_tokens} new tokens")
     return out
 
@@ -1100,8 +1124,9 @@ def stage_export(args) -> None:
             **{f"{split}_seqs": len(data.get(split, [])) for split in ("eval_chat", "eval_docs")},
             **{f"{split}_response_tokens": int(sum(len(r["ids"]) - r["n_prompt"] for r in data.get(split, [])))
                for split in ("eval_chat", "eval_docs")},
-            "teacher": (f"target greedy responses via vLLM (chat template, max {args.max_new_tokens} new "
-                        f"tokens); target top-{TOPK} log-probs cached at response positions"
+            "train_response_tokens_by_kind": _kind_tokens(data["train"]),
+            "teacher": (f"target greedy responses via vLLM (chat template, new-token caps as in sources); "
+                        f"target top-{TOPK} log-probs cached at response positions"
                         + (" and prompt positions" if args.prompt_logprobs else
                            " (prompt positions: context only)")),
             "train_seqs": len(data["train"]), "eval_seqs": len(data["eval"]),
@@ -1165,7 +1190,8 @@ def _bench_prompts(args, tok):
     prompts; ``heldout-chat``: held-out chat-domain prompts (Magpie + templated tasks);
     ``heldout-docs``: held-out benchmark-domain prompts (documents no benchmark prompt uses);
     ``benchmark``: the first ``--bench-per-task`` prompts of every task of the plugin's
-    fixed benchmark (``vllm_cmasd/bench/prompts.json``, never used for training)."""
+    fixed benchmark (``vllm_cmasd/bench/prompts.json``, never used for training).
+    Returns ``(task or kind, prompt ids)`` pairs, grouped by task."""
     work = Path(args.work)
     if args.bench_set == "benchmark":
         tasks = json.loads((REPO_ROOT / "vllm_cmasd/bench/prompts.json").read_text())["tasks"]
@@ -1175,7 +1201,7 @@ def _bench_prompts(args, tok):
             for p in plist:
                 ids = _chat_ids(tok, p["prompt"], args.max_prompt_tokens)
                 if ids is not None and n < args.bench_per_task:
-                    out.append(ids)
+                    out.append((task, ids))
                     n += 1
         return out
     pj = json.loads((work / "prompts.json").read_text())
@@ -1185,10 +1211,10 @@ def _bench_prompts(args, tok):
     for p in src:  # held-out: never seen in training (split by source item)
         ids = _chat_ids(tok, p["prompt"], args.max_prompt_tokens)
         if ids is not None:
-            out.append(ids)
+            out.append((p["kind"].removeprefix("docs:"), ids))
         if len(out) >= args.bench_prompts:
             break
-    return out
+    return sorted(out, key=lambda item: item[0])
 
 
 def _timed_generate(llm, prompts, sp, batch1: bool):
@@ -1216,7 +1242,10 @@ def stage_bench(args) -> None:
 
     register()
     tok = AutoTokenizer.from_pretrained(args.target)
-    prompts = _bench_prompts(args, tok)
+    groups: dict[str, list] = {}
+    for group, ids in _bench_prompts(args, tok):
+        groups.setdefault(group, []).append(ids)
+    prompts = [ids for plist in groups.values() for ids in plist]
     sp = SamplingParams(temperature=0.0, max_tokens=args.bench_tokens, ignore_eos=False)
     warm = SamplingParams(temperature=0.0, max_tokens=8)
     draft = args.assemble_to
@@ -1233,17 +1262,26 @@ def stage_bench(args) -> None:
             continue
         llm = LLM(**kw, **common)
         _timed_generate(llm, prompts[:1], warm, True)
-        base = spec_decode_counters(llm) if name == "spec" else None
-        n, dt = _timed_generate(llm, prompts, sp, True)
+        n, dt, by_group = 0, 0.0, {}
+        for group, plist in groups.items():
+            before = spec_decode_counters(llm) if name == "spec" else None
+            gn, gdt = _timed_generate(llm, plist, sp, True)
+            n, dt = n + gn, dt + gdt
+            by_group[group] = {"prompts": len(plist), "tok_per_s": round(gn / gdt, 2)}
+            if name == "spec":
+                c = spec_decode_counters(llm)
+                d = c["num_drafts"] - before["num_drafts"]
+                a = c["num_accepted_tokens"] - before["num_accepted_tokens"]
+                by_group[group].update(num_drafts=d, num_accepted_tokens=a,
+                                       mean_acceptance_length=round(1 + a / d, 3) if d else None)
         r = {"tokens": n, "seconds": round(dt, 2), "tok_per_s": round(n / dt, 2),
-             "ms_per_token": round(1000 * dt / n, 2)}
+             "ms_per_token": round(1000 * dt / n, 2), "by_task": by_group}
         if name == "spec":
-            c = spec_decode_counters(llm)
-            d = c["num_drafts"] - base["num_drafts"]
-            a = c["num_accepted_tokens"] - base["num_accepted_tokens"]
+            d = sum(g["num_drafts"] for g in by_group.values())
+            a = sum(g["num_accepted_tokens"] for g in by_group.values())
             r.update(num_drafts=d, num_accepted_tokens=a,
                      mean_acceptance_length=round(1 + a / d, 3) if d else None,
-                     accepted_per_position=c.get("accepted_per_position"))
+                     accepted_per_position=spec_decode_counters(llm).get("accepted_per_position"))
         outs[name] = r
         log(f"bench: {name}: {r}")
         shutdown(llm)
@@ -1253,6 +1291,8 @@ def stage_bench(args) -> None:
             outs["draft"]["ms_per_token"] / outs["target"]["ms_per_token"], 4)
     if "target" in outs and "spec" in outs:
         res["speedup"] = round(outs["spec"]["tok_per_s"] / outs["target"]["tok_per_s"], 3)
+        res["speedup_by_task"] = {g: round(outs["spec"]["by_task"][g]["tok_per_s"] / t["tok_per_s"], 3)
+                                  for g, t in outs["target"]["by_task"].items()}
     log(f"bench: {json.dumps(res)}")
     out = Path(args.bench_out) if args.bench_out else Path(args.work) / "bench.json"
     out.write_text(json.dumps(res, indent=1))
@@ -1278,7 +1318,8 @@ def main(argv=None) -> None:
     ap.add_argument("--gen-minutes", type=float, default=22.0,
                     help="minutes answering stdlib/licence train prompts (0: none; the held-out set is still answered)")
     ap.add_argument("--reuse-data", default="",
-                    help="take the stdlib/licence records from this earlier work dir")
+                    help="start from every record of this earlier work dir (train and held-out); "
+                         "prompts it answered are not asked again")
     ap.add_argument("--chat", type=int, default=1, help="add the chat-domain source (0: off)")
     ap.add_argument("--magpie-n", type=int, default=1536, help="Magpie user turns to sample")
     ap.add_argument("--magpie-minutes", type=float, default=7.0)
@@ -1290,6 +1331,8 @@ def main(argv=None) -> None:
     ap.add_argument("--docs-gen-minutes", type=float, default=32.0,
                     help="minutes answering benchmark-domain prompts (docs_prompts; 0: off)")
     ap.add_argument("--docs-max-new-tokens", type=int, default=96)
+    ap.add_argument("--docs-mix", default="summarization=1,translation=1,instruction=1",
+                    help="benchmark-domain prompts of each task per round of the time-boxed generation")
     ap.add_argument("--n-eval-docs", type=int, default=96)
     ap.add_argument("--prompt-logprobs", type=int, default=0,
                     help="also cache the target's top-k on prompt (offline text) positions")

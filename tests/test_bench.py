@@ -42,8 +42,9 @@ def test_training_prompts_leave_the_benchmark_unseen():
     from vllm_cmasd.bench.prompts import TASKS, load_prompts, origin_key, training_prompts
 
     bench = [q for items in load_prompts()["tasks"].values() for q in items]
-    train = training_prompts(english_man_pages=40)
+    train = training_prompts(english_man_pages=40, python_doc_files=1500)
     assert {q["task"] for q in train} == set(TASKS)
+    assert any(q["source"].startswith("pydoc:") for q in train)
     origins = {origin_key(q["source"]) for q in bench}
     assert not origins & {q["origin"] for q in train}
     bench_text = "\0".join(q["prompt"] for q in bench)
@@ -51,13 +52,17 @@ def test_training_prompts_leave_the_benchmark_unseen():
         body = q["prompt"].split("\n\n", 1)[-1]
         assert body not in bench_text, q["source"]
     # Without exclusion the same code rebuilds benchmark prompts: the templates are shared.
-    everything = {q["prompt"] for q in training_prompts({"tasks": {}}, english_man_pages=0)}
+    everything = {q["prompt"] for q in training_prompts({"tasks": {}}, english_man_pages=0, python_doc_files=0)}
     assert any(q["prompt"] in everything for q in bench)
     # One origin per document, across languages and versions.
     assert origin_key("manpage:/usr/share/man/de/man1/dpkg.1.gz#paragraph3:de") == origin_key(
         "manpage:/usr/share/man/man1/dpkg.1.gz#NAME"
     )
     assert origin_key("pypi-metadata:Foo_Bar==1.0#Summary") == origin_key("pypi-metadata:foo-bar==2.1#paragraph4")
+    # A package's docstrings belong to its README's document: left out with it.
+    assert origin_key("pydoc:foo_bar==2.1:foo_bar/core.py:Parser:12#paragraph0") == origin_key(
+        "pypi-metadata:Foo-Bar==1.0#paragraph2"
+    )
 
 
 @pytest.fixture(scope="module")

@@ -202,6 +202,40 @@ def _debian_doc_passages() -> list[Passage]:
     return out
 
 
+def _python_doc_passages(max_files: int | None = None) -> list[Passage]:
+    """English prose paragraphs of the module, class and function docstrings of the
+    installed distributions (training data only: technical prose like the READMEs the
+    benchmark summarizes, ~19k paragraphs, ~1 min to parse). ``max_files``: at most
+    that many source files, in a stable pseudo-random order."""
+    import ast
+    from importlib import metadata
+
+    files = []
+    for dist in metadata.distributions():
+        name, version = dist.metadata["Name"], dist.metadata["Version"]
+        if not name or name.lower().startswith("vllm-cmasd"):
+            continue
+        for f in dist.files or []:
+            if str(f).endswith(".py") and "test" not in str(f):
+                files.append((name, version, f, dist))
+    files.sort(key=lambda item: _stable_key("pydoc", item[0], item[2]))
+    out = []
+    for name, version, f, dist in files[:max_files]:
+        try:
+            tree = ast.parse(Path(dist.locate_file(f)).read_text(encoding="utf-8"))
+        except (SyntaxError, ValueError, OSError, UnicodeDecodeError):
+            continue
+        nodes = [tree] + [n for n in ast.walk(tree) if isinstance(n, (ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef))]
+        for node in nodes:
+            doc = ast.get_docstring(node)
+            if not doc or len(doc) < 200:
+                continue
+            where = f"pydoc:{name}=={version}:{f}:{getattr(node, 'name', '')}:{getattr(node, 'lineno', 0)}"
+            for i, paragraph in enumerate(_markup_to_paragraphs(doc)):
+                out.append(Passage(paragraph, f"{where}#paragraph{i}"))
+    return [p for p in out if _language(p.text) == "en" and _is_prose(p.text, 25, 320)]
+
+
 def _render_manpage(path: Path) -> str:
     if shutil.which("man") is None:
         return ""
@@ -330,15 +364,43 @@ def _pick(passages: list[Passage], n: int, salt: str, per_origin: int = 1) -> li
     return picked
 
 
-def _summarization_documents(passages: list[Passage]) -> list[Passage]:
-    """Runs of consecutive prose paragraphs from one document, 120-320 words."""
+def _span(origin: str, run: list[tuple[int, Passage]]) -> Passage:
+    first, last = run[0][0], run[-1][0]
+    span = f"#paragraph{first}" if first == last else f"#paragraphs{first}-{last}"
+    return Passage("\n\n".join(q.text for _, q in run), origin + span)
+
+
+def _by_origin(passages: list[Passage]) -> list[tuple[str, list[tuple[int, Passage]]]]:
     by_origin: dict[str, list[tuple[int, Passage]]] = {}
     for p in passages:
         origin, _, para = p.source.partition("#paragraph")
         by_origin.setdefault(origin, []).append((int(para), p))
+    return [(origin, sorted(items, key=lambda item: item[0])) for origin, items in sorted(by_origin.items())]
+
+
+def _summarization_windows(passages: list[Passage]) -> list[Passage]:
+    """Like :func:`_summarization_documents`, but a run starts at every paragraph and
+    steps over the code, lists and tables between prose paragraphs (overlapping
+    windows: more distinct summaries per document, for training)."""
     out = []
-    for origin, items in sorted(by_origin.items()):
-        items.sort(key=lambda item: item[0])
+    for origin, items in _by_origin(passages):
+        for start in range(len(items)):
+            run, words = [], 0
+            for index, p in items[start:]:
+                n = len(p.text.split())
+                if words + n > 320:
+                    break
+                run.append((index, p))
+                words += n
+            if words >= 120:
+                out.append(_span(origin, run))
+    return out
+
+
+def _summarization_documents(passages: list[Passage]) -> list[Passage]:
+    """Runs of consecutive prose paragraphs from one document, 120-320 words."""
+    out = []
+    for origin, items in _by_origin(passages):
         run: list[tuple[int, Passage]] = []
         for index, p in items + [(-10, None)]:  # sentinel flushes the last run
             words = sum(len(q.text.split()) for _, q in run)
@@ -347,9 +409,7 @@ def _summarization_documents(passages: list[Passage]) -> list[Passage]:
                 run.append((index, p))
                 continue
             if 120 <= words <= 320:
-                first, last = run[0][0], run[-1][0]
-                span = f"#paragraph{first}" if first == last else f"#paragraphs{first}-{last}"
-                out.append(Passage("\n\n".join(q.text for _, q in run), origin + span))
+                out.append(_span(origin, run))
             run = [(index, p)] if p is not None else []
     return out
 
@@ -383,7 +443,7 @@ def origin_key(source: str) -> str:
     ``pypi:sympy``, ``man:dpkg-deb.1`` (every language of that page), ``doc:/usr/share/doc/x/README``."""
     kind, _, rest = source.partition(":")
     path = rest.split("#")[0]
-    if kind == "pypi-metadata":
+    if kind in ("pypi-metadata", "pydoc"):  # a package's README and its docstrings: one origin
         return "pypi:" + path.split("==")[0].lower().replace("_", "-")
     if kind == "manpage":
         return "man:" + Path(path).name.removesuffix(".gz")
@@ -455,35 +515,44 @@ def extract(per_task: int = PER_TASK) -> dict:
     }
 
 
-def training_prompts(benchmark: dict | None = None, english_man_pages: int = 1000) -> list[dict]:
+def training_prompts(
+    benchmark: dict | None = None, english_man_pages: int = 1000, python_doc_files: int | None = None
+) -> list[dict]:
     """Prompts in the benchmark's tasks and templates from this machine's offline text,
     none of them the benchmark's: ``{"task", "prompt", "source", "origin"}``, for
     training a draft on the benchmark's domain. Left out: every document a benchmark
-    prompt comes from (:func:`origin_key`: all versions of a package, every language
-    of a man page) and any passage whose text occurs in a benchmark prompt (READMEs
-    shipped by several packages). More than the benchmark's pool: single paragraphs of
-    60+ words are summarized too, English man-page paragraphs are used too, and each
-    passage or name gets one template, chosen by a hash of its source. ``benchmark``:
-    the prompt set to keep unseen (default: the committed one); ``english_man_pages``:
-    how many English man pages to render."""
+    prompt comes from (:func:`origin_key`: all versions of a package, its docstrings too,
+    every language of a man page) and any passage whose text occurs in a benchmark
+    prompt (READMEs shipped by several packages). More than the benchmark's pool:
+    summaries of overlapping windows of each document (a run of paragraphs from every
+    paragraph on), of single paragraphs of 60+ words, and of the installed packages'
+    docstrings; English man-page paragraphs; every instruction template for each package
+    or command; one translation direction per English passage, chosen by a hash of its
+    source. ``benchmark``: the prompt set to keep unseen (default: the committed one);
+    ``english_man_pages``: how many English man pages to render; ``python_doc_files``:
+    at most that many source files for docstrings (None: all, 0: none)."""
     bench = [q for items in (benchmark or load_prompts())["tasks"].values() for q in items]
     exclude_origins = {origin_key(q["source"]) for q in bench}
     bench_text = "\0".join(q["prompt"] for q in bench)
     pools = _pools()
     out: list[dict] = []
+    seen: set[str] = set()
 
     def add(task: str, prompt: str, passage: Passage) -> None:
         origin = origin_key(passage.source)
-        if origin not in exclude_origins and passage.text.split("\t")[-1] not in bench_text:
-            out.append({"task": task, "prompt": prompt, "source": passage.source, "origin": origin})
+        if origin in exclude_origins or passage.text.split("\t")[-1] in bench_text or prompt in seen:
+            return
+        seen.add(prompt)  # the same paragraph can sit in several packages or windows
+        out.append({"task": task, "prompt": prompt, "source": passage.source, "origin": origin})
 
     def variant(passage: Passage, n: int) -> int:
         return int(_stable_key("train", passage.source), 16) % n
 
     man = _manpage_english_passages(english_man_pages)
+    pydoc = _python_doc_passages(python_doc_files) if python_doc_files != 0 else []
     english = pools.pypi + pools.debian + man
-    documents = sum((_summarization_documents(ps) for ps in (pools.debian, pools.pypi, man)), [])
-    documents += [p for p in english if len(p.text.split()) >= 60]
+    documents = sum((_summarization_windows(ps) for ps in (pools.debian, pools.pypi, man, pydoc)), [])
+    documents += [p for p in english + pydoc if len(p.text.split()) >= 60]
     for p in documents:
         add("summarization", SUMMARIZATION_TEMPLATE.format(text=p.text), p)
     for p in pools.foreign:
@@ -491,10 +560,10 @@ def training_prompts(benchmark: dict | None = None, english_man_pages: int = 100
     for p in english:
         if len(p.text.split()) <= 90:
             add("translation", _translation_prompt(p.text, "en", ("fr", "de", "es")[variant(p, 3)]), p)
-    for p in pools.summaries:
-        add("instruction", _instruction_prompt(PACKAGE_TEMPLATES, variant(p, 4), p), p)
-    for p in pools.names:
-        add("instruction", _instruction_prompt(COMMAND_TEMPLATES, variant(p, 4), p), p)
+    for templates, names in ((PACKAGE_TEMPLATES, pools.summaries), (COMMAND_TEMPLATES, pools.names)):
+        for p in names:
+            for i in range(len(templates)):
+                add("instruction", _instruction_prompt(templates, i, p), p)
     return out
 
 
