@@ -75,8 +75,24 @@ Stages:
               ``benchmark``: the first ``--bench-per-task`` prompts of each task of the
               plugin benchmark).
 
-The shipped draft (v3) continues v2 on benchmark-domain data (both cores, no other jobs;
-``drafts/smollm2-135m-draft-rv/TRAINING.md`` has the record)::
+The shipped draft (v4) continues v3 with more benchmark-domain data, summaries first (both
+cores, no other jobs; ``drafts/smollm2-135m-draft-rv/TRAINING.md`` has the record)::
+
+    .venv/bin/python scripts/train_draft.py data --work models/.cache/draft-train-v4 \
+        --reuse-data models/.cache/draft-train-v3 --chat 0 --docs-gen-minutes 28 \
+        --docs-mix summarization=4,translation=1,instruction=2 \
+        --max-prompt-tokens 640 --gen-batch 128 --gen-chunk 256
+    .venv/bin/python scripts/train_draft.py data --work models/.cache/draft-train-v4b \
+        --reuse-data models/.cache/draft-train-v4 --chat 0 --docs-gen-minutes 11 \
+        --docs-mix summarization=1,translation=0,instruction=0 \
+        --max-prompt-tokens 640 --gen-batch 128 --gen-chunk 256
+    TA="--threads 2 --lr 3e-4 --warmup 20 --batch-tokens 3072 --max-len 768 --max-minutes 50"
+    .venv/bin/python scripts/train_draft.py train --work models/.cache/draft-train-v4b \
+        --init-from drafts/smollm2-135m-draft-rv $TA --eval-every 100 --eval-subset 48
+    .venv/bin/python scripts/train_draft.py export --work models/.cache/draft-train-v4b \
+        --init-from drafts/smollm2-135m-draft-rv $TA --export-from best.pt
+
+v3 continued v2 on benchmark-domain data::
 
     .venv/bin/python scripts/train_draft.py data --work models/.cache/draft-train-v3 \\
         --gen-minutes 0 --chat 1 --magpie-n 0 --chat-gen-minutes 3 --docs-gen-minutes 30 \\
