@@ -549,7 +549,7 @@ def training_prompts(
         return int(_stable_key("train", passage.source), 16) % n
 
     man = _manpage_english_passages(english_man_pages)
-    pydoc = _python_doc_passages(python_doc_files) if python_doc_files != 0 else []
+    pydoc = _python_doc_passages(python_doc_files)
     english = pools.pypi + pools.debian + man
     documents = sum((_summarization_windows(ps) for ps in (pools.debian, pools.pypi, man, pydoc)), [])
     documents += [p for p in english + pydoc if len(p.text.split()) >= 60]
