@@ -1061,6 +1061,13 @@ def stage_train(args) -> None:
             f"response tokens {x['top1_agreement_response']:.4f} ({x['n_response_tokens']} tokens), "
             f"KL {x['kl']:.4f}, kept-vocab coverage {coverage(rs):.4f}")
     r["kept_vocab_coverage"] = {"train": coverage(recs), **{d: coverage(rs) for d, rs in held.items()}}
+    by_task: dict[str, list] = {}  # benchmark-domain held-out agreement per task: where the draft is weak
+    for rec in held.get("docs", []):
+        by_task.setdefault(rec["kind"].removeprefix("docs:"), []).append(rec)
+    r["docs_by_task"] = {t: evaluate(body, head, kept, rs, t2k, args.max_len) for t, rs in sorted(by_task.items())}
+    if by_task:
+        log("train: FINAL held-out (docs) agreement by task: " + ", ".join(
+            f"{t} {x['top1_agreement_response']:.4f} ({x['n_response_tokens']} tokens)" for t, x in r["docs_by_task"].items()))
     (work / "final_eval.json").write_text(json.dumps({"step": step, "minutes": t_used / 60, **r}, indent=1))
 
 
