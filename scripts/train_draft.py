@@ -533,6 +533,26 @@ def docs_prompts(seed: int, eval_frac: float = 0.1, mix: dict[str, int] | None =
 # Stage: data (target answers with vLLM, teacher top-k log-probs cached)
 # --------------------------------------------------------------------------------------
 
+def _unseen_filter(heldout: list[dict]):
+    """``unseen(sid, prompt)``: False for a benchmark-domain training prompt on a
+    document of the benchmark or of the ``heldout`` prompts, or sharing a paragraph
+    with one. Paragraphs catch what document names miss: files that several packages
+    ship, man pages installed under several names (xz.1 / lzcat.1), the paragraphs that
+    near-duplicate pages (gcloud alpha / beta) have in common."""
+    sys.path.insert(0, str(REPO_ROOT))
+    from vllm_cmasd.bench.prompts import benchmark_origins, benchmark_paragraphs, origin_key, shares_paragraph
+
+    def body(prompt: str) -> str:  # the passage after the template's instruction
+        return prompt.split("\n\n", 1)[-1]
+
+    def origin(sid: str) -> str:
+        return origin_key(sid.removeprefix("docs:"))
+
+    origins = benchmark_origins() | {origin(q["sid"]) for q in heldout}
+    paragraphs = benchmark_paragraphs() | {part for q in heldout for part in body(q["prompt"]).split("\n\n")}
+    return lambda sid, prompt: origin(sid) not in origins and not shares_paragraph(body(prompt), paragraphs)
+
+
 def _chat_ids(tok, prompt: str, max_prompt_tokens: int):
     msgs = [{"role": "user", "content": prompt}]
     ids = tok.apply_chat_template(msgs, add_generation_prompt=True, tokenize=True)
@@ -648,6 +668,14 @@ def stage_data(args) -> None:
             records[key] = list(old.get(key, []))
         for key in pj:
             pj[key] = opj.get(key, [])
+        # Re-check reused training records against today's rules (they have grown
+        # stricter: see _unseen_filter).
+        unseen = _unseen_filter(pj["eval_docs"])
+        prompt_of = {q["sid"]: q["prompt"] for qs in pj.values() for q in qs}
+        kept = [r for r in records["train"] if not r["sid"].startswith("docs:") or unseen(r["sid"], prompt_of[r["sid"]])]
+        if len(kept) < len(records["train"]):
+            log(f"data: dropping {len(records['train']) - len(kept)} reused train records on benchmark or held-out text")
+            records["train"] = kept
         done = {r["sid"] for rs in records.values() for r in rs}
         answered = {q["prompt"] for qs in pj.values() for q in qs if q["sid"] in done}
         log(f"data: reusing the records of {reuse}: " + ", ".join(f"{k} {len(v)}" for k, v in records.items()))
@@ -700,9 +728,10 @@ def stage_data(args) -> None:
     if args.docs_gen_minutes > 0:
         mix = {task: int(n) for task, n in (item.split("=") for item in args.docs_mix.split(","))}
         docs_tr, docs_ev = docs_prompts(args.seed, mix=mix)
-        docs_tr = [q for q in docs_tr if q["prompt"] not in answered]
         # a reused held-out set is kept as it is, so versions are compared on the same text
         docs_ev = [] if records["eval_docs"] else docs_ev[: args.n_eval_docs]
+        unseen = _unseen_filter(pj["eval_docs"] + docs_ev)
+        docs_tr = [q for q in docs_tr if q["prompt"] not in answered and unseen(q["sid"], q["prompt"])]
         log(f"data: benchmark domain: {len(docs_tr)} new train / {len(docs_ev)} new held-out prompts "
             f"(mix {mix}); answering the held-out, then train for <= {args.docs_gen_minutes} min")
         pj["eval_docs"] = pj["eval_docs"] + docs_ev

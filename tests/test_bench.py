@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 
@@ -45,12 +46,19 @@ def test_training_prompts_leave_the_benchmark_unseen():
     train = training_prompts(english_man_pages=40, python_doc_files=1500)
     assert {q["task"] for q in train} == set(TASKS)
     assert any(q["source"].startswith("pydoc:") for q in train)
+    assert any(q["source"].startswith("debian-doc:") and "/README" not in q["source"] for q in train)
     origins = {origin_key(q["source"]) for q in bench}
     assert not origins & {q["origin"] for q in train}
     bench_text = "\0".join(q["prompt"] for q in bench)
     for q in train:
         body = q["prompt"].split("\n\n", 1)[-1]
         assert body not in bench_text, q["source"]
+    # Nor a file that another Debian package ships with the same bytes.
+    def debian_files(prompts):
+        return {q["source"].split(":", 1)[1].split("#")[0] for q in prompts if q["source"].startswith("debian-doc:")}
+
+    bench_bytes = {Path(f).read_bytes() for f in debian_files(bench)}
+    assert not [f for f in debian_files(train) if Path(f).read_bytes() in bench_bytes]
     # Without exclusion the same code rebuilds benchmark prompts: the templates are shared.
     everything = {q["prompt"] for q in training_prompts({"tasks": {}}, english_man_pages=0, python_doc_files=0)}
     assert any(q["prompt"] in everything for q in bench)
@@ -62,7 +70,11 @@ def test_training_prompts_leave_the_benchmark_unseen():
     # A package's docstrings belong to its README's document: left out with it.
     assert origin_key("pydoc:foo_bar==2.1:foo_bar/core.py:Parser:12#paragraph0") == origin_key(
         "pypi-metadata:Foo-Bar==1.0#paragraph2"
-    )
+    ) == origin_key("pypi-doc:foo-bar==2.1:foo_bar/guide.md#paragraph0")
+    # A Debian package's guides belong with its README.
+    assert origin_key("debian-doc:/usr/share/doc/sed/sed.txt.gz#paragraph9") == origin_key(
+        "debian-doc:/usr/share/doc/sed/README#paragraph0"
+    ) != origin_key("debian-doc:/usr/share/doc/bash/README#paragraph0")
 
 
 @pytest.fixture(scope="module")

@@ -32,6 +32,7 @@ import argparse
 import gzip
 import hashlib
 import json
+import math
 import os
 import re
 import shutil
@@ -49,6 +50,8 @@ _LICENCE_WORDS = re.compile(
     r"merchantability|permission is hereby granted|gnu general public|apache|trademark",
     re.IGNORECASE,
 )
+_PACKAGING_FILES = re.compile(r"licen[cs]e|copying|notice|authors|requirements|entry_points|top_level|/_?vendor/", re.I)
+_DEBIAN_NON_PROSE = re.compile(r"^copyright$|changelog|news|changes|history|\.(c|h|py|pl|sh|css|js)(\.gz)?$", re.I)
 _STOPWORDS = {
     "en": set("the and of to is in that it for with as are this be by on or from which can not".split()),
     "de": set("der die das und ist nicht mit den dem ein eine einer wird werden auf für von sie zu auch oder wenn".split()),
@@ -189,13 +192,42 @@ def _pypi_passages() -> list[Passage]:
     return out
 
 
-def _debian_doc_passages() -> list[Passage]:
+def _package_doc_file_passages() -> list[Passage]:
+    """Paragraphs of the Markdown / reStructuredText / text files the installed
+    distributions ship beside their code (guides, READMEs of subpackages; training data
+    only). Licences, requirement lists and packaging metadata are skipped."""
+    from importlib import metadata
+
+    out = []
+    for dist in metadata.distributions():
+        name, version = dist.metadata["Name"], dist.metadata["Version"]
+        if not name or name.lower().startswith("vllm-cmasd"):
+            continue
+        for f in dist.files or []:
+            path = str(f)
+            if not path.endswith((".md", ".rst", ".txt")) or ".dist-info" in path or _PACKAGING_FILES.search(path):
+                continue
+            for i, paragraph in enumerate(_markup_to_paragraphs(_read_text(Path(dist.locate_file(f))))):
+                out.append(Passage(paragraph, f"pypi-doc:{name}=={version}:{path}#paragraph{i}"))
+    return out
+
+
+def _debian_doc_passages(readme_only: bool = True) -> list[Passage]:
+    """Paragraphs of the README files under /usr/share/doc/<package>/ (the benchmark's
+    source); ``readme_only=False``: of every text document there (guides, FAQs,
+    design notes; training data only), change logs, licences and markup other than
+    Markdown / reStructuredText skipped."""
     out = []
     root = Path("/usr/share/doc")
     if not root.is_dir():
         return out
-    for path in sorted(root.glob("*/README*")):
+    for path in sorted(root.glob("*/README*") if readme_only else root.rglob("*")):
         if path.is_symlink() or not path.is_file() or path.suffix in {".html", ".pdf"}:
+            continue
+        if not readme_only and (
+            path.name.startswith("README") or _DEBIAN_NON_PROSE.search(path.name)
+            or path.suffix not in {"", ".txt", ".md", ".rst", ".gz"}
+        ):
             continue
         for i, paragraph in enumerate(_markup_to_paragraphs(_read_text(path))):
             out.append(Passage(paragraph, f"debian-doc:{path}#paragraph{i}"))
@@ -378,13 +410,17 @@ def _by_origin(passages: list[Passage]) -> list[tuple[str, list[tuple[int, Passa
     return [(origin, sorted(items, key=lambda item: item[0])) for origin, items in sorted(by_origin.items())]
 
 
-def _summarization_windows(passages: list[Passage]) -> list[Passage]:
+def _summarization_windows(passages: list[Passage], per_file: int | None = None) -> list[Passage]:
     """Like :func:`_summarization_documents`, but a run starts at every paragraph and
     steps over the code, lists and tables between prose paragraphs (overlapping
-    windows: more distinct summaries per document, for training)."""
+    windows: more distinct summaries per document, for training). ``per_file``: at
+    most that many windows per file, spread evenly over it."""
     out = []
     for origin, items in _by_origin(passages):
-        for start in range(len(items)):
+        starts = range(len(items))
+        if per_file is not None and len(items) > per_file:
+            starts = range(0, len(items), math.ceil(len(items) / per_file))
+        for start in starts:
             run, words = [], 0
             for index, p in items[start:]:
                 n = len(p.text.split())
@@ -440,14 +476,35 @@ def _pools() -> _Pools:
 
 def origin_key(source: str) -> str:
     """The document a prompt's text comes from, across versions and translations:
-    ``pypi:sympy``, ``man:dpkg-deb.1`` (every language of that page), ``doc:/usr/share/doc/x/README``."""
+    ``pypi:sympy``, ``man:dpkg-deb.1`` (every language of that page), ``doc:/usr/share/doc/x``."""
     kind, _, rest = source.partition(":")
     path = rest.split("#")[0]
-    if kind in ("pypi-metadata", "pydoc"):  # a package's README and its docstrings: one origin
+    if kind in ("pypi-metadata", "pydoc", "pypi-doc"):  # a package's README, docs and docstrings: one origin
         return "pypi:" + path.split("==")[0].lower().replace("_", "-")
     if kind == "manpage":
         return "man:" + Path(path).name.removesuffix(".gz")
+    if kind == "debian-doc":  # every document of a Debian package: one origin
+        return "doc:" + "/".join(Path(path).parts[:5]).removeprefix("/")
     return "doc:" + path
+
+
+def benchmark_origins(benchmark: dict | None = None) -> set[str]:
+    """The :func:`origin_key` of every document a benchmark prompt comes from
+    (default: the committed prompt set)."""
+    return {origin_key(q["source"]) for items in (benchmark or load_prompts())["tasks"].values() for q in items}
+
+
+def benchmark_paragraphs(benchmark: dict | None = None, pools: "_Pools | None" = None) -> set[str]:
+    """Every paragraph of every document a benchmark prompt comes from. A training text
+    sharing one is left out even where another package ships the same file under
+    another name (libffi8 and libffi-dev carry one README)."""
+    origins, pools = benchmark_origins(benchmark), pools or _pools()
+    return {p.text for p in pools.pypi + pools.debian + pools.foreign if origin_key(p.source) in origins}
+
+
+def shares_paragraph(text: str, paragraphs: set[str]) -> bool:
+    """Whether a passage (paragraphs joined by blank lines) holds one of ``paragraphs``."""
+    return any(part in paragraphs for part in text.split("\n\n"))
 
 
 def extract(per_task: int = PER_TASK) -> dict:
@@ -522,25 +579,33 @@ def training_prompts(
     none of them the benchmark's: ``{"task", "prompt", "source", "origin"}``, for
     training a draft on the benchmark's domain. Left out: every document a benchmark
     prompt comes from (:func:`origin_key`: all versions of a package, its docstrings too,
-    every language of a man page) and any passage whose text occurs in a benchmark
-    prompt (READMEs shipped by several packages). More than the benchmark's pool:
+    all documents of a Debian package, every language of a man page), any passage whose
+    text occurs in a benchmark prompt, and any passage sharing a paragraph with one of
+    those documents (files shipped by several packages). More than the benchmark's pool:
     summaries of overlapping windows of each document (a run of paragraphs from every
-    paragraph on), of single paragraphs of 60+ words, and of the installed packages'
-    docstrings; English man-page paragraphs; every instruction template for each package
-    or command; one translation direction per English passage, chosen by a hash of its
-    source. ``benchmark``: the prompt set to keep unseen (default: the committed one);
+    paragraph on), of single paragraphs of 60+ words, of the installed packages'
+    docstrings, and of the other text documents packages ship (guides and notes under
+    site-packages and /usr/share/doc); English man-page paragraphs; every instruction
+    template for each package or command; one translation direction per English
+    passage, chosen by a hash of its source. ``benchmark``: the prompt set to keep unseen (default: the committed one);
     ``english_man_pages``: how many English man pages to render; ``python_doc_files``:
     at most that many source files for docstrings (None: all, 0: none)."""
-    bench = [q for items in (benchmark or load_prompts())["tasks"].values() for q in items]
-    exclude_origins = {origin_key(q["source"]) for q in bench}
+    benchmark = benchmark or load_prompts()
+    bench = [q for items in benchmark["tasks"].values() for q in items]
+    exclude_origins = benchmark_origins(benchmark)
     bench_text = "\0".join(q["prompt"] for q in bench)
     pools = _pools()
+    bench_paragraphs = benchmark_paragraphs(benchmark, pools)
     out: list[dict] = []
     seen: set[str] = set()
 
     def add(task: str, prompt: str, passage: Passage) -> None:
         origin = origin_key(passage.source)
-        if origin in exclude_origins or passage.text.split("\t")[-1] in bench_text or prompt in seen:
+        if (
+            origin in exclude_origins or prompt in seen
+            or passage.text.split("\t")[-1] in bench_text
+            or shares_paragraph(passage.text, bench_paragraphs)
+        ):
             return
         seen.add(prompt)  # the same paragraph can sit in several packages or windows
         out.append({"task": task, "prompt": prompt, "source": passage.source, "origin": origin})
@@ -553,6 +618,20 @@ def training_prompts(
     english = pools.pypi + pools.debian + man
     documents = sum((_summarization_windows(ps) for ps in (pools.debian, pools.pypi, man, pydoc)), [])
     documents += [p for p in english + pydoc if len(p.text.split()) >= 60]
+    # Guides and notes beside the READMEs: summaries only, capped per file and per
+    # package so a few large manuals (nodejs) do not dominate.
+    guides = [
+        p for p in _package_doc_file_passages() + _debian_doc_passages(readme_only=False)
+        if _language(p.text) == "en" and _is_prose(p.text, 25, 320)
+    ]
+    guide_documents = _summarization_windows(guides, per_file=40) + [p for p in guides if len(p.text.split()) >= 60]
+    guide_documents.sort(key=lambda p: _stable_key("guides", p.source))
+    per_origin: dict[str, int] = {}
+    for p in guide_documents:
+        origin = origin_key(p.source)
+        per_origin[origin] = per_origin.get(origin, 0) + 1
+        if per_origin[origin] <= 300:
+            documents.append(p)
     for p in documents:
         add("summarization", SUMMARIZATION_TEMPLATE.format(text=p.text), p)
     for p in pools.foreign:
