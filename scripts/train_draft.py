@@ -75,22 +75,35 @@ Stages:
               ``benchmark``: the first ``--bench-per-task`` prompts of each task of the
               plugin benchmark).
 
-The shipped draft (v4) continues v3 with more benchmark-domain data, summaries first (both
-cores, no other jobs; ``drafts/smollm2-135m-draft-rv/TRAINING.md`` has the record)::
+The shipped draft (v5) continues v4 with summaries of the guides and notes packages ship
+beside their READMEs, and drops every reused record on benchmark or held-out text (both
+cores, no other jobs; ``drafts/smollm2-135m-draft-rv/TRAINING.md`` has the record; the
+second ``data`` call only re-checks and generates nothing)::
 
-    .venv/bin/python scripts/train_draft.py data --work models/.cache/draft-train-v4 \
-        --reuse-data models/.cache/draft-train-v3 --chat 0 --docs-gen-minutes 28 \
-        --docs-mix summarization=4,translation=1,instruction=2 \
+    .venv/bin/python scripts/train_draft.py data --work models/.cache/draft-train-v5 \\
+        --reuse-data models/.cache/draft-train-v4b --chat 0 --docs-gen-minutes 24 \\
+        --docs-mix summarization=1,translation=0,instruction=0 \\
         --max-prompt-tokens 640 --gen-batch 128 --gen-chunk 256
-    .venv/bin/python scripts/train_draft.py data --work models/.cache/draft-train-v4b \
-        --reuse-data models/.cache/draft-train-v4 --chat 0 --docs-gen-minutes 11 \
-        --docs-mix summarization=1,translation=0,instruction=0 \
+    .venv/bin/python scripts/train_draft.py data --work models/.cache/draft-train-v5b \\
+        --reuse-data models/.cache/draft-train-v5 --chat 0 --docs-gen-minutes 0 \\
         --max-prompt-tokens 640 --gen-batch 128 --gen-chunk 256
     TA="--threads 2 --lr 3e-4 --warmup 20 --batch-tokens 3072 --max-len 768 --max-minutes 50"
-    .venv/bin/python scripts/train_draft.py train --work models/.cache/draft-train-v4b \
+    .venv/bin/python scripts/train_draft.py train --work models/.cache/draft-train-v5b \\
         --init-from drafts/smollm2-135m-draft-rv $TA --eval-every 100 --eval-subset 48
-    .venv/bin/python scripts/train_draft.py export --work models/.cache/draft-train-v4b \
+    .venv/bin/python scripts/train_draft.py export --work models/.cache/draft-train-v5b \\
         --init-from drafts/smollm2-135m-draft-rv $TA --export-from best.pt
+
+v4 continued v3 with more benchmark-domain data, summaries first::
+
+    .venv/bin/python scripts/train_draft.py data --work models/.cache/draft-train-v4 \\
+        --reuse-data models/.cache/draft-train-v3 --chat 0 --docs-gen-minutes 28 \\
+        --docs-mix summarization=4,translation=1,instruction=2 \\
+        --max-prompt-tokens 640 --gen-batch 128 --gen-chunk 256
+    .venv/bin/python scripts/train_draft.py data --work models/.cache/draft-train-v4b \\
+        --reuse-data models/.cache/draft-train-v4 --chat 0 --docs-gen-minutes 11 \\
+        --docs-mix summarization=1,translation=0,instruction=0 \\
+        --max-prompt-tokens 640 --gen-batch 128 --gen-chunk 256
+    (train / export as for v5, in models/.cache/draft-train-v4b)
 
 v3 continued v2 on benchmark-domain data::
 
@@ -1350,9 +1363,48 @@ def stage_bench(args) -> None:
     out.write_text(json.dumps(res, indent=1))
 
 
+def _shingles(text: str, n: int = 8) -> set[int]:
+    words = re.findall(r"\w+", text.lower())
+    return {hash(tuple(words[i:i + n])) for i in range(len(words) - n + 1)}
+
+
+def stage_overlap(args) -> None:
+    """How much of each benchmark prompt the training data hold: the share of its 8-word
+    shingles found in the work dir's answered training prompts, leaving out shingles
+    that 20+ training prompts share (the templates' own words). The exclusion rules work
+    on documents and identical paragraphs; this also catches near-duplicate text.
+    Writes ``overlap.json`` to the work dir."""
+    import torch
+
+    work = Path(args.work)
+    records = torch.load(work / "data.pt", weights_only=False)
+    answered = {r["sid"] for r in records["train"]}
+    pj = json.loads((work / "prompts.json").read_text())
+    train_prompts = {q["prompt"] for qs in pj.values() for q in qs if q["sid"] in answered}
+    seen = Counter()
+    for prompt in train_prompts:
+        seen.update(_shingles(prompt))
+    tasks = json.loads((REPO_ROOT / "vllm_cmasd/bench/prompts.json").read_text())["tasks"]
+    rows = []
+    for task, plist in tasks.items():
+        for q in plist:
+            own = {h for h in _shingles(q["prompt"]) if seen[h] < 20}
+            hit = sum(1 for h in own if seen[h])
+            rows.append({"id": q["id"], "task": task, "shingles": len(own),
+                         "share_in_training": round(hit / max(len(own), 1), 4)})
+    rows.sort(key=lambda r: -r["share_in_training"])
+    shares = [r["share_in_training"] for r in rows]
+    summary = {"prompts": len(rows), "training_prompts": len(train_prompts),
+               "mean_share": round(sum(shares) / len(shares), 4),
+               "prompts_with_share": {f">={t}": sum(x >= t for x in shares) for t in (0.5, 0.2, 0.05)},
+               "top": rows[:8]}
+    (work / "overlap.json").write_text(json.dumps({"summary": summary, "prompts": rows}, indent=1))
+    log("overlap: " + json.dumps(summary))
+
+
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("stage", choices=["data", "train", "export", "assemble", "bench", "all"])
+    ap.add_argument("stage", choices=["data", "train", "export", "assemble", "bench", "overlap", "all"])
     ap.add_argument("--target", default=str(REPO_ROOT / "models/smollm2-135m-instruct"))
     ap.add_argument("--work", default=str(REPO_ROOT / "models/.cache/draft-train"))
     ap.add_argument("--out", default=str(REPO_ROOT / "drafts" / DEFAULT_DRAFT_NAME))
@@ -1426,6 +1478,8 @@ def main(argv=None) -> None:
         log(f"assemble: {p}")
     if args.stage == "bench":
         stage_bench(args)
+    if args.stage == "overlap":
+        stage_overlap(args)
 
 
 if __name__ == "__main__":
