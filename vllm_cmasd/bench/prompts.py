@@ -192,10 +192,9 @@ def _pypi_passages() -> list[Passage]:
     return out
 
 
-def _package_doc_file_passages() -> list[Passage]:
-    """Paragraphs of the Markdown / reStructuredText / text files the installed
-    distributions ship beside their code (guides, READMEs of subpackages; training data
-    only). Licences, requirement lists and packaging metadata are skipped."""
+def _package_files(keep) -> list[tuple[str, str, str, Path]]:
+    """(name, version, path in the distribution, file) of the installed distributions'
+    files for which ``keep(path)`` holds, this project's own left out."""
     from importlib import metadata
 
     out = []
@@ -203,12 +202,21 @@ def _package_doc_file_passages() -> list[Passage]:
         name, version = dist.metadata["Name"], dist.metadata["Version"]
         if not name or name.lower().startswith("vllm-cmasd"):
             continue
-        for f in dist.files or []:
-            path = str(f)
-            if not path.endswith((".md", ".rst", ".txt")) or ".dist-info" in path or _PACKAGING_FILES.search(path):
-                continue
-            for i, paragraph in enumerate(_markup_to_paragraphs(_read_text(Path(dist.locate_file(f))))):
-                out.append(Passage(paragraph, f"pypi-doc:{name}=={version}:{path}#paragraph{i}"))
+        out += [(name, version, str(f), Path(dist.locate_file(f))) for f in dist.files or [] if keep(str(f))]
+    return out
+
+
+def _package_doc_file_passages() -> list[Passage]:
+    """Paragraphs of the Markdown / reStructuredText / text files the installed
+    distributions ship beside their code (guides, READMEs of subpackages; training data
+    only). Licences, requirement lists and packaging metadata are skipped."""
+    out = []
+    for name, version, path, file in _package_files(
+        lambda path: path.endswith((".md", ".rst", ".txt")) and ".dist-info" not in path
+        and not _PACKAGING_FILES.search(path)
+    ):
+        for i, paragraph in enumerate(_markup_to_paragraphs(_read_text(file))):
+            out.append(Passage(paragraph, f"pypi-doc:{name}=={version}:{path}#paragraph{i}"))
     return out
 
 
@@ -240,21 +248,13 @@ def _python_doc_passages(max_files: int | None = None) -> list[Passage]:
     benchmark summarizes, ~19k paragraphs, ~1 min to parse). ``max_files``: at most
     that many source files, in a stable pseudo-random order."""
     import ast
-    from importlib import metadata
 
-    files = []
-    for dist in metadata.distributions():
-        name, version = dist.metadata["Name"], dist.metadata["Version"]
-        if not name or name.lower().startswith("vllm-cmasd"):
-            continue
-        for f in dist.files or []:
-            if str(f).endswith(".py") and "test" not in str(f):
-                files.append((name, version, f, dist))
+    files = _package_files(lambda path: path.endswith(".py") and "test" not in path)
     files.sort(key=lambda item: _stable_key("pydoc", item[0], item[2]))
     out = []
-    for name, version, f, dist in files[:max_files]:
+    for name, version, f, file in files[:max_files]:
         try:
-            tree = ast.parse(Path(dist.locate_file(f)).read_text(encoding="utf-8"))
+            tree = ast.parse(file.read_text(encoding="utf-8"))
         except (SyntaxError, ValueError, OSError, UnicodeDecodeError):
             continue
         nodes = [tree] + [n for n in ast.walk(tree) if isinstance(n, (ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef))]
