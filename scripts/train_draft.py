@@ -74,6 +74,9 @@ Stages:
               (``--bench-set heldout``: stdlib/licence, ``heldout-chat``, ``heldout-docs``;
               ``benchmark``: the first ``--bench-per-task`` prompts of each task of the
               plugin benchmark).
+``overlap``   :func:`stage_overlap`: the share of each benchmark prompt's 8-word shingles
+              that the work dir's training prompts hold (a leakage check beside the
+              exclusion rules) -> ``overlap.json``.
 
 The shipped draft (v5) continues v4 with summaries of the guides and notes packages ship
 beside their READMEs, and drops every reused record on benchmark or held-out text (both
