@@ -127,6 +127,11 @@ def _is_prose(text: str, min_words: int, max_words: int) -> bool:
     return lower / len(words) >= 0.6
 
 
+def _english_prose(passages: list["Passage"]) -> list["Passage"]:
+    """The passages that are English prose paragraphs of 25-320 words."""
+    return [p for p in passages if _language(p.text) == "en" and _is_prose(p.text, 25, 320)]
+
+
 def _markup_to_paragraphs(text: str) -> list[str]:
     """Prose paragraphs of a Markdown / reStructuredText / plain-text README."""
     text = text.replace("\r\n", "\n")
@@ -265,7 +270,7 @@ def _python_doc_passages(max_files: int | None = None) -> list[Passage]:
             where = f"pydoc:{name}=={version}:{f}:{getattr(node, 'name', '')}:{getattr(node, 'lineno', 0)}"
             for i, paragraph in enumerate(_markup_to_paragraphs(doc)):
                 out.append(Passage(paragraph, f"{where}#paragraph{i}"))
-    return [p for p in out if _language(p.text) == "en" and _is_prose(p.text, 25, 320)]
+    return _english_prose(out)
 
 
 def _render_manpage(path: Path) -> str:
@@ -316,7 +321,7 @@ def _manpage_english_passages(max_pages: int) -> list[Passage]:
     for path in paths[:max_pages]:
         for i, paragraph in enumerate(_manpage_paragraphs(path)):
             out.append(Passage(paragraph, f"manpage:{path}#paragraph{i}"))
-    return [p for p in out if _language(p.text) == "en" and _is_prose(p.text, 25, 320)]
+    return _english_prose(out)
 
 
 def _manpage_name_lines() -> list[Passage]:
@@ -466,8 +471,8 @@ def _pools() -> _Pools:
         if 15 <= len(summary) <= 120 and not _LICENCE_WORDS.search(summary) and "http" not in summary
     ]
     return _Pools(
-        pypi=[p for p in _pypi_passages() if _language(p.text) == "en" and _is_prose(p.text, 25, 320)],
-        debian=[p for p in _debian_doc_passages() if _language(p.text) == "en" and _is_prose(p.text, 25, 320)],
+        pypi=_english_prose(_pypi_passages()),
+        debian=_english_prose(_debian_doc_passages()),
         foreign=[p for p in _manpage_foreign_passages() if _is_prose(p.text, 20, 90)],
         names=_manpage_name_lines(),
         summaries=summaries,
@@ -587,7 +592,8 @@ def training_prompts(
     docstrings, and of the other text documents packages ship (guides and notes under
     site-packages and /usr/share/doc); English man-page paragraphs; every instruction
     template for each package or command; one translation direction per English
-    passage, chosen by a hash of its source. ``benchmark``: the prompt set to keep unseen (default: the committed one);
+    passage, chosen by a hash of its source. ``benchmark``: the prompt set to keep
+    unseen (default: the committed one);
     ``english_man_pages``: how many English man pages to render; ``python_doc_files``:
     at most that many source files for docstrings (None: all, 0: none)."""
     benchmark = benchmark or load_prompts()
@@ -620,10 +626,7 @@ def training_prompts(
     documents += [p for p in english + pydoc if len(p.text.split()) >= 60]
     # Guides and notes beside the READMEs: summaries only, capped per file and per
     # package so a few large manuals (nodejs) do not dominate.
-    guides = [
-        p for p in _package_doc_file_passages() + _debian_doc_passages(readme_only=False)
-        if _language(p.text) == "en" and _is_prose(p.text, 25, 320)
-    ]
+    guides = _english_prose(_package_doc_file_passages() + _debian_doc_passages(readme_only=False))
     guide_documents = _summarization_windows(guides, per_file=40) + [p for p in guides if len(p.text.split()) >= 60]
     guide_documents.sort(key=lambda p: _stable_key("guides", p.source))
     per_origin: dict[str, int] = {}
