@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 from dataclasses import dataclass, field
 
 import pytest
@@ -10,6 +11,31 @@ import pytest
 # Engines run inside the test process, so tests can look at the model
 # runner's proposer and sampler (what vLLM really used, not what we asked for).
 os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+
+
+# Lines of a failed test's captured output that name an error: vLLM's engine
+# processes log the root cause ("EngineCore failed to start", the exception)
+# in the middle of a long capture, which CI logs shorten.
+_ERROR_LINE = re.compile(r"(Error|Exception|failed to start|Traceback|Killed|OOM)")
+
+
+def pytest_terminal_summary(terminalreporter):
+    """Repeat those lines at the very end of the run, a few per failed test."""
+    failed = terminalreporter.stats.get("failed", [])
+    if not failed:
+        return
+    terminalreporter.section("errors named in the failed tests' captured output")
+    for report in failed:
+        lines = [
+            line.strip()[:300]
+            for title, text in report.sections
+            if title.startswith("Captured")
+            for line in text.splitlines()
+            if _ERROR_LINE.search(line) and "Warning" not in line
+        ]
+        terminalreporter.write_line(f"{report.nodeid}: {len(lines)} line(s)")
+        for line in dict.fromkeys(lines[-12:]):  # the last ones, each once
+            terminalreporter.write_line(f"    {line}")
 
 
 def load_script(name: str):

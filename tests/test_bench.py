@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -83,9 +84,13 @@ def micro_bench(tiny_pair, tiny_self_draft, tmp_path_factory):
 
     target, draft = tiny_pair
     out = tmp_path_factory.mktemp("bench")
+    env_before = dict(os.environ)
     bench = run_bench(
         resolve_preset("micro"), out, target=target, draft=draft, self_draft=tiny_self_draft, progress=False
     )
+    # The benchmark's engine settings (a 2 GiB KV-cache pool for every engine,
+    # ...) must not outlive it: later engines in this process set their own.
+    assert dict(os.environ) == env_before
     return bench, out
 
 

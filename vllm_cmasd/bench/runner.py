@@ -25,6 +25,7 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable
+from unittest import mock
 
 from vllm_cmasd.bench.prompts import TASKS, load_prompts
 from vllm_cmasd.vllm_patch import install_dispatcher_scan_fix
@@ -371,12 +372,38 @@ def run(
     log: Callable[[str], None] = print,
     engine_overrides: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
-    """Run every method of ``preset``; returns the raw measurements (see report.build)."""
-    os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
-    os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(int(preset.kv_cache_gib)))
-    # vLLM's INFO lines (a stats line every 10 s, the config of every engine)
-    # would bury the progress bar; VLLM_LOGGING_LEVEL=INFO brings them back.
-    os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
+    """Run every method of ``preset``; returns the raw measurements (see report.build).
+
+    The engines' environment is set for the run and restored after it: the
+    tests call this in their own process, and a KV-cache size left behind would
+    override every later engine's ``kv_cache_memory_bytes`` there.
+    """
+    settings = {"VLLM_ENABLE_V1_MULTIPROCESSING": "0"}
+    defaults = {
+        "VLLM_CPU_KVCACHE_SPACE": str(int(preset.kv_cache_gib)),
+        # vLLM's INFO lines (a stats line every 10 s, the config of every engine)
+        # would bury the progress bar; VLLM_LOGGING_LEVEL=INFO brings them back.
+        "VLLM_LOGGING_LEVEL": "WARNING",
+    }
+    settings.update({name: value for name, value in defaults.items() if name not in os.environ})
+    with mock.patch.dict(os.environ, settings):
+        return _run(
+            preset, target=target, draft=draft, self_draft=self_draft, prompts_path=prompts_path,
+            progress=progress, log=log, engine_overrides=engine_overrides,
+        )
+
+
+def _run(
+    preset: Preset,
+    *,
+    target: str | Path,
+    draft: str | Path,
+    self_draft: str | Path,
+    prompts_path: str | Path | None,
+    progress: bool,
+    log: Callable[[str], None],
+    engine_overrides: dict[str, Any] | None,
+) -> dict[str, Any]:
     import logging
 
     import vllm  # noqa: F401 - registers the plugin before any engine
