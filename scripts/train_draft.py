@@ -589,8 +589,7 @@ def _pack_logprobs(lp_list, n):
     for i, d in enumerate(lp_list):
         if not d:
             continue
-        items = sorted(d.items(), key=lambda kv: kv[1].rank if kv[1].rank is not None else 1 << 30)
-        # dedupe: the sampled token may be added on top of the top-k
+        # the highest TOPK: vLLM adds the sampled token on top of the top-k
         items = sorted(d.items(), key=lambda kv: -kv[1].logprob)[:TOPK]
         for j, (t, lp) in enumerate(items):
             ids[i, j] = t
