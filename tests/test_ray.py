@@ -20,6 +20,7 @@ import hashlib
 import os
 import sys
 import time
+import warnings
 from dataclasses import dataclass, field
 
 import pytest
@@ -237,7 +238,17 @@ def generate(batches, *, record: bool = False, in_process: bool = False, **kwarg
     os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0" if in_process else "1"
     vllm.envs.disable_envs_cache()  # an engine core freezes it; read the line above
     started = time.monotonic()
-    llm = LLM(**kwargs)
+    try:
+        llm = LLM(**kwargs)
+    except RuntimeError as error:
+        # One TP=2 start in ~40 on the 2-core CI machine has failed here (12-01,
+        # commit 86cb42c; its root cause fell outside the CI log's excerpt), and
+        # the same tests passed on every rerun. One more try, with a warning in
+        # the run's summary; a second failure fails the test.
+        if "Engine core initialization failed" not in str(error):
+            raise
+        warnings.warn(f"TP={kwargs.get('tensor_parallel_size')} engine failed to start; one more try: {error}")
+        llm = LLM(**kwargs)
     run = Run(token_ids=[], seconds=0.0)
     try:
         ranks = llm.collective_rpc(_install_recorder) if record else []
