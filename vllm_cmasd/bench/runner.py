@@ -387,164 +387,147 @@ def run(
     }
     settings.update({name: value for name, value in defaults.items() if name not in os.environ})
     with mock.patch.dict(os.environ, settings):
-        return _run(
-            preset, target=target, draft=draft, self_draft=self_draft, prompts_path=prompts_path,
-            progress=progress, log=log, engine_overrides=engine_overrides,
-        )
+        import logging
 
+        import vllm  # noqa: F401 - registers the plugin before any engine
 
-def _run(
-    preset: Preset,
-    *,
-    target: str | Path,
-    draft: str | Path,
-    self_draft: str | Path,
-    prompts_path: str | Path | None,
-    progress: bool,
-    log: Callable[[str], None],
-    engine_overrides: dict[str, Any] | None,
-) -> dict[str, Any]:
-    import logging
+        # Repeated per engine or per generate call, and harmless here: every engine
+        # start after the first re-registers the same CPU kernels, and the CPU
+        # worker re-warns that torch's thread count is already bound. A filter, not
+        # a level: every engine start re-applies vLLM's logging config, which
+        # resets the levels of vLLM's loggers but keeps their filters.
+        for name in ("vllm.triton_utils.dispatcher", "vllm.v1.worker.cpu_worker"):
+            quiet = logging.getLogger(name)
+            if not any(isinstance(f, _ErrorsOnly) for f in quiet.filters):
+                quiet.addFilter(_ErrorsOnly())
+        from tqdm import tqdm
+        from vllm import LLM, SamplingParams
 
-    import vllm  # noqa: F401 - registers the plugin before any engine
+        from vllm_cmasd.engines import shutdown, spec_decode_counters
 
-    # Repeated per engine or per generate call, and harmless here: every engine
-    # start after the first re-registers the same CPU kernels, and the CPU
-    # worker re-warns that torch's thread count is already bound. A filter, not
-    # a level: every engine start re-applies vLLM's logging config, which
-    # resets the levels of vLLM's loggers but keeps their filters.
-    for name in ("vllm.triton_utils.dispatcher", "vllm.v1.worker.cpu_worker"):
-        quiet = logging.getLogger(name)
-        if not any(isinstance(f, _ErrorsOnly) for f in quiet.filters):
-            quiet.addFilter(_ErrorsOnly())
-    from tqdm import tqdm
-    from vllm import LLM, SamplingParams
+        install_dispatcher_scan_fix()
+        started = time.time()
+        target, draft, self_draft = str(target), str(draft), str(self_draft)
+        data = load_prompts(prompts_path)
+        overrides = dict(engine_overrides or {})
+        token_ids = _chat_token_ids(target, {task: data["tasks"][task] for task in preset.tasks})
+        # The context must hold prompt + answer; a small model (the tiny test pair)
+        # may have fewer positions than llm_kwargs' default max_model_len.
+        max_model_len = overrides.setdefault("max_model_len", min(2048, _max_positions(target)))
+        prompts, too_long = {}, []
+        for task in preset.tasks:
+            fits = [p for p in data["tasks"][task] if len(token_ids[p["id"]]) + preset.max_tokens <= max_model_len]
+            too_long += [p["id"] for p in data["tasks"][task][: preset.prompts_per_task] if p not in fits]
+            prompts[task] = fits[: preset.prompts_per_task]
+            if len(prompts[task]) < preset.prompts_per_task:
+                raise ValueError(f"only {len(prompts[task])} {task} prompts fit max_model_len {max_model_len}")
+        if too_long:
+            log(f"[bench] skipped prompts longer than max_model_len {max_model_len}: {too_long}")
+        rounds = plan_rounds(prompts, preset)
+        params = SamplingParams(temperature=0.0, max_tokens=preset.max_tokens, seed=0)
+        warmup_params = SamplingParams(temperature=0.0, max_tokens=8)
+        warmup_prompt = {"prompt_token_ids": token_ids[prompts[preset.tasks[0]][0]["id"]]}
+        machine = machine_description()
 
-    from vllm_cmasd.engines import shutdown, spec_decode_counters
-
-    install_dispatcher_scan_fix()
-    started = time.time()
-    target, draft, self_draft = str(target), str(draft), str(self_draft)
-    data = load_prompts(prompts_path)
-    overrides = dict(engine_overrides or {})
-    token_ids = _chat_token_ids(target, {task: data["tasks"][task] for task in preset.tasks})
-    # The context must hold prompt + answer; a small model (the tiny test pair)
-    # may have fewer positions than llm_kwargs' default max_model_len.
-    max_model_len = overrides.setdefault("max_model_len", min(2048, _max_positions(target)))
-    prompts, too_long = {}, []
-    for task in preset.tasks:
-        fits = [p for p in data["tasks"][task] if len(token_ids[p["id"]]) + preset.max_tokens <= max_model_len]
-        too_long += [p["id"] for p in data["tasks"][task][: preset.prompts_per_task] if p not in fits]
-        prompts[task] = fits[: preset.prompts_per_task]
-        if len(prompts[task]) < preset.prompts_per_task:
-            raise ValueError(f"only {len(prompts[task])} {task} prompts fit max_model_len {max_model_len}")
-    if too_long:
-        log(f"[bench] skipped prompts longer than max_model_len {max_model_len}: {too_long}")
-    rounds = plan_rounds(prompts, preset)
-    params = SamplingParams(temperature=0.0, max_tokens=preset.max_tokens, seed=0)
-    warmup_params = SamplingParams(temperature=0.0, max_tokens=8)
-    warmup_prompt = {"prompt_token_ids": token_ids[prompts[preset.tasks[0]][0]["id"]]}
-    machine = machine_description()
-
-    calls: list[dict[str, Any]] = []
-    engine_starts: list[dict[str, Any]] = []
-    failed: dict[str, str] = {}
-    total = sum(len(units) for units in rounds) * len(preset.methods)
-    bar = tqdm(total=total, desc=f"bench {preset.name}", unit="batch", disable=not progress, dynamic_ncols=True)
-    for r, units in enumerate(rounds):
-        order = list(preset.methods) if r % 2 == 0 else list(reversed(preset.methods))
-        for spec in order:
-            if spec.label in failed:
-                bar.update(len(units))
-                continue
-            bar.set_postfix_str(f"round {r + 1}/{len(rounds)} {spec.label}")
-            t0 = time.perf_counter()
-            llm = probe = stats = None
-            # The previous engine is garbage now; freezing what is left makes
-            # vLLM's gc.collect() calls during startup cheap (seconds per engine
-            # on a big heap). vLLM unfreezes everything again at shutdown.
-            gc.collect()
-            gc.freeze()
-            try:
-                llm = LLM(**spec.engine_kwargs(target, draft, self_draft, overrides))
-                llm.generate([warmup_prompt], warmup_params, use_tqdm=False)
-            except Exception as exc:  # a method that cannot start must not sink the others
-                failed[spec.label] = f"{type(exc).__name__}: {exc}"
-                log(f"[bench] {spec.label}: engine failed, skipped: {failed[spec.label]}")
-                if llm is not None:
-                    shutdown(llm)
-                llm = None
-                bar.update(len(units))
-                continue
-            engine_starts.append(
-                {"label": spec.label, "round": r, "seconds": time.perf_counter() - t0, **weight_memory(llm)}
-            )
-            probe = instrument(llm)
-            stats = _cmasd_stats(llm)
-            try:
-                for unit in units:
-                    before_counters = spec_decode_counters(llm)
-                    before_probe = probe.snapshot()
-                    before_hist = list(stats.length_histogram) if stats is not None else None
-                    batch = [{"prompt_token_ids": token_ids[pid]} for pid in unit.prompt_ids]
-                    start = time.perf_counter()
-                    outputs = llm.generate(batch, params, use_tqdm=False)
-                    seconds = time.perf_counter() - start
-                    after_counters = spec_decode_counters(llm)
-                    after_probe = probe.snapshot()
-                    call = {
-                        "label": spec.label,
-                        "round": r,
-                        "task": unit.task,
-                        "batch_size": unit.batch_size,
-                        "prompt_ids": unit.prompt_ids,
-                        "seconds": seconds,
-                        "output_token_ids": [list(o.outputs[0].token_ids) for o in outputs],
-                        "texts": [o.outputs[0].text for o in outputs],
-                        "engine_steps": after_probe[0] - before_probe[0],
-                        "propose_s": after_probe[1] - before_probe[1],
-                        "proposed_lengths": _diff_hist(before_probe[2], after_probe[2]),
-                        "num_drafts": after_counters["num_drafts"] - before_counters["num_drafts"],
-                        "num_draft_tokens": after_counters["num_draft_tokens"] - before_counters["num_draft_tokens"],
-                        "num_accepted_tokens": after_counters["num_accepted_tokens"]
-                        - before_counters["num_accepted_tokens"],
-                        "accepted_per_position": _diff_list(
-                            before_counters["accepted_per_position"], after_counters["accepted_per_position"]
-                        ),
-                    }
-                    if stats is not None:
-                        call["cmasd_length_histogram"] = _diff_list(before_hist, list(stats.length_histogram))
-                    calls.append(call)
-                    bar.update(1)
-            except Exception as exc:
-                failed[spec.label] = f"{type(exc).__name__}: {exc}"
-                log(f"[bench] {spec.label}: failed while generating, dropped: {failed[spec.label]}")
-                calls = [c for c in calls if c["label"] != spec.label]
-            finally:
-                shutdown(llm)
+        calls: list[dict[str, Any]] = []
+        engine_starts: list[dict[str, Any]] = []
+        failed: dict[str, str] = {}
+        total = sum(len(units) for units in rounds) * len(preset.methods)
+        bar = tqdm(total=total, desc=f"bench {preset.name}", unit="batch", disable=not progress, dynamic_ncols=True)
+        for r, units in enumerate(rounds):
+            order = list(preset.methods) if r % 2 == 0 else list(reversed(preset.methods))
+            for spec in order:
+                if spec.label in failed:
+                    bar.update(len(units))
+                    continue
+                bar.set_postfix_str(f"round {r + 1}/{len(rounds)} {spec.label}")
+                t0 = time.perf_counter()
                 llm = probe = stats = None
-    bar.close()
-    machine["load_average_at_end"] = list(os.getloadavg()) if hasattr(os, "getloadavg") else None
-    return {
-        "preset": asdict(preset),
-        "target": target,
-        "draft": draft,
-        "self_draft": self_draft,
-        "prompts_version": data.get("version"),
-        "prompts": {
-            task: [{"id": p["id"], "source": p["source"], "prompt_tokens": len(token_ids[p["id"]])} for p in items]
-            for task, items in prompts.items()
-        },
-        "skipped_too_long": too_long,
-        "methods": [{"label": m.label, "method": m.method, "k": m.k, "cmasd": m.cmasd} for m in preset.methods],
-        "machine": machine,
-        "engine_overrides": overrides,
-        "calls": calls,
-        "engine_starts": engine_starts,
-        "failed": failed,
-        "started_at": time.strftime("%Y-%m-%dT%H:%M:%S", time.localtime(started)),
-        "wall_s": time.time() - started,
-    }
+                # The previous engine is garbage now; freezing what is left makes
+                # vLLM's gc.collect() calls during startup cheap (seconds per engine
+                # on a big heap). vLLM unfreezes everything again at shutdown.
+                gc.collect()
+                gc.freeze()
+                try:
+                    llm = LLM(**spec.engine_kwargs(target, draft, self_draft, overrides))
+                    llm.generate([warmup_prompt], warmup_params, use_tqdm=False)
+                except Exception as exc:  # a method that cannot start must not sink the others
+                    failed[spec.label] = f"{type(exc).__name__}: {exc}"
+                    log(f"[bench] {spec.label}: engine failed, skipped: {failed[spec.label]}")
+                    if llm is not None:
+                        shutdown(llm)
+                    llm = None
+                    bar.update(len(units))
+                    continue
+                engine_starts.append(
+                    {"label": spec.label, "round": r, "seconds": time.perf_counter() - t0, **weight_memory(llm)}
+                )
+                probe = instrument(llm)
+                stats = _cmasd_stats(llm)
+                try:
+                    for unit in units:
+                        before_counters = spec_decode_counters(llm)
+                        before_probe = probe.snapshot()
+                        before_hist = list(stats.length_histogram) if stats is not None else None
+                        batch = [{"prompt_token_ids": token_ids[pid]} for pid in unit.prompt_ids]
+                        start = time.perf_counter()
+                        outputs = llm.generate(batch, params, use_tqdm=False)
+                        seconds = time.perf_counter() - start
+                        after_counters = spec_decode_counters(llm)
+                        after_probe = probe.snapshot()
+                        call = {
+                            "label": spec.label,
+                            "round": r,
+                            "task": unit.task,
+                            "batch_size": unit.batch_size,
+                            "prompt_ids": unit.prompt_ids,
+                            "seconds": seconds,
+                            "output_token_ids": [list(o.outputs[0].token_ids) for o in outputs],
+                            "texts": [o.outputs[0].text for o in outputs],
+                            "engine_steps": after_probe[0] - before_probe[0],
+                            "propose_s": after_probe[1] - before_probe[1],
+                            "proposed_lengths": _diff_hist(before_probe[2], after_probe[2]),
+                            "num_drafts": after_counters["num_drafts"] - before_counters["num_drafts"],
+                            "num_draft_tokens": after_counters["num_draft_tokens"] - before_counters["num_draft_tokens"],
+                            "num_accepted_tokens": after_counters["num_accepted_tokens"]
+                            - before_counters["num_accepted_tokens"],
+                            "accepted_per_position": _diff_list(
+                                before_counters["accepted_per_position"], after_counters["accepted_per_position"]
+                            ),
+                        }
+                        if stats is not None:
+                            call["cmasd_length_histogram"] = _diff_list(before_hist, list(stats.length_histogram))
+                        calls.append(call)
+                        bar.update(1)
+                except Exception as exc:
+                    failed[spec.label] = f"{type(exc).__name__}: {exc}"
+                    log(f"[bench] {spec.label}: failed while generating, dropped: {failed[spec.label]}")
+                    calls = [c for c in calls if c["label"] != spec.label]
+                finally:
+                    shutdown(llm)
+                    llm = probe = stats = None
+        bar.close()
+        machine["load_average_at_end"] = list(os.getloadavg()) if hasattr(os, "getloadavg") else None
+        return {
+            "preset": asdict(preset),
+            "target": target,
+            "draft": draft,
+            "self_draft": self_draft,
+            "prompts_version": data.get("version"),
+            "prompts": {
+                task: [{"id": p["id"], "source": p["source"], "prompt_tokens": len(token_ids[p["id"]])} for p in items]
+                for task, items in prompts.items()
+            },
+            "skipped_too_long": too_long,
+            "methods": [{"label": m.label, "method": m.method, "k": m.k, "cmasd": m.cmasd} for m in preset.methods],
+            "machine": machine,
+            "engine_overrides": overrides,
+            "calls": calls,
+            "engine_starts": engine_starts,
+            "failed": failed,
+            "started_at": time.strftime("%Y-%m-%dT%H:%M:%S", time.localtime(started)),
+            "wall_s": time.time() - started,
+        }
 
 
 def _diff_list(before: list, after: list) -> list:
