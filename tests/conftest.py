@@ -21,11 +21,8 @@ _ERROR_LINE = re.compile(r"(Error|Exception|failed to start|Traceback|Killed|OOM
 
 def pytest_terminal_summary(terminalreporter):
     """Repeat those lines at the very end of the run, a few per failed test."""
-    failed = terminalreporter.stats.get("failed", [])
-    if not failed:
-        return
-    terminalreporter.section("errors named in the failed tests' captured output")
-    for report in failed:
+    named = {}
+    for report in terminalreporter.stats.get("failed", []):
         lines = [
             line.strip()[:300]
             for title, text in report.sections
@@ -33,8 +30,14 @@ def pytest_terminal_summary(terminalreporter):
             for line in text.splitlines()
             if _ERROR_LINE.search(line) and "Warning" not in line
         ]
-        terminalreporter.write_line(f"{report.nodeid}: {len(lines)} line(s)")
-        for line in dict.fromkeys(lines[-12:]):  # the last ones, each once
+        if lines:
+            named[report.nodeid] = dict.fromkeys(lines[-12:])  # the last ones, each once
+    if not named:
+        return
+    terminalreporter.section("errors named in the failed tests' captured output")
+    for nodeid, lines in named.items():
+        terminalreporter.write_line(nodeid)
+        for line in lines:
             terminalreporter.write_line(f"    {line}")
 
 
