@@ -12,13 +12,14 @@ pytestmark = [pytest.mark.serve, pytest.mark.slow]
 def test_bench_serve_smoke(tiny_pair, tmp_path):
     from test_engine import PROMPTS
 
-    from vllm_cmasd.bench.serve_load import ServeBenchConfig, ServeMethod, run_serve_bench
+    from vllm_cmasd.bench.runner import MethodSpec, cmasd_exact
+    from vllm_cmasd.bench.serve_load import ServeBenchConfig, run_serve_bench
 
     target, draft = tiny_pair
     cfg = ServeBenchConfig(
         target=str(target), draft=str(draft),
         # Two servers keep it short; vLLM's fixed-k method runs in the real benchmark.
-        methods=[ServeMethod("ar"), ServeMethod("cmasd_exact", 4)],
+        methods=[MethodSpec("ar"), cmasd_exact(4)],
         concurrencies=[1, 3], requests_per_concurrency=2, max_tokens=12, max_model_len=512,
         kv_cache_gib=0.25, startup_timeout=300, request_timeout=120,
     )

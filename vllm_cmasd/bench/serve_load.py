@@ -1,7 +1,8 @@
 """Serving load benchmark: ``vllm-cmasd bench-serve --out DIR``.
 
 Starts real ``vllm serve`` processes on loopback, one method at a time (plain
-decoding, vLLM's draft-model speculation at fixed k, CM-ASD exact), and sends
+decoding, vLLM's draft-model speculation at fixed k, CM-ASD exact, with the
+draft budget, R-Stitch: the in-process benchmark's methods), and sends
 each the same streaming chat requests at several concurrency levels with the
 OpenAI client. Per request it records the time to first token and the
 end-to-end latency; per level the output-token throughput. Writes
@@ -31,6 +32,8 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
+
+from vllm_cmasd.bench.runner import MethodSpec, cmasd_budget, cmasd_exact, rstitch
 
 HOST = "127.0.0.1"
 
@@ -191,32 +194,15 @@ def metric_total(metrics: dict[str, float], name: str) -> float:
 # Methods
 
 
-@dataclass(frozen=True)
-class ServeMethod:
-    name: str  # ar | draft_model | cmasd_exact
-    k: int = 0
-
-    @property
-    def label(self) -> str:
-        if self.name == "draft_model":
-            return f"draft_model k={self.k}"
-        if self.name == "cmasd_exact":
-            return f"cmasd_exact k_max={self.k}"
-        return self.name
-
-    def flags(self, target, draft, **overrides: Any) -> list[str]:
-        from vllm_cmasd.engines import llm_kwargs
-
-        if self.name == "ar":
-            kwargs = llm_kwargs(target, **overrides)
-        elif self.name == "draft_model":
-            kwargs = llm_kwargs(target, draft=draft, num_speculative_tokens=self.k, **overrides)
-        elif self.name == "cmasd_exact":
-            kwargs = llm_kwargs(target, draft=draft, num_speculative_tokens=self.k,
-                                cmasd={"verification": "exact"}, **overrides)
-        else:
-            raise ValueError(f"unknown method {self.name!r}")
-        return engine_flags(kwargs)
+def serve_methods(k: int, k_max: int, rstitch_entropy: float) -> dict[str, MethodSpec]:
+    """What ``--methods`` may name: the in-process benchmark's methods (same settings)."""
+    return {
+        "ar": MethodSpec("ar"),
+        "draft_model": MethodSpec("draft_model", k),
+        "cmasd_exact": cmasd_exact(k_max),
+        "cmasd_budget": cmasd_budget(k_max),
+        "rstitch": rstitch(k_max, rstitch_entropy),
+    }
 
 
 def server_overrides(max_model_len: int, kv_cache_gib: float | None) -> dict[str, Any]:
@@ -330,7 +316,7 @@ def _spec_counters(server: VllmServer) -> dict[str, float]:
 class ServeBenchConfig:
     target: str
     draft: str
-    methods: list[ServeMethod]
+    methods: list[MethodSpec]
     concurrencies: list[int] = field(default_factory=lambda: [1, 8, 32])
     requests_per_concurrency: int = 2  # requests at level c = this * c
     max_tokens: int = 64
@@ -363,8 +349,9 @@ def run_serve_bench(cfg: ServeBenchConfig, out_dir: str | Path, prompts: list[st
     results: list[dict[str, Any]] = []
     started = time.time()
     for method in cfg.methods:
-        flags = method.flags(cfg.target, cfg.draft, **overrides)
-        server = VllmServer(cfg.target, flags, name=method.name, log_dir=out_dir / "logs")
+        # Every method here drafts with cfg.draft: the self-draft (specbound) is not offered.
+        flags = engine_flags(method.engine_kwargs(cfg.target, cfg.draft, cfg.draft, overrides))
+        server = VllmServer(cfg.target, flags, name=method.method, log_dir=out_dir / "logs")
         log(f"[bench-serve] {method.label}: starting vllm serve on {server.url}", flush=True)
         t0 = time.perf_counter()
         server.start()
@@ -384,7 +371,7 @@ def run_serve_bench(cfg: ServeBenchConfig, out_dir: str | Path, prompts: list[st
                 drafts = spec["spec_decode_num_drafts"]
                 summary = summarize(records, wall)
                 summary.update(
-                    method=method.name, label=method.label, concurrency=c, startup_s=startup_s,
+                    method=method.method, label=method.label, concurrency=c, startup_s=startup_s,
                     mean_draft_length=spec["spec_decode_num_draft_tokens"] / drafts if drafts else 0.0,
                     mean_acceptance_length=1 + spec["spec_decode_num_accepted_tokens"] / drafts if drafts else 1.0,
                 )
@@ -466,19 +453,21 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--num-prompts", type=int, default=24, help="the benchmark's first N prompts, cycled")
     p.add_argument("--k", type=int, default=4, help="vLLM draft-model speculation's fixed k")
     p.add_argument("--k-max", type=int, default=8, help="CM-ASD's k_max (num_speculative_tokens)")
-    p.add_argument("--methods", default="ar,draft_model,cmasd_exact", help="subset of ar,draft_model,cmasd_exact")
+    p.add_argument("--methods", default="ar,draft_model,cmasd_exact,cmasd_budget",
+                   help="comma list of ar, draft_model, cmasd_exact, cmasd_budget, rstitch")
+    p.add_argument("--rstitch-entropy", type=float, default=1.0, help="rstitch: entropy (nats) below which drafts stand")
     p.add_argument("--max-model-len", type=int, default=2048)
     p.add_argument("--kv-cache-gib", type=float, default=2.0, help="CPU only: KV-cache pool per server")
 
 
 def main_from_args(args: argparse.Namespace) -> int:
-    ks = {"ar": 0, "draft_model": args.k, "cmasd_exact": args.k_max}
+    offered = serve_methods(args.k, args.k_max, args.rstitch_entropy)
     names = [m.strip() for m in args.methods.split(",") if m.strip()]
-    unknown = sorted(set(names) - set(ks))
+    unknown = sorted(set(names) - set(offered))
     if unknown:
-        raise SystemExit(f"--methods: unknown {unknown}; allowed: {list(ks)}")
+        raise SystemExit(f"--methods: unknown {unknown}; allowed: {list(offered)}")
     cfg = ServeBenchConfig(
-        target=args.target, draft=args.draft, methods=[ServeMethod(n, ks[n]) for n in names],
+        target=args.target, draft=args.draft, methods=[offered[n] for n in names],
         concurrencies=args.concurrency, requests_per_concurrency=args.requests_per_concurrency,
         max_tokens=args.max_tokens, num_prompts=args.num_prompts, max_model_len=args.max_model_len,
         kv_cache_gib=args.kv_cache_gib,
