@@ -487,14 +487,11 @@ def _check_one(model_dir: str) -> None:
     t0 = time.time()
     from vllm import LLM, SamplingParams
 
-    llm = LLM(
-        model=model_dir,
-        enforce_eager=True,
-        gpu_memory_utilization=0.3,
-        max_model_len=512,
-        dtype="float32",
-        seed=0,
-    )
+    from vllm_cmasd.engines import llm_kwargs
+
+    # fp32 and eager on every platform: the check compares against fp32 transformers.
+    llm = LLM(**llm_kwargs(model_dir, gpu_memory_utilization=0.3, max_model_len=512,
+                           dtype="float32", enforce_eager=True, disable_log_stats=True))
     t1 = time.time()
     arch = llm.llm_engine.model_config.architectures
     params = SamplingParams(temperature=0.0, max_tokens=CHECK_MAX_TOKENS)

@@ -705,10 +705,11 @@ def stage_data(args) -> None:
     os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
     from vllm import LLM, SamplingParams
 
-    llm = LLM(model=args.target, enforce_eager=True, dtype="float32",
-              gpu_memory_utilization=args.gpu_mem, seed=args.seed,
-              max_model_len=args.max_prompt_tokens + args.max_new_tokens + 8,
-              max_num_seqs=args.gen_batch)
+    from vllm_cmasd.engines import llm_kwargs
+
+    llm = LLM(**llm_kwargs(args.target, gpu_memory_utilization=args.gpu_mem, seed=args.seed,
+                           max_model_len=args.max_prompt_tokens + args.max_new_tokens + 8,
+                           max_num_seqs=args.gen_batch, disable_log_stats=True))
     t0 = time.time()
     if not reuse:
         sp = SamplingParams(temperature=0.0, max_tokens=args.max_new_tokens,
@@ -1308,7 +1309,7 @@ def stage_bench(args) -> None:
 
     sys.path.insert(0, str(REPO_ROOT))
     from vllm_cmasd.draft_model import register
-    from vllm_cmasd.engines import shutdown, spec_decode_counters
+    from vllm_cmasd.engines import llm_kwargs, shutdown, spec_decode_counters
 
     register()
     tok = AutoTokenizer.from_pretrained(args.target)
@@ -1319,18 +1320,17 @@ def stage_bench(args) -> None:
     sp = SamplingParams(temperature=0.0, max_tokens=args.bench_tokens, ignore_eos=False)
     warm = SamplingParams(temperature=0.0, max_tokens=8)
     draft = args.assemble_to
-    common = dict(enforce_eager=True, dtype="float32", gpu_memory_utilization=args.gpu_mem,
-                  max_model_len=args.max_prompt_tokens + args.bench_tokens + 16, seed=args.seed)
+    common = dict(gpu_memory_utilization=args.gpu_mem, seed=args.seed,
+                  max_model_len=args.max_prompt_tokens + args.bench_tokens + 16)
     res = {"card": "CPU (2 cores shared; torch threads as set by vLLM)", "prompts": len(prompts),
            "prompt_set": args.bench_set, "max_tokens": args.bench_tokens, "draft_checkpoint": str(draft)}
-    runs = [("target", dict(model=args.target)), ("draft", dict(model=draft))]
-    runs.append(("spec", dict(model=args.target, disable_log_stats=False, speculative_config={
-        "method": "draft_model", "model": draft, "num_speculative_tokens": args.bench_k})))
+    runs = [("target", llm_kwargs(args.target, **common)), ("draft", llm_kwargs(draft, **common)),
+            ("spec", llm_kwargs(args.target, draft=draft, num_speculative_tokens=args.bench_k, **common))]
     outs = {}
     for name, kw in runs:
         if args.bench_only and name not in args.bench_only.split(","):
             continue
-        llm = LLM(**kw, **common)
+        llm = LLM(**kw)
         _timed_generate(llm, prompts[:1], warm, True)
         n, dt, by_group = 0, 0.0, {}
         for group, plist in groups.items():

@@ -138,12 +138,14 @@ def test_vllm_runs_tiny_model_deterministically(pair, which):
     from transformers import AutoTokenizer
     from vllm import LLM, SamplingParams
 
+    from vllm_cmasd.engines import llm_kwargs
+
     model_dir = pair[0] if which == "target" else pair[1]
     tok = AutoTokenizer.from_pretrained(model_dir)
     params = SamplingParams(temperature=0.0, max_tokens=MAX_TOKENS, ignore_eos=True)
     t0 = time.time()
-    llm = LLM(model=str(model_dir), enforce_eager=True, gpu_memory_utilization=0.2,
-              dtype="float32", max_model_len=512, seed=0)
+    llm = LLM(**llm_kwargs(model_dir, gpu_memory_utilization=0.2, max_model_len=512,
+                           dtype="float32", enforce_eager=True))
     try:
         t1 = time.time()
         first = llm.generate(PROMPTS, params, use_tqdm=False)

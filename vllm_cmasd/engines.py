@@ -6,6 +6,8 @@ and CM-ASD, so every comparison runs the engines under identical settings.
 
 from __future__ import annotations
 
+import json
+import math
 import os
 import sys
 from pathlib import Path
@@ -19,10 +21,47 @@ DEFAULT_DRAFT = REPO_ROOT / "models" / "smollm2-135m-draft-rv"
 DEFAULT_SELF_DRAFT = REPO_ROOT / "models" / "smollm2-135m-selfdraft"
 
 
+# Full-length sequences the KV cache of a CPU engine holds (see cpu_kv_cache_bytes).
+CPU_KV_CACHE_SEQUENCES = 8
+# Without a config.json to read (a model id, not a directory): 1 GiB.
+CPU_KV_CACHE_FALLBACK_BYTES = 2**30
+_MIB = 2**20
+
+
 def on_cpu() -> bool:
     from vllm.platforms import current_platform
 
     return current_platform.is_cpu()
+
+
+def kv_bytes_per_token(model: str | Path, dtype_bytes: int = 4) -> int | None:
+    """Keys and values of one token over all of a model's attention layers, or
+    None when ``model`` has no readable ``config.json``."""
+    try:
+        config = json.loads((Path(model) / "config.json").read_text())
+    except (OSError, ValueError):
+        return None
+    heads = config.get("num_attention_heads")
+    head_dim = config.get("head_dim") or config["hidden_size"] // heads
+    kv_heads = config.get("num_key_value_heads") or heads
+    return 2 * config["num_hidden_layers"] * kv_heads * head_dim * dtype_bytes
+
+
+def cpu_kv_cache_bytes(*models: str | Path | None, max_model_len: int) -> int:
+    """An explicit KV-cache size for a CPU engine of ``models`` (target, draft):
+    CPU_KV_CACHE_SEQUENCES sequences of ``max_model_len`` tokens, fp32.
+
+    Left to itself, vLLM's CPU worker takes ``gpu_memory_utilization`` x the
+    NUMA node's memory minus the calling process's RSS: in a process that has
+    already run engines (a test session, the benchmark) that is too little or
+    negative, and what a node reports differs between machines. A fixed size
+    depends on neither, and also spares the CPU worker its warm-up pass.
+    """
+    per_token = [kv_bytes_per_token(m) for m in models if m is not None]
+    if not per_token or None in per_token:
+        return CPU_KV_CACHE_FALLBACK_BYTES
+    total = sum(per_token) * max_model_len * CPU_KV_CACHE_SEQUENCES
+    return max(64, math.ceil(total / _MIB)) * _MIB
 
 
 def llm_kwargs(
@@ -41,6 +80,10 @@ def llm_kwargs(
     ``draft`` alone: vLLM's draft-model speculation at fixed k; ``draft`` and
     ``cmasd``: CM-ASD with k_max = ``num_speculative_tokens``; ``ngram``:
     vLLM's n-gram speculation; none of them: plain decoding.
+
+    On CPU the KV cache gets an explicit size (:func:`cpu_kv_cache_bytes`)
+    unless ``VLLM_CPU_KVCACHE_SPACE`` is set; ``kv_cache_memory_bytes`` in
+    ``overrides`` wins over both.
     """
     kwargs: dict[str, Any] = dict(
         model=str(target),
@@ -54,6 +97,8 @@ def llm_kwargs(
         # fp32 is the fast dtype on AVX2-only CPUs; graph compilation costs
         # ~2 minutes per engine there and was no faster.
         kwargs.update(dtype="float32", enforce_eager=True)
+        if not os.environ.get("VLLM_CPU_KVCACHE_SPACE"):
+            kwargs["kv_cache_memory_bytes"] = cpu_kv_cache_bytes(target, draft, max_model_len=max_model_len)
     if ngram:
         kwargs["speculative_config"] = {
             "method": "ngram",

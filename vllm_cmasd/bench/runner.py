@@ -99,7 +99,8 @@ class Preset:
     methods: tuple[MethodSpec, ...]
     tasks: tuple[str, ...] = TASKS
     kv_cache_gib: int = 2
-    """VLLM_CPU_KVCACHE_SPACE (whole GiB) for every engine (CPU only): small pools start faster."""
+    """KV-cache size of every engine (CPU only), unless the caller's engine
+    overrides or VLLM_CPU_KVCACHE_SPACE set one: small pools start faster."""
 
 
 def _config_default(name: str) -> Any:
@@ -375,12 +376,13 @@ def run(
     """Run every method of ``preset``; returns the raw measurements (see report.build).
 
     The engines' environment is set for the run and restored after it: the
-    tests call this in their own process, and a KV-cache size left behind would
-    override every later engine's ``kv_cache_memory_bytes`` there.
+    tests call this in their own process, where it must not change later
+    engines. The KV-cache size goes to each engine as ``kv_cache_memory_bytes``,
+    not through the environment (VLLM_CPU_KVCACHE_SPACE would beat every later
+    engine's own size).
     """
     settings = {"VLLM_ENABLE_V1_MULTIPROCESSING": "0"}
     defaults = {
-        "VLLM_CPU_KVCACHE_SPACE": str(int(preset.kv_cache_gib)),
         # vLLM's INFO lines (a stats line every 10 s, the config of every engine)
         # would bury the progress bar; VLLM_LOGGING_LEVEL=INFO brings them back.
         "VLLM_LOGGING_LEVEL": "WARNING",
@@ -403,13 +405,15 @@ def run(
         from tqdm import tqdm
         from vllm import LLM, SamplingParams
 
-        from vllm_cmasd.engines import shutdown, spec_decode_counters
+        from vllm_cmasd.engines import on_cpu, shutdown, spec_decode_counters
 
         install_dispatcher_scan_fix()
         started = time.time()
         target, draft, self_draft = str(target), str(draft), str(self_draft)
         data = load_prompts(prompts_path)
         overrides = dict(engine_overrides or {})
+        if on_cpu():
+            overrides.setdefault("kv_cache_memory_bytes", int(preset.kv_cache_gib * 2**30))
         token_ids = _chat_token_ids(target, {task: data["tasks"][task] for task in preset.tasks})
         # The context must hold prompt + answer; a small model (the tiny test pair)
         # may have fewer positions than llm_kwargs' default max_model_len.
