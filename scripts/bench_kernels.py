@@ -22,13 +22,15 @@ from vllm.v1.sample.logits_processor import LogitsProcessors
 from vllm.v1.sample.metadata import SamplingMetadata
 from vllm.v1.sample.rejection_sampler import rejection_sample
 
-from vllm_cmasd.kernels.verify import Policy
-from vllm_cmasd.verification import PolicyParams, cmasd_rejection_sample, register_cpu_kernels
+from vllm_cmasd.config import CmasdConfig
+from vllm_cmasd.policies import PolicyParams
+from vllm_cmasd.verification import cmasd_rejection_sample
+from vllm_cmasd.vllm_patch import register_cpu_kernels
 
+# Each policy with the config's default knobs.
 POLICIES = {
-    "exact": PolicyParams(Policy.EXACT),
-    "confidence": PolicyParams(Policy.CONFIDENCE, leniency=1.0, confidence_floor=0.5),
-    "topk": PolicyParams(Policy.TOPK_TOLERANCE, topk_beta=3, topk_tau=2.0),
+    name: PolicyParams.from_config(CmasdConfig(k_max=8, verification=verification))
+    for name, verification in {"exact": "exact", "confidence": "confidence", "topk": "topk-tolerance"}.items()
 }
 
 

@@ -6,12 +6,13 @@ import pytest
 import torch
 
 from vllm_cmasd.confidence import (
+    entropy,
     entropy_confidence,
     logit_margin_confidence,
     softmax_margin,
     unified_confidence,
 )
-from vllm_cmasd.config import CmasdConfig
+from vllm_cmasd.config import CONFIDENCE_SIGNALS, CmasdConfig
 from vllm_cmasd.proposer import DraftWindow
 
 
@@ -48,10 +49,39 @@ def test_unified_is_weighted_mean_and_orders_rows():
     assert (unified_confidence(sharp, config) > unified_confidence(flat, config)).all()
 
 
-def test_nan_logits_give_zero_confidence():
+def broken_rows(vocab=10):
+    """An all-NaN row, a row with one NaN, one with a +inf, and an all -inf row."""
+    rows = torch.randn(4, vocab, generator=torch.Generator().manual_seed(0))
+    rows[0] = float("nan")
+    rows[1, 3] = float("nan")
+    rows[2, 5] = float("inf")
+    rows[3] = float("-inf")
+    return rows
+
+
+def test_a_broken_drafter_row_is_least_confident_for_every_signal():
+    """Confidence 0 and entropy +inf, so no policy relaxes on it and R-Stitch
+    never keeps its token unchecked (nansum used to give a NaN row entropy 0)."""
+    logits = broken_rows()
     config = CmasdConfig.from_dict({}, k_max=4)
-    logits = torch.full((2, 10), float("nan"))
-    assert unified_confidence(logits, config).tolist() == [0.0, 0.0]
+    only = {name: CmasdConfig.from_dict({"weights": {name: 1.0}}, k_max=4) for name in CONFIDENCE_SIGNALS}
+    assert entropy(logits).tolist() == [math.inf] * 4
+    assert entropy_confidence(logits).tolist() == [0.0] * 4
+    assert softmax_margin(logits).tolist() == [0.0] * 4
+    assert logit_margin_confidence(logits, scale=2.0).tolist() == [0.0] * 4
+    assert unified_confidence(logits, config).tolist() == [0.0] * 4
+    for name, single in only.items():
+        assert unified_confidence(logits, single).tolist() == [0.0] * 4, name
+
+
+def test_ruled_out_tokens_alone_are_not_broken():
+    """-inf logits (a reduced-vocabulary drafter's missing tokens) are a valid row."""
+    logits = torch.full((1, 10), float("-inf"))
+    logits[0, 2], logits[0, 6] = 3.0, 1.0
+    probs = torch.tensor([3.0, 1.0]).softmax(-1)
+    assert entropy(logits).item() == pytest.approx(-(probs * probs.log()).sum().item(), rel=1e-5)
+    assert softmax_margin(logits).item() == pytest.approx((probs[0] - probs[1]).item(), rel=1e-5)
+    assert 0 < unified_confidence(logits, CmasdConfig.from_dict({}, k_max=4)).item() < 1
 
 
 def _run_window(config, confidences):
@@ -98,7 +128,6 @@ def test_window_mean_rule_and_k_min():
 def test_signals_on_kept_tokens_equal_signals_on_full_logits():
     """A reduced-vocabulary draft's signals come from its kept tokens' logits:
     the -inf entries of the full logits add nothing, with V the full vocabulary."""
-    from vllm_cmasd.confidence import entropy
 
     g = torch.Generator().manual_seed(0)
     small = torch.randn(5, 64, generator=g) * 3

@@ -123,3 +123,47 @@ def test_cmasd_without_draft_model_fails_at_startup(tiny_pair):
     kwargs["additional_config"] = {"cmasd": {}}
     with pytest.raises(ValueError, match="speculative-config"):
         LLM(**kwargs)
+
+
+def test_dynamic_sd_schedule_is_refused_at_startup(tiny_pair):
+    """vLLM's Dynamic SD can ask the proposer for 0 tokens; CM-ASD sets each
+    request's length itself, so the schedule is refused with the config error."""
+    from vllm import LLM
+
+    target, draft = tiny_pair
+    kwargs = engine(target, draft=draft, num_speculative_tokens=4, cmasd=CMASD)
+    kwargs["speculative_config"]["num_speculative_tokens_per_batch_size"] = [(1, 2, 4), (3, 256, 0)]
+    with pytest.raises(ValueError, match="num_speculative_tokens_per_batch_size: CM-ASD supports"):
+        LLM(**kwargs)
+
+
+def test_drafter_signals_come_from_the_raw_logits_when_drafts_are_sampled(tiny_pair, monkeypatch):
+    """With draft_sample_method="probabilistic" vLLM divides the drafter's logits
+    by the temperature in place; the signals are defined on the raw logits.
+    Top-k 1 makes the target's first token the same at every temperature, so
+    the first drafted position's confidences must be too."""
+    import torch
+    from vllm import SamplingParams
+
+    from vllm_cmasd import proposer
+
+    target, draft = tiny_pair
+    real = proposer.unified_confidence
+
+    def first_confidences(temperature):
+        seen = []
+
+        def spy(logits, config, vocab_size=None):
+            seen.append(real(logits, config, vocab_size))
+            return seen[-1]
+
+        monkeypatch.setattr(proposer, "unified_confidence", spy)
+        kwargs = engine(target, draft=draft, num_speculative_tokens=4, cmasd=CMASD)
+        kwargs["speculative_config"]["draft_sample_method"] = "probabilistic"
+        params = SamplingParams(temperature=temperature, top_k=1, seed=0, max_tokens=4, ignore_eos=True)
+        run_engine(PROMPTS[:3], params, **kwargs)
+        return seen[0]
+
+    cool, hot = first_confidences(0.5), first_confidences(2.0)
+    assert cool.shape == (3,)
+    assert torch.allclose(cool, hot, atol=1e-6), (cool, hot)

@@ -21,13 +21,16 @@ import time
 import pytest
 import torch
 import triton
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 from triton.backends.compiler import GPUTarget
 from triton.backends.nvidia.compiler import get_ptxas
 from triton.compiler import ASTSource
 from vllm.triton_utils.dispatcher import KernelOverride
 
+from vllm_cmasd.config import CmasdConfig
 from vllm_cmasd.kernels import verify
-from vllm_cmasd.kernels.verify import Policy
+from vllm_cmasd.policies import Policy, PolicyParams
 
 pytestmark = pytest.mark.kernels
 
@@ -71,10 +74,14 @@ SCENARIOS = {
     "bad_values": ([3, 2, 4], 48, [1, 0, 0], True, 16, {"bad_values": True}),
     "no_drafts": ([0, 0, 0], 32, [0, 1, 0], True, 32, {}),
     "wide_vocab": ([2, 1], 1000, [0, 1], True, 256, {}),
+    "fp64_noise": ([3, 2, 4], 90, [0, 1, 0], True, 32, {"fp64_noise": True}),
+    "fp64_noise_one_hot": ([2, 5], 70, [0, 0], False, 16, {"fp64_noise": True, "pad": 0.3}),
 }
 
 
-def make_inputs(draft_lengths, vocab_size, greedy, with_draft_probs, pad=0.0, ties=False, bad_values=False, seed=0):
+def make_inputs(
+    draft_lengths, vocab_size, greedy, with_draft_probs, pad=0.0, ties=False, bad_values=False, fp64_noise=False, seed=0
+):
     """Random verification inputs whose drafts are often right, so walks go deep."""
     g = torch.Generator().manual_seed(seed)
     batch_size, num_tokens = len(draft_lengths), sum(draft_lengths)
@@ -92,17 +99,22 @@ def make_inputs(draft_lengths, vocab_size, greedy, with_draft_probs, pad=0.0, ti
         target_probs[0] = float("nan")
         target_probs[1, :5] = float("inf")
         target_probs[2, ::3] = float("nan")
+        logits[0] = float("nan")
+        logits[1, :5] = float("inf")
         draft_probs[1, draft_ids[1].clamp(min=0)] = 0.0
         draft_probs[2, ::2] = float("nan")
         draft_ids[-1] = vocab_size + 3  # out of range, like padding
     is_greedy = torch.tensor(greedy, dtype=torch.bool)
     all_greedy = bool(is_greedy.all())
     return dict(
+        target_logits=logits,
         target_probs=target_probs,
         draft_probs=draft_probs if with_draft_probs else None,
         draft_token_ids=draft_ids,
         cu_num_draft_tokens=torch.tensor(draft_lengths).cumsum(0).int(),
-        inverse_noise=None if all_greedy else torch.empty(batch_size, vocab_size).exponential_(generator=g).reciprocal(),
+        inverse_noise=None if all_greedy else torch.empty(
+            batch_size, vocab_size, dtype=torch.float64 if fp64_noise else torch.float32
+        ).exponential_(generator=g).reciprocal(),
         bonus_token_ids=torch.randint(vocab_size, (batch_size, 1), generator=g),
         uniform_probs=None if all_greedy else torch.rand(num_tokens, dtype=torch.float64, generator=g),
         confidence=torch.rand(num_tokens, generator=g),
@@ -122,23 +134,23 @@ def verify_batch(
         inputs["cu_num_draft_tokens"],
         inputs["inverse_noise"],
         policy,
+        argmax_id=verify.target_argmax(inputs["target_logits"])[0],
+    )
+    config = CmasdConfig(
+        k_max=8, verification=policy.config_name, leniency=leniency, confidence_floor=confidence_floor,
+        topk_beta=topk_beta, topk_tau=topk_tau, rstitch_entropy=rstitch_entropy,
     )
     output = verify.walk_acceptance(
         stats,
-        inputs["draft_token_ids"],
-        inputs["cu_num_draft_tokens"],
-        inputs["bonus_token_ids"],
-        inputs["uniform_probs"],
-        inputs["confidence"] if confidence else None,
-        inputs["is_greedy"],
-        inputs["max_spec_len"],
-        policy,
-        leniency,
-        confidence_floor,
-        topk_beta,
-        topk_tau,
-        inputs["draft_entropy"],
-        rstitch_entropy,
+        draft_token_ids=inputs["draft_token_ids"],
+        cu_num_draft_tokens=inputs["cu_num_draft_tokens"],
+        bonus_token_ids=inputs["bonus_token_ids"],
+        uniform_probs=inputs["uniform_probs"],
+        is_greedy=inputs["is_greedy"],
+        max_spec_len=inputs["max_spec_len"],
+        params=PolicyParams.from_config(config),
+        confidence=inputs["confidence"] if confidence else None,
+        draft_entropy=inputs["draft_entropy"],
     )
     return stats, output
 
@@ -197,6 +209,31 @@ def test_kernels_equal_twins_across_knobs(monkeypatch, seed):
         assert_same(*results)
 
 
+@st.composite
+def random_inputs(draw):
+    batch_size = draw(st.integers(1, 5))
+    return dict(
+        draft_lengths=draw(st.lists(st.integers(0, 6), min_size=batch_size, max_size=batch_size)),
+        vocab_size=draw(st.integers(2, 70)),
+        greedy=draw(st.lists(st.booleans(), min_size=batch_size, max_size=batch_size)),
+        with_draft_probs=draw(st.booleans()),
+        pad=draw(st.sampled_from([0.0, 0.3])),
+        ties=draw(st.booleans()),
+        bad_values=draw(st.booleans()),
+        fp64_noise=draw(st.booleans()),
+        seed=draw(st.integers(0, 2**31 - 1)),
+    )
+
+
+@interpreted
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(spec=random_inputs(), policy=st.sampled_from(list(Policy)), block_size=st.sampled_from([8, 16, 64]))
+def test_kernels_equal_twins_on_random_batches(monkeypatch, spec, policy, block_size):
+    monkeypatch.setattr(verify, "VOCAB_BLOCK_SIZE", block_size)
+    inputs = make_inputs(**spec)
+    assert_same(*run_kernels_and_twins(monkeypatch, lambda: verify_batch(inputs, policy)))
+
+
 # --------------------------------------------------------------------------
 # GPU compilation (no GPU needed: triton compiles to PTX and ptxas to cubin).
 # --------------------------------------------------------------------------
@@ -210,7 +247,6 @@ STATS_SIGNATURE = dict(
     target_prob_of_draft="*fp32",
     draft_prob_of_draft="*fp32",
     target_max_prob="*fp32",
-    target_argmax="*i32",
     num_more_likely="*i32",
     recovered_token_ids="*i32",
     vocab_size="i32",
@@ -242,31 +278,68 @@ WALK_SIGNATURE = dict(
     rstitch_entropy="fp32",
     POLICY="constexpr",
 )
-# Arguments that are None (compile-time) in an all-greedy batch without draft
-# probs; num_more_likely is None as well unless the policy is TOPK_TOLERANCE,
-# and draft_entropy unless it is RSTITCH.
-ALL_GREEDY_NONE = {
-    "draft_token_stats_kernel": ("draft_probs", "token_request_ids", "inverse_noise", "recovered_token_ids"),
-    "acceptance_walk_kernel": ("recovered_token_ids", "uniform_probs", "confidence", "is_greedy"),
-}
+
+
+def kernel_variants():
+    """Every (kernel, policy, arguments that are None, noise dtype) that
+    ``cmasd_rejection_sample`` can launch: None arguments and dtypes are
+    compile-time, so each is its own binary.
+
+    - stats kernel: not launched for all-greedy EXACT / RSTITCH batches (they
+      take the argmax path); draft probabilities or one-hot drafts; in a batch
+      with sampled requests, fp32 or fp64 noise (``use_fp64_gumbel``).
+    - walk kernel: all-greedy or not; CONFIDENCE with or without a signal;
+      num_more_likely only for TOPK_TOLERANCE, draft_entropy only for RSTITCH.
+    """
+    for policy in Policy:
+        for all_greedy in (False, True):
+            base = () if policy == Policy.TOPK_TOLERANCE else ("num_more_likely",)
+            if not (all_greedy and policy in (Policy.EXACT, Policy.RSTITCH)):
+                for one_hot in (False, True):
+                    for noise in (None,) if all_greedy else ("fp32", "fp64"):
+                        none = base + (("draft_probs",) if one_hot else ())
+                        if all_greedy:
+                            none += ("token_request_ids", "inverse_noise", "recovered_token_ids")
+                        label = f"{policy.name}-{'greedy' if all_greedy else 'mixed'}-{'onehot' if one_hot else 'q'}"
+                        yield pytest.param(verify.draft_token_stats_kernel, policy, none, noise,
+                                           id=f"stats-{label}" + (f"-{noise}" if noise else ""))
+            walk_none = base + (() if policy == Policy.RSTITCH else ("draft_entropy",))
+            if all_greedy:
+                walk_none += ("recovered_token_ids", "uniform_probs", "is_greedy")
+            for with_confidence in (True, False) if policy == Policy.CONFIDENCE else (False,):
+                none = walk_none + (() if with_confidence else ("confidence",))
+                label = f"{policy.name}-{'greedy' if all_greedy else 'mixed'}" + ("-conf" if with_confidence else "")
+                yield pytest.param(verify.acceptance_walk_kernel, policy, none, None, id=f"walk-{label}")
+
+
+# The resource bounds docs/verification.md states (measured with triton's
+# ptxas, no -maxrregcount); the test prints what ptxas reports per variant.
+MAX_REGISTERS = {"draft_token_stats_kernel": 48, "acceptance_walk_kernel": 32}
+
+
+def max_shared_bytes(kernel_name, noise_dtype):
+    if kernel_name == "acceptance_walk_kernel":
+        return 0
+    return 48 if noise_dtype == "fp64" else 32  # the reductions' scratch
+
+
+def max_spill_bytes(kernel_name, noise_dtype, capability):
+    # ptxas keeps the fp64-noise stats kernel (use_fp64_gumbel, off by default)
+    # at 32 registers on sm_80 and spills one 8-byte value.
+    return 8 if (kernel_name, noise_dtype, capability) == ("draft_token_stats_kernel", "fp64", 80) else 0
 
 
 @compiled
 @pytest.mark.parametrize("capability", [80, 90])
-@pytest.mark.parametrize("batch", ["mixed", "all_greedy"])
-@pytest.mark.parametrize("policy", list(Policy), ids=lambda p: p.name)
-@pytest.mark.parametrize("kernel", [k for k, _ in verify.KERNELS_AND_TWINS], ids=lambda k: k.__name__)
-def test_kernel_compiles_for_gpu(kernel, policy, batch, capability):
+@pytest.mark.parametrize("kernel, policy, none_args, noise_dtype", list(kernel_variants()))
+def test_kernel_compiles_for_gpu(kernel, policy, none_args, noise_dtype, capability):
     is_stats = kernel.__name__ == "draft_token_stats_kernel"
     signature = dict(STATS_SIGNATURE if is_stats else WALK_SIGNATURE)
     constexprs = {"POLICY": int(policy)}
     if is_stats:
         constexprs["BLOCK_SIZE"] = verify.VOCAB_BLOCK_SIZE
-    none_args = ALL_GREEDY_NONE[kernel.__name__] if batch == "all_greedy" else ()
-    if policy != Policy.TOPK_TOLERANCE:
-        none_args += ("num_more_likely",)
-    if policy != Policy.RSTITCH and not is_stats:
-        none_args += ("draft_entropy",)
+    if noise_dtype is not None:
+        signature["inverse_noise"] = f"*{noise_dtype}"
     for name in none_args:
         signature[name] = "constexpr"
         constexprs[name] = None
@@ -286,9 +359,9 @@ def test_kernel_compiles_for_gpu(kernel, policy, batch, capability):
     ).stderr
     registers = int(re.search(r"Used (\d+) registers", report).group(1))
     spill_stores = int(re.search(r"(\d+) bytes spill stores", report).group(1))
-    print(f"{kernel.__name__} {policy.name} {batch} sm_{capability}: "
+    print(f"{kernel.__name__} {policy.name} none={none_args} noise={noise_dtype} sm_{capability}: "
           f"{registers} registers, {spill_stores} B spilled, {binary.metadata.shared} B shared")
     assert "cubin" in binary.asm and binary.metadata.num_warps == 4
-    assert registers <= 128  # >= 4 resident 4-warp blocks per SM
-    assert spill_stores == 0
-    assert binary.metadata.shared <= 4096
+    assert registers <= MAX_REGISTERS[kernel.__name__]
+    assert spill_stores <= max_spill_bytes(kernel.__name__, noise_dtype, capability)
+    assert binary.metadata.shared <= max_shared_bytes(kernel.__name__, noise_dtype)

@@ -6,7 +6,9 @@ plain decoding and under CM-ASD's exact verification (chi-square test of
 homogeneity). Position 0 comes from the prefill; positions 1.. are decided by
 verification. The same test must see the confidence-modulated policy change the
 distribution (it accepts drafts the target would not sample as often), which
-shows the test has the power to catch a lossy verifier.
+shows the test has the power to catch a lossy verifier. A second setting mixes
+greedy requests (every fourth) with top-p 0.9 ones in the same batches: the
+greedy ones must all give plain decoding's answer, the others its distribution.
 """
 
 from __future__ import annotations
@@ -48,13 +50,20 @@ def homogeneity_p_value(a: list[int], b: list[int], min_count: int = 10) -> floa
     return torch.special.gammaincc(dof, chi_square / 2).item()
 
 
-def sample(engine_kwargs: dict, first_seed: int) -> list[list[int]]:
+def _sampling(setting: str, seed: int):
     from vllm import SamplingParams
 
-    params = [
-        SamplingParams(temperature=1.0, top_k=20, seed=first_seed + i, max_tokens=MAX_TOKENS, ignore_eos=True)
-        for i in range(NUM_SAMPLES)
-    ]
+    common = dict(seed=seed, max_tokens=MAX_TOKENS, ignore_eos=True)
+    if setting == "top_k":
+        return SamplingParams(temperature=1.0, top_k=20, **common)
+    # "mixed_top_p": every fourth request greedy, in the same batches as sampled ones.
+    if seed % 4 == 0:
+        return SamplingParams(temperature=0.0, **common)
+    return SamplingParams(temperature=0.8, top_p=0.9, **common)
+
+
+def sample(engine_kwargs: dict, first_seed: int, setting: str = "top_k") -> list[list[int]]:
+    params = [_sampling(setting, first_seed + i) for i in range(NUM_SAMPLES)]
     run = run_engine([PROMPT] * NUM_SAMPLES, params, **engine_kwargs)
     if "speculative_config" in engine_kwargs:
         assert run.counters["num_accepted_tokens"] > 0
@@ -67,27 +76,45 @@ def p_values(reference: list[list[int]], other: list[list[int]]) -> list[float]:
 
 @pytest.fixture(scope="module")
 def plain_samples(tiny_pair):
+    """Plain decoding's samples per setting, each drawn once."""
     target, _ = tiny_pair
-    return sample(engine(target), first_seed=0)
+    drawn = {}
+
+    def get(setting: str) -> list[list[int]]:
+        if setting not in drawn:
+            drawn[setting] = sample(engine(target), first_seed=0, setting=setting)
+        return drawn[setting]
+
+    return get
 
 
 @pytest.mark.parametrize(
-    "draft_sample_method, cmasd",
+    "draft_sample_method, cmasd, setting",
     [
-        ("greedy", {"verification": "exact"}),
-        ("probabilistic", {"verification": "exact"}),
+        ("greedy", {"verification": "exact"}, "top_k"),
+        ("probabilistic", {"verification": "exact"}, "top_k"),
         # The draft budget changes what is drafted, never how it is verified.
-        ("probabilistic", {"verification": "exact", "draft_budget": "auto"}),
+        ("probabilistic", {"verification": "exact", "draft_budget": "auto"}, "top_k"),
+        # Greedy and top-p requests in one batch.
+        ("probabilistic", {"verification": "exact"}, "mixed_top_p"),
     ],
-    ids=["exact-greedy-drafts", "exact-sampled-drafts", "budget-sampled-drafts"],
+    ids=["exact-greedy-drafts", "exact-sampled-drafts", "budget-sampled-drafts", "exact-mixed-batch-top-p"],
 )
-def test_exact_verification_keeps_the_target_distribution(tiny_pair, plain_samples, draft_sample_method, cmasd):
+def test_exact_verification_keeps_the_target_distribution(tiny_pair, plain_samples, draft_sample_method, cmasd,
+                                                          setting):
     target, draft = tiny_pair
     kwargs = engine(target, draft=draft, num_speculative_tokens=4, cmasd=cmasd)
     kwargs["speculative_config"]["draft_sample_method"] = draft_sample_method
+    reference = plain_samples(setting)
     # Independent seeds: the samples must agree in distribution, not token for token.
-    ours = sample(kwargs, first_seed=NUM_SAMPLES)
-    p = p_values(plain_samples, ours)
+    ours = sample(kwargs, first_seed=NUM_SAMPLES, setting=setting)
+    if setting == "mixed_top_p":
+        # NUM_SAMPLES is a multiple of 4: the greedy requests sit at the same indices.
+        greedy = {tuple(t) for i, t in enumerate(reference + ours) if i % 4 == 0}
+        assert len(greedy) == 1, greedy  # every greedy request: plain decoding's one answer
+        reference = [t for i, t in enumerate(reference) if i % 4]
+        ours = [t for i, t in enumerate(ours) if i % 4]
+    p = p_values(reference, ours)
     assert min(p) > P_VALUE, p
 
 
@@ -100,5 +127,5 @@ def test_lenient_verification_is_detected_as_a_different_distribution(tiny_pair,
     target, draft = tiny_pair
     kwargs = engine(target, draft=draft, num_speculative_tokens=4, cmasd=cmasd)
     lenient = sample(kwargs, first_seed=NUM_SAMPLES)
-    p = p_values(plain_samples, lenient)
+    p = p_values(plain_samples("top_k"), lenient)
     assert min(p) < P_VALUE, p

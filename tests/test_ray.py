@@ -184,12 +184,16 @@ def _install_recorder(worker):
 
     def recorded_propose(*args, **kwargs):
         drafts = propose(*args, **kwargs)
+        req_ids = list(runner.input_batch.req_ids)
+        # A step the draft budget ran without a drafter pass leaves no signals.
+        ran = all(r in drafter._signals for r in req_ids)
         records.append({
             "step": "draft",
-            "req_ids": list(runner.input_batch.req_ids),
+            "req_ids": req_ids,
             "drafts": [list(d) for d in drafts],
+            "skipped_passes": drafter.stats.num_skipped_passes,
             # What the window's stop decisions and the verifier's policy read.
-            "confidence": _digest(torch.stack([drafter._signals[r]["confidence"] for r in runner.input_batch.req_ids])),
+            "confidence": _digest(torch.stack([drafter._signals[r]["confidence"] for r in req_ids])) if ran else None,
             "draft_probs": _digest(drafter._last_draft_probs),
         })
         return drafts

@@ -12,6 +12,8 @@ import math
 
 import pytest
 import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 from vllm.platforms import current_platform
 from vllm.triton_utils import HAS_TRITON
 from vllm.triton_utils.dispatcher import KernelOverride
@@ -22,20 +24,23 @@ from vllm.v1.sample.rejection_sampler import RejectionSampler, rejection_sample
 from vllm.v1.sample.sampler import Sampler
 from vllm.v1.spec_decode.metadata import SpecDecodeMetadata
 
-from vllm_cmasd.config import VERIFICATION_POLICIES, CmasdConfig
+from vllm_cmasd.config import CmasdConfig
 from vllm_cmasd.kernels import verify
-from vllm_cmasd.kernels.verify import Policy
-from vllm_cmasd.verification import (
-    CmasdRejectionSampler,
-    PolicyParams,
-    cmasd_rejection_sample,
-    register_cpu_kernels,
-)
+from vllm_cmasd.policies import VERIFICATION_POLICIES, Policy, PolicyParams
+from vllm_cmasd.verification import CmasdRejectionSampler, cmasd_rejection_sample
+from vllm_cmasd.vllm_patch import register_cpu_kernels
 
 pytestmark = pytest.mark.kernels
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
-EXACT = PolicyParams(Policy.EXACT)
+
+
+def make_params(policy: Policy, **knobs) -> PolicyParams:
+    """The verifier's parameters for ``policy``, through the config (its defaults)."""
+    return PolicyParams.from_config(CmasdConfig(k_max=8, verification=policy.config_name, **knobs))
+
+
+EXACT = make_params(Policy.EXACT)
 # Inputs come from their own seeds: drawn from the same stream as the
 # verifier's uniforms, drafts would correlate with their acceptance tests.
 DATA_SEED = 12345
@@ -50,16 +55,17 @@ def kernels_for_this_platform():
         register_cpu_kernels()
 
 
-def make_sampling_metadata(temperatures, seeds=None, max_num_logprobs=None):
-    """SamplingMetadata for a batch; ``seeds[i]`` gives request i its own generator."""
+def make_sampling_metadata(temperatures, seeds=None, max_num_logprobs=None, top_k=None, top_p=None):
+    """SamplingMetadata for a batch; ``seeds[i]`` gives request i its own generator;
+    ``top_k`` / ``top_p``: one value per request, or None."""
     generators = {i: torch.Generator(DEVICE).manual_seed(seed) for i, seed in (seeds or {}).items()}
     batch_size = len(temperatures)
     return SamplingMetadata(
         temperature=torch.tensor(temperatures, dtype=torch.float32, device=DEVICE),
         all_greedy=all(t == 0 for t in temperatures),
         all_random=all(t > 0 for t in temperatures),
-        top_p=None,
-        top_k=None,
+        top_p=None if top_p is None else torch.tensor(top_p, dtype=torch.float32, device=DEVICE),
+        top_k=None if top_k is None else torch.tensor(top_k, dtype=torch.int32, device=DEVICE),
         generators=generators,
         max_num_logprobs=max_num_logprobs,
         no_penalties=True,
@@ -181,7 +187,7 @@ def test_rstitch_emits_the_drafter_where_it_is_sure_and_the_target_elsewhere(thr
     n = 200_000
     batch = one_token_drafts(p, q, n)
     output_token_ids, _ = run_cmasd(
-        batch, [1.0] * n, PolicyParams(Policy.RSTITCH, rstitch_entropy=threshold),
+        batch, [1.0] * n, make_params(Policy.RSTITCH, rstitch_entropy=threshold),
         draft_entropy=entropy.expand(n).contiguous().to(DEVICE),
     )
     counts = torch.bincount(output_token_ids[:, 0].long().cpu(), minlength=8).double()
@@ -223,7 +229,7 @@ def fixed_target_batch(draft_ids):
 )
 def test_topk_tolerance_rule(temperature, beta, tau, expected_accepted):
     """Drafts [1, 1, 2] under p = [.5, .3, .15, .05], the same rule for greedy and random."""
-    params = PolicyParams(Policy.TOPK_TOLERANCE, topk_beta=beta, topk_tau=tau)
+    params = make_params(Policy.TOPK_TOLERANCE, topk_beta=beta, topk_tau=tau)
     output, num_accepted = run_cmasd(fixed_target_batch([1, 1, 2]), [temperature], params)
     assert num_accepted.tolist() == [expected_accepted]
     row = output[0].tolist()
@@ -244,7 +250,7 @@ def test_topk_tolerance_rule(temperature, beta, tau, expected_accepted):
     ],
 )
 def test_confidence_rule_greedy(leniency, confidence, accepted):
-    params = PolicyParams(Policy.CONFIDENCE, leniency=leniency, confidence_floor=0.5)
+    params = make_params(Policy.CONFIDENCE, leniency=leniency, confidence_floor=0.5)
     output, num_accepted = run_cmasd(
         fixed_target_batch([1]), [0.0], params, confidence=torch.tensor([confidence], device=DEVICE)
     )
@@ -265,7 +271,7 @@ def test_confidence_rule_random(leniency, rate):
         target_logits=TARGET.log().expand(n, -1).contiguous().to(DEVICE),
         bonus_token_ids=torch.zeros(n, 1, dtype=torch.long, device=DEVICE),
     )
-    params = PolicyParams(Policy.CONFIDENCE, leniency=leniency, confidence_floor=0.2)
+    params = make_params(Policy.CONFIDENCE, leniency=leniency, confidence_floor=0.2)
     output, num_accepted = run_cmasd(batch, [1.0] * n, params, confidence=torch.ones(n, device=DEVICE))
     assert abs(num_accepted.float().mean().item() - rate) < 0.015
     # Rejected positions emit the residual max(0, p - onehot(1)): never token 1.
@@ -282,7 +288,7 @@ def test_confidence_is_monotone_in_leniency(kind):
         exact, _ = run_cmasd(batch, temperatures, EXACT, rng_seed=seed)
         previous = None
         for leniency in [0.0, 0.05, 0.3, 1.0, 2.0, 5.0, 20.0]:
-            params = PolicyParams(Policy.CONFIDENCE, leniency=leniency, confidence_floor=0.3)
+            params = make_params(Policy.CONFIDENCE, leniency=leniency, confidence_floor=0.3)
             output, num_accepted = run_cmasd(batch, temperatures, params, confidence, rng_seed=seed)
             if leniency == 0.0:
                 assert torch.equal(output, exact)
@@ -291,7 +297,7 @@ def test_confidence_is_monotone_in_leniency(kind):
             previous = num_accepted
         # No confidence signal, or confidence at the floor, is EXACT too.
         for strict_confidence in (None, torch.full_like(confidence, 0.3)):
-            params = PolicyParams(Policy.CONFIDENCE, leniency=5.0, confidence_floor=0.3)
+            params = make_params(Policy.CONFIDENCE, leniency=5.0, confidence_floor=0.3)
             output, _ = run_cmasd(batch, temperatures, params, strict_confidence, rng_seed=seed)
             assert torch.equal(output, exact)
 
@@ -316,7 +322,7 @@ def test_walk_layout_with_empty_and_padded_drafts(policy):
         target_logits=target_logits.to(DEVICE),
         bonus_token_ids=torch.tensor([[1], [2], [3], [4], [5]], device=DEVICE),
     )
-    params = PolicyParams(policy, leniency=1.0, confidence_floor=0.0, topk_beta=1, topk_tau=0.0)
+    params = make_params(policy, leniency=1.0, confidence_floor=0.0, topk_beta=1, topk_tau=0.0)
     output, num_accepted = run_cmasd(batch, [0.0] * 5, params)
     assert output.tolist() == [[0, 1, 2, -1], [2, -1, -1, -1], [3, -1, -1, -1], [5, 4, -1, -1], [0, 5, -1, -1]]
     assert num_accepted.tolist() == [2, 0, 0, 1, 1]
@@ -341,15 +347,23 @@ def test_bad_numbers_never_leave_the_vocabulary(kind, policy, with_draft_probs):
         draft_probs[7] = float("nan")
     batch["draft_token_ids"][8] = -1
     batch["draft_token_ids"][9] = vocab_size + 5
-    params = PolicyParams(policy, leniency=2.0, confidence_floor=0.2, topk_beta=4, topk_tau=3.0)
+    # Drafts of token 0 on the broken rows: what an all-NaN row's argmax gives.
+    batch["draft_token_ids"][0] = batch["draft_token_ids"][3] = 0
+    params = make_params(policy, leniency=2.0, confidence_floor=0.2, topk_beta=4, topk_tau=3.0, rstitch_entropy=1.0)
     confidence = torch.rand(logits.shape[0], device=DEVICE)
     confidence[0] = float("nan")
-    output, num_accepted = run_cmasd(batch, TEMPERATURES[kind], params, confidence)
+    # Certain-looking drafter signals everywhere else: nothing but the target stops a draft.
+    entropy = torch.zeros(logits.shape[0], device=DEVICE)
+    output, num_accepted = run_cmasd(batch, TEMPERATURES[kind], params, confidence, draft_entropy=entropy)
     assert_well_formed(output, num_accepted, batch["num_draft_tokens"], vocab_size)
+    # Request 0's first row is all NaN, request 1's first has one NaN (its softmax is
+    # NaN throughout): neither has a distribution, so neither accepts a token.
+    assert num_accepted[:2].tolist() == [0, 0]
 
 
-def test_greedy_exact_argmax_path_matches_the_stats_kernel():
-    """All-greedy EXACT batches skip the softmax; their argmax is the kernel's."""
+def test_argmax_path_and_stats_kernel_flag_the_same_broken_rows():
+    """All-greedy EXACT batches skip the softmax; they must find the same rows
+    without a distribution as the stats kernel (max p = 0 there)."""
     vocab_size = 300
     batch = make_batch([3, 5, 0, 2, 4, 1], vocab_size, with_draft_probs=False, seed=3)
     logits = batch["target_logits"]
@@ -359,11 +373,119 @@ def test_greedy_exact_argmax_path_matches_the_stats_kernel():
     logits[3, 5] = float("nan")
     logits[4, ::2] = float("-inf")  # masked entries (logits processors) stay valid
     fast = verify.argmax_draft_token_stats(logits, batch["draft_token_ids"])
+    argmax_id, has_max = verify.target_argmax(logits)
     full = verify.compute_draft_token_stats(
-        logits.softmax(dim=-1), None, batch["draft_token_ids"], batch["cu_num_draft_tokens"], None, Policy.EXACT
+        logits.softmax(dim=-1), None, batch["draft_token_ids"], batch["cu_num_draft_tokens"], None, Policy.EXACT,
+        argmax_id=argmax_id,
     )
-    assert torch.equal(fast.target_argmax, full.target_argmax)
+    assert torch.equal(fast.target_max_prob > 0, full.target_max_prob > 0)
+    assert (fast.target_max_prob > 0).tolist()[:5] == [False, False, False, False, True]
+    assert has_max.tolist()[:5] == [False, False, False, False, True]
     assert fast.target_argmax[:4].tolist() == [0, 0, 0, 0]
+
+
+# --------------------------------------------------------------------------
+# The edges: ties, broken rows, invalid ids (each of these failed before its fix).
+# --------------------------------------------------------------------------
+
+
+def tie_batch(draft_id):
+    """Request 0 (greedy): logits 0 at token 3 and 1e-8 at token 7, so both round to
+    one float32 probability while the logits' argmax is 7. Request 1 samples."""
+    logits = torch.full((2, 16), -5.0)
+    logits[0, 3], logits[0, 7] = 0.0, 1e-8
+    logits[1] = torch.randn(16, generator=torch.Generator().manual_seed(DATA_SEED))
+    probs = logits.softmax(dim=-1)
+    assert probs[0, 3] == probs[0, 7]
+    return dict(
+        draft_token_ids=torch.tensor([draft_id, 2], dtype=torch.int32, device=DEVICE),
+        num_draft_tokens=[1, 1],
+        max_spec_len=1,
+        cu_num_draft_tokens=torch.tensor([1, 2], dtype=torch.int32, device=DEVICE),
+        draft_probs=None,
+        target_logits=logits.to(DEVICE),
+        bonus_token_ids=torch.tensor([[9], [9]], device=DEVICE),
+    )
+
+
+# Each policy with knobs that make it strict: a greedy tie then has one answer.
+STRICT = {
+    Policy.EXACT: {},
+    Policy.CONFIDENCE: dict(leniency=0.0),
+    Policy.TOPK_TOLERANCE: dict(topk_beta=1, topk_tau=0.0),
+    Policy.RSTITCH: dict(rstitch_entropy=0.0),
+}
+
+
+@pytest.mark.parametrize("temperatures", [[0.0, 0.0], [0.0, 1.0]], ids=["all_greedy", "mixed"])
+@pytest.mark.parametrize("policy", list(Policy), ids=lambda p: p.name)
+def test_greedy_requests_take_the_logits_argmax_in_every_batch(policy, temperatures):
+    strict = make_params(policy, **STRICT[policy])
+    # The logits' argmax (7) is accepted, as vLLM's greedy sampler would emit it ...
+    output, num_accepted = run_cmasd(tie_batch(7), temperatures, strict, confidence=torch.ones(2, device=DEVICE))
+    assert output[0].tolist() == [7, 9] and num_accepted[0] == 1
+    # ... and a wrong draft is replaced by it, not by the lowest id of equal probability.
+    output, _ = run_cmasd(tie_batch(5), temperatures, strict, confidence=torch.ones(2, device=DEVICE))
+    assert output[0].tolist() == [7, -1]
+    if policy == Policy.EXACT:
+        for draft_id in (7, 5):
+            torch.manual_seed(0)
+            theirs = rejection_sample(**tie_batch(draft_id), sampling_metadata=make_sampling_metadata(temperatures))
+            assert torch.equal(run_cmasd(tie_batch(draft_id), temperatures, rng_seed=0)[0], theirs)
+    if policy == Policy.CONFIDENCE:  # leniency 0 is exact, bit for bit, in every batch
+        for draft_id in (7, 5, 3):
+            ours = run_cmasd(tie_batch(draft_id), temperatures, strict, confidence=torch.ones(2, device=DEVICE))
+            assert torch.equal(ours[0], run_cmasd(tie_batch(draft_id), temperatures)[0])
+
+
+@pytest.mark.parametrize("temperature", [0.0, 1.0], ids=["greedy", "random"])
+@pytest.mark.parametrize("policy", list(Policy), ids=lambda p: p.name)
+def test_a_target_row_without_a_distribution_rejects_every_draft(policy, temperature):
+    """All-NaN, +inf and all -inf target rows, each under a draft of token 0 (the
+    broken row's argmax) that every drafter signal calls certain."""
+    vocab_size = 32
+    bad_rows = {"nan": float("nan"), "inf": float("inf"), "-inf": float("-inf")}
+    logits = torch.randn(len(bad_rows), vocab_size, generator=torch.Generator().manual_seed(DATA_SEED))
+    for row, value in enumerate(bad_rows.values()):
+        logits[row] = value
+    n = len(bad_rows)
+    batch = dict(
+        draft_token_ids=torch.zeros(n, dtype=torch.int32, device=DEVICE),
+        num_draft_tokens=[1] * n,
+        max_spec_len=1,
+        cu_num_draft_tokens=torch.arange(1, n + 1, dtype=torch.int32, device=DEVICE),
+        draft_probs=torch.nn.functional.one_hot(torch.zeros(n, dtype=torch.long), vocab_size).float().to(DEVICE),
+        target_logits=logits.to(DEVICE),
+        bonus_token_ids=torch.full((n, 1), 5, device=DEVICE),
+    )
+    knobs = dict(leniency=20.0, confidence_floor=0.0, topk_beta=vocab_size, topk_tau=100.0, rstitch_entropy=10.0)
+    output, num_accepted = run_cmasd(
+        batch, [temperature] * n, make_params(policy, **knobs),
+        confidence=torch.ones(n, device=DEVICE), draft_entropy=torch.zeros(n, device=DEVICE),
+    )
+    assert num_accepted.tolist() == [0] * n, (policy, list(bad_rows))
+    assert ((output[:, 0] >= 0) & (output[:, 0] < vocab_size)).all() and (output[:, 1] == -1).all()
+
+
+def test_an_invalid_draft_id_in_a_sampled_request_resamples_from_the_target():
+    """Draft id -1 (padding) with a draft distribution q = onehot(0) and target
+    p = (.5, .5): the id was never drawn from q, so the emitted token must be a
+    sample of p, not of norm(max(0, p - q)) = onehot(1)."""
+    n = 20_000
+    p = torch.tensor([0.5, 0.5, 0.0, 0.0])
+    batch = dict(
+        draft_token_ids=torch.full((n,), -1, dtype=torch.int32, device=DEVICE),
+        num_draft_tokens=[1] * n,
+        max_spec_len=1,
+        cu_num_draft_tokens=torch.arange(1, n + 1, dtype=torch.int32, device=DEVICE),
+        draft_probs=torch.tensor([1.0, 0.0, 0.0, 0.0]).expand(n, -1).contiguous().to(DEVICE),
+        target_logits=p.log().expand(n, -1).contiguous().to(DEVICE),
+        bonus_token_ids=torch.zeros(n, 1, dtype=torch.long, device=DEVICE),
+    )
+    output, num_accepted = run_cmasd(batch, [1.0] * n)
+    assert (num_accepted == 0).all()
+    share_of_token_0 = (output[:, 0] == 0).float().mean().item()
+    assert abs(share_of_token_0 - 0.5) < 0.02, share_of_token_0
 
 
 # --------------------------------------------------------------------------
@@ -410,6 +532,51 @@ def test_sampler_matches_vllm_with_logprobs(kind):
     assert torch.equal(ours.last_num_accepted, ((results[0].sampled_token_ids != -1).sum(dim=1) - 1).int())
 
 
+SAMPLING_SETTINGS = {
+    # name: (temperatures, top_k (200 = the vocabulary: off, as vLLM writes it),
+    #        top_p, integer logits (ties), use_fp64_gumbel)
+    "mixed-top_k": ([0.0, 1.0, 0.7, 0.0, 1.3, 1.0], [200, 5, 20, 200, 3, 1], None, False, False),
+    "mixed-top_p": ([0.0, 1.0, 0.7, 0.0, 1.3, 1.0], None, [1.0, 0.9, 0.5, 1.0, 0.8, 0.95], False, False),
+    "random-top_k_top_p-fp64": ([1.0, 0.9, 1.2, 1.0, 0.6, 1.0], [10, 200, 4, 30, 2, 7], [0.9, 0.7, 1.0, 0.85, 1.0, 0.6],
+                                False, True),
+    "mixed-ties": ([0.0, 1.0, 0.0, 0.8, 1.0, 0.0], None, None, True, False),
+    "mixed-ties-fp64-top_k": ([0.0, 1.0, 0.0, 0.8, 1.0, 0.0], [200, 3, 200, 5, 2, 200], None, True, True),
+}
+
+
+@pytest.mark.parametrize("with_draft_probs", [True, False], ids=["draft_probs", "one_hot"])
+@pytest.mark.parametrize("setting", list(SAMPLING_SETTINGS))
+def test_sampler_matches_vllm_under_sampling_constraints(setting, with_draft_probs):
+    """EXACT through the whole sampler (temperature, top-k, top-p, fp64 noise,
+    softmax ties, greedy beside sampled requests) is vLLM's sampler token for
+    token, and leaves every per-request generator where vLLM leaves it (the
+    request without drafts has a generator that must stay untouched)."""
+    temperatures, top_k, top_p, ties, fp64 = SAMPLING_SETTINGS[setting]
+    num_draft_tokens = [3, 5, 0, 2, 4, 1]
+    seeds = {1: 11, 2: 22, 4: 44, 5: 55}  # request 2 drafts nothing
+    for seed in range(3):
+        batch = make_batch(num_draft_tokens, 200, with_draft_probs, seed=seed)
+        metadata = spec_decode_metadata(batch["draft_token_ids"], num_draft_tokens)
+        g = torch.Generator().manual_seed(DATA_SEED + 100 + seed)
+        logits = (torch.randn(sum(num_draft_tokens) + len(num_draft_tokens), 200, generator=g) * 3).to(DEVICE)
+        logits[metadata.target_logits_indices.long()] = batch["target_logits"]
+        if ties:  # many equal probabilities, the maximum included
+            logits = logits.round()
+        ours = CmasdRejectionSampler(Sampler(), None, DEVICE, CmasdConfig(k_max=8), lambda name, m: None)
+        theirs = RejectionSampler(Sampler())
+        results, states = [], []
+        for sampler in (ours, theirs):
+            sampler.use_fp64_gumbel = fp64
+            torch.manual_seed(seed)
+            sampling_metadata = make_sampling_metadata(temperatures, seeds, top_k=top_k, top_p=top_p)
+            results.append(sampler(metadata, batch["draft_probs"], logits.clone(), sampling_metadata))
+            states.append({i: gen.get_state() for i, gen in sampling_metadata.generators.items()})
+            states[-1]["global"] = torch.get_rng_state()
+        assert torch.equal(results[0].sampled_token_ids, results[1].sampled_token_ids), (seed, results)
+        for i in states[0]:
+            assert torch.equal(states[0][i], states[1][i]), f"generator {i} moved differently"
+
+
 def test_sampler_uses_the_confidence_source():
     num_draft_tokens = [4, 4, 4]
     batch = make_batch(num_draft_tokens, 100, True, seed=5)
@@ -444,7 +611,7 @@ def test_rstitch_keeps_exactly_the_low_entropy_drafts(kind):
     exact = run_cmasd(batch, temperatures, rng_seed=1)
 
     def rstitch(threshold, entropy=entropy):
-        return run_cmasd(batch, temperatures, PolicyParams(Policy.RSTITCH, rstitch_entropy=threshold),
+        return run_cmasd(batch, temperatures, make_params(Policy.RSTITCH, rstitch_entropy=threshold),
                          rng_seed=1, draft_entropy=entropy)
 
     # Threshold 0 keeps nothing unchecked (entropies are >= 0): exact, bit for bit;
@@ -475,13 +642,19 @@ def test_rstitch_keeps_exactly_the_low_entropy_drafts(kind):
                 assert accepted[b] >= max(first_unkept, exact_accepts[b])
 
 
-def test_policy_params_from_config():
+def test_policy_params_come_from_the_config_alone():
+    assert VERIFICATION_POLICIES == ("exact", "confidence", "topk-tolerance", "rstitch")
     for name in VERIFICATION_POLICIES:
         params = PolicyParams.from_config(
             CmasdConfig(k_max=4, verification=name, leniency=2, confidence_floor=0.25, topk_beta=5, topk_tau=1.5)
         )
-        assert params.policy.name == name.upper().replace("-", "_")
+        assert params.policy.config_name == name and Policy.from_config_name(name) is params.policy
         assert (params.leniency, params.confidence_floor, params.topk_beta, params.topk_tau) == (2, 0.25, 5, 1.5)
+    # No second set of defaults: the config's are the only ones.
+    with pytest.raises(TypeError):
+        PolicyParams(policy=Policy.CONFIDENCE)
+    defaults = PolicyParams.from_config(CmasdConfig(k_max=4, verification="confidence"))
+    assert (defaults.leniency, defaults.confidence_floor, defaults.topk_beta, defaults.topk_tau) == (1.0, 0.5, 3, 2.0)
 
 
 @pytest.mark.skipif(HAS_TRITON, reason="registration is for platforms without Triton")
@@ -508,3 +681,105 @@ def test_cpu_expand_fix_gives_per_token_temperatures():
     assert temperature.tolist() == pytest.approx([0.7, 0.7, 1.0, 1.0, 1.0])
     top_k = rejection_sampler.expand_batch_to_tokens(torch.tensor([5, 7, 9], dtype=torch.int32), cu_num_tokens, 5)
     assert top_k.tolist() == [5, 5, 9, 9, 9]
+
+
+# --------------------------------------------------------------------------
+# Properties over random batches (hypothesis).
+# --------------------------------------------------------------------------
+
+ROW_DEFECTS = ("none", "nan_row", "one_nan", "inf_entry", "all_neg_inf", "masked_half")
+DRAFT_DEFECTS = ("none", "pad", "out_of_vocab", "q_zero", "q_nan")
+
+
+@st.composite
+def verification_batches(draw):
+    """Draft lengths 0..k_max, greedy and sampled requests, NaN / inf target rows,
+    invalid draft ids and broken draft probabilities, every policy."""
+    k_max = draw(st.integers(1, 6))
+    batch_size = draw(st.integers(1, 6))
+    lengths = draw(st.lists(st.integers(0, k_max), min_size=batch_size, max_size=batch_size))
+    num_tokens = sum(lengths)
+    return dict(
+        vocab_size=draw(st.integers(2, 48)),
+        lengths=lengths,
+        greedy=draw(st.lists(st.booleans(), min_size=batch_size, max_size=batch_size)),
+        with_draft_probs=draw(st.booleans()),
+        row_defects=draw(st.lists(st.sampled_from(ROW_DEFECTS), min_size=num_tokens, max_size=num_tokens)),
+        draft_defects=draw(st.lists(st.sampled_from(DRAFT_DEFECTS), min_size=num_tokens, max_size=num_tokens)),
+        policy=draw(st.sampled_from(list(Policy))),
+        seed=draw(st.integers(0, 2**31 - 1)),
+    )
+
+
+def build_random_batch(spec):
+    vocab_size, lengths = spec["vocab_size"], spec["lengths"]
+    g = torch.Generator().manual_seed(spec["seed"])
+    num_tokens = sum(lengths)
+    logits = torch.randn(num_tokens, vocab_size, generator=g) * 3
+    draft_probs = (logits + torch.randn(num_tokens, vocab_size, generator=g)).softmax(dim=-1)
+    draft_ids = torch.where(
+        torch.rand(num_tokens, generator=g) < 0.6,
+        logits.argmax(dim=-1),
+        torch.multinomial(draft_probs, 1, generator=g).squeeze(1) if num_tokens else torch.zeros(0, dtype=torch.long),
+    )
+    for j, defect in enumerate(spec["row_defects"]):
+        if defect == "nan_row":
+            logits[j] = float("nan")
+        elif defect == "one_nan":
+            logits[j, j % vocab_size] = float("nan")
+        elif defect == "inf_entry":
+            logits[j, (j + 1) % vocab_size] = float("inf")
+        elif defect == "all_neg_inf":
+            logits[j] = float("-inf")
+        elif defect == "masked_half":  # a logits processor's -inf: still a valid row
+            logits[j, 1::2] = float("-inf")
+    for j, defect in enumerate(spec["draft_defects"]):
+        if defect == "pad":
+            draft_ids[j] = -1
+        elif defect == "out_of_vocab":
+            draft_ids[j] = vocab_size + j
+        elif defect == "q_zero":
+            draft_probs[j, draft_ids[j]] = 0.0
+        elif defect == "q_nan":
+            draft_probs[j] = float("nan")
+    batch = dict(
+        draft_token_ids=draft_ids.int().to(DEVICE),
+        num_draft_tokens=list(lengths),
+        max_spec_len=max(lengths),
+        cu_num_draft_tokens=torch.tensor(lengths).cumsum(0).int().to(DEVICE),
+        draft_probs=draft_probs.to(DEVICE) if spec["with_draft_probs"] else None,
+        target_logits=logits.to(DEVICE),
+        bonus_token_ids=torch.randint(vocab_size, (len(lengths), 1), generator=g).to(DEVICE),
+    )
+    signals = dict(
+        confidence=torch.rand(num_tokens, generator=g).to(DEVICE),
+        draft_entropy=(torch.rand(num_tokens, generator=g) * 2).to(DEVICE),
+    )
+    return batch, signals
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(spec=verification_batches())
+def test_verification_properties_on_random_batches(spec):
+    batch, signals = build_random_batch(spec)
+    vocab_size, lengths = spec["vocab_size"], spec["lengths"]
+    temperatures = [0.0 if g else 1.0 for g in spec["greedy"]]
+    knobs = dict(leniency=2.0, confidence_floor=0.2, topk_beta=3, topk_tau=2.0, rstitch_entropy=1.0)
+    output, num_accepted = run_cmasd(batch, temperatures, make_params(spec["policy"], **knobs), **signals)
+
+    assert output.shape == (len(lengths), max(lengths) + 1) and output.dtype == torch.int32
+    assert_well_formed(output, num_accepted, lengths, vocab_size)
+    logits = batch["target_logits"].cpu()
+    has_max = logits.amax(dim=-1).isfinite()
+    draft_ids = batch["draft_token_ids"].cpu().tolist()
+    start = 0
+    for b, (row, accepted, n) in enumerate(zip(output.cpu().tolist(), num_accepted.cpu().tolist(), lengths)):
+        drafted = draft_ids[start : start + n]
+        assert row[:accepted] == drafted[:accepted]  # the accepted prefix is the draft itself
+        assert all(0 <= d < vocab_size for d in drafted[:accepted])  # invalid ids never stand
+        broken = [j for j in range(n) if not has_max[start + j]]
+        assert not broken or accepted <= broken[0]  # a row without a distribution rejects
+        if temperatures[b] == 0.0 and accepted < n:
+            j = start + accepted  # greedy rejection emits the logits' argmax (0 for a broken row)
+            assert row[accepted] == (int(logits[j].argmax()) if has_max[j] else 0)
+        start += n

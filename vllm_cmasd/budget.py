@@ -58,15 +58,19 @@ def _interpolate(xs: tuple[int, ...], ys: tuple[float, ...], x: float) -> float:
 
 
 class StepBudget:
-    """One step's draft plan: admits drafted tokens while they pay for themselves."""
+    """One step's draft plan: admits drafted tokens while they pay for themselves.
 
-    def __init__(self, costs: CostModel, batch_size: int):
+    ``first_pass_paid``: the drafter's first pass has run (the budget is asked
+    position by position while drafting); False when asking, before it,
+    whether the first pass pays at all (:meth:`another_pass` prices it).
+    """
+
+    def __init__(self, costs: CostModel, batch_size: int, first_pass_paid: bool = True):
         self.costs = costs
         self.batch_size = batch_size
         self.expected_tokens = float(batch_size)
         self.verify_tokens = batch_size
-        # The first drafter pass is already paid when the budget is asked.
-        self.seconds = costs.target(batch_size) + costs.draft(batch_size)
+        self.seconds = costs.target(batch_size) + (costs.draft(batch_size) if first_pass_paid else 0.0)
 
     def _admit(self, survival: list[float], candidates: list[bool], seconds: float, force: bool):
         """Most likely first, while survival / marginal verify cost beats the
@@ -92,14 +96,22 @@ class StepBudget:
         )
         return admitted
 
-    def another_pass(self, predicted_survival: list[float], candidates: list[bool], force: bool = False) -> list[bool]:
+    def another_pass(
+        self,
+        predicted_survival: list[float],
+        candidates: list[bool],
+        force: bool = False,
+        pass_tokens: int | None = None,
+    ) -> list[bool]:
         """Which requests should draft one more token; all False if the pass does
         not pay (all candidates, and the pass paid, when ``force``).
 
         vLLM's drafting loop runs every row of the batch, so a pass costs
-        ``draft(batch_size)`` however few requests still draft.
+        ``draft(batch_size)`` however few requests still draft; a first pass
+        costs ``draft(pass_tokens)``: the verified tokens, one new slot per
+        request and any catch-up tokens.
         """
-        with_pass = self.seconds + self.costs.draft(self.batch_size)
+        with_pass = self.seconds + self.costs.draft(pass_tokens or self.batch_size)
         if force:
             self.seconds = with_pass
             return list(candidates)
@@ -108,6 +120,41 @@ class StepBudget:
             return [False] * len(candidates)
         self.seconds = with_pass
         return admitted
+
+
+class AcceptanceHistory:
+    """Each request's recent acceptance rate per drafted token, known before its
+    next drafter pass (what the budget predicts the first drafted position by).
+
+    Per request, exponentially decayed counts of accepted drafted tokens and
+    of drafted tokens the verifier reached (the token after the last accepted
+    one was reached and rejected; later ones were not reached); a request
+    without history borrows the same counts over all requests, whose start is
+    a weak prior of ``prior`` acceptance.
+    """
+
+    def __init__(self, prior: float = 0.5, prior_weight: float = 2.0, decay: float = 0.7, max_tracked: int = 1024):
+        self.decay = decay
+        self.max_tracked = max_tracked
+        self.overall = [prior * prior_weight, prior_weight]
+        self.per_request: dict[str, list[float]] = {}
+
+    def observe(self, req_ids: list[str], num_draft_tokens: list[int], num_accepted: list[int]) -> None:
+        for req_id, drafted, accepted in zip(req_ids, num_draft_tokens, num_accepted):
+            if drafted == 0:
+                continue
+            reached = accepted + (accepted < drafted)
+            counts = self.per_request.pop(req_id, None) or list(self.overall)
+            for c in (counts, self.overall):
+                c[0] = self.decay * c[0] + accepted
+                c[1] = self.decay * c[1] + reached
+            self.per_request[req_id] = counts  # most recent last
+        while len(self.per_request) > self.max_tracked:
+            self.per_request.pop(next(iter(self.per_request)))
+
+    def predict(self, req_id: str) -> float:
+        accepted, reached = self.per_request.get(req_id, self.overall)
+        return accepted / reached if reached > 0 else 0.0
 
 
 # The largest batch profiled; the cost model extends linearly past it. By

@@ -3,6 +3,10 @@
 All functions take a batch of drafter logits ``[batch, vocab]`` and return one
 value per row in ``[0, 1]``, 1 meaning certain. They run batched on the
 logits' device; there is no loop over tokens. Equations: docs/confidence.md.
+
+A row without a finite maximum (a NaN anywhere, a +inf, or all -inf: a
+broken drafter) is least confident for every signal: confidence 0, entropy
++inf. -inf entries alone (tokens a drafter rules out) are a valid row.
 """
 
 from __future__ import annotations
@@ -14,10 +18,17 @@ import torch
 from vllm_cmasd.config import CmasdConfig
 
 
+def is_broken(logits: torch.Tensor) -> torch.Tensor:
+    """Rows without a finite maximum (amax propagates NaN)."""
+    return ~logits.amax(dim=-1).isfinite()
+
+
 def entropy(logits: torch.Tensor) -> torch.Tensor:
-    """H(p) in nats. Tokens a drafter rules out (-inf logits) add nothing."""
+    """H(p) in nats; +inf for a broken row. Tokens a drafter rules out
+    (-inf logits) add nothing (0 log 0 is NaN, hence nansum)."""
     log_probs = torch.log_softmax(logits.float(), dim=-1)
-    return -(log_probs.exp() * log_probs).nansum(dim=-1)
+    h = -(log_probs.exp() * log_probs).nansum(dim=-1)
+    return torch.where(is_broken(logits), float("inf"), h)
 
 
 def entropy_confidence(logits: torch.Tensor, vocab_size: int | None = None) -> torch.Tensor:
@@ -32,7 +43,7 @@ def entropy_confidence(logits: torch.Tensor, vocab_size: int | None = None) -> t
 def softmax_margin(logits: torch.Tensor) -> torch.Tensor:
     """p1 - p2, the gap between the two most likely tokens' probabilities."""
     top2 = torch.softmax(logits.float(), dim=-1).topk(2, dim=-1).values
-    return top2[:, 0] - top2[:, 1]
+    return torch.where(is_broken(logits), 0.0, top2[:, 0] - top2[:, 1])
 
 
 def logit_margin_confidence(logits: torch.Tensor, scale: float) -> torch.Tensor:
@@ -43,7 +54,8 @@ def logit_margin_confidence(logits: torch.Tensor, scale: float) -> torch.Tensor:
     maps to tanh(1) = 0.76.
     """
     top2 = logits.float().topk(2, dim=-1).values
-    return torch.tanh((top2[:, 0] - top2[:, 1]) / scale)
+    # A lone finite top logit over -inf is certain: its gap is +inf, tanh 1.
+    return torch.where(is_broken(logits), 0.0, torch.tanh((top2[:, 0] - top2[:, 1]) / scale))
 
 
 def unified_confidence(logits: torch.Tensor, config: CmasdConfig, vocab_size: int | None = None) -> torch.Tensor:
@@ -58,5 +70,4 @@ def unified_confidence(logits: torch.Tensor, config: CmasdConfig, vocab_size: in
         score += w_softmax * softmax_margin(logits)
     if w_logit:
         score += w_logit * logit_margin_confidence(logits, config.logit_margin_scale)
-    # NaN logits (a broken drafter) count as no confidence at all.
-    return torch.nan_to_num(score, nan=0.0).clamp(0.0, 1.0)
+    return torch.where(is_broken(logits), 0.0, score.clamp(0.0, 1.0))

@@ -16,10 +16,10 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
+from vllm_cmasd.policies import VERIFICATION_POLICIES
+
 CONFIG_KEY = "cmasd"
 
-VerificationPolicy = Literal["exact", "confidence", "topk-tolerance", "rstitch"]
-VERIFICATION_POLICIES: tuple[str, ...] = ("exact", "confidence", "topk-tolerance", "rstitch")
 DraftBudget = Literal["off", "auto"]
 DRAFT_BUDGETS: tuple[str, ...] = ("off", "auto")
 StopRule = Literal["mean", "product"]
@@ -55,9 +55,10 @@ class CmasdConfig:
     logit_margin_scale: float = 2.0
     """Logit margin m is squashed to tanh(m / scale) in [0, 1)."""
 
-    verification: VerificationPolicy = "exact"
-    """exact (lossless), confidence (CM-ASD relaxed), topk-tolerance (SpecDec),
-    rstitch (R-Stitch entropy routing)."""
+    verification: str = "exact"
+    """One of VERIFICATION_POLICIES (vllm_cmasd.policies): exact (lossless),
+    confidence (CM-ASD relaxed), topk-tolerance (SpecDec), rstitch (R-Stitch
+    entropy routing)."""
 
     leniency: float = 1.0
     """confidence policy: largest log-ratio relaxation delta (>= 0); 0 equals exact."""

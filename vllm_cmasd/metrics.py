@@ -16,6 +16,8 @@ class DraftStats:
     """Steps whose batch carried drafts of different lengths."""
     length_histogram: list[int] = field(default_factory=list)
     """length_histogram[n] = number of drafts with n tokens."""
+    num_skipped_passes: int = 0
+    """Steps that ran no drafter pass at all (draft_budget="auto")."""
 
     def __post_init__(self):
         self.length_histogram = [0] * (self.k_max + 1)
@@ -28,6 +30,13 @@ class DraftStats:
             self.num_drafts += 1
             self.num_draft_tokens += n
             self.num_early_stops += n < self.k_max
+
+    def record_skipped_pass(self, batch_size: int) -> None:
+        """A step without a drafter pass: every request's draft is empty."""
+        self.num_skipped_passes += 1
+        self.length_histogram[0] += batch_size
+        self.num_drafts += batch_size
+        self.num_early_stops += batch_size
 
     @property
     def mean_draft_length(self) -> float:

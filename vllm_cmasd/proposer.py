@@ -18,19 +18,26 @@ from __future__ import annotations
 import time
 from collections import OrderedDict
 
+import numpy as np
 import torch
 
 from vllm.distributed import get_tp_group
 from vllm.logger import init_logger
 from vllm.v1.spec_decode.draft_model import DraftModelProposer
 
-from vllm_cmasd.budget import CostModel, StepBudget, profile_costs
+from vllm_cmasd.budget import AcceptanceHistory, CostModel, StepBudget, profile_costs
+from vllm_cmasd.catchup import DrafterLag, with_catch_up
 from vllm_cmasd.config import CmasdConfig
 from vllm_cmasd.confidence import entropy as drafter_entropy
 from vllm_cmasd.confidence import unified_confidence
 from vllm_cmasd.metrics import DraftStats
 
 logger = init_logger(__name__)
+
+# With the draft budget, a step drafts after at most this many steps in a row
+# without a drafter pass: acceptance is only measured where drafts are
+# verified, and a history that stops updating would keep the drafter off.
+EXPLORE_EVERY = 8
 
 
 class _DraftingFinished(Exception):
@@ -54,7 +61,14 @@ class DraftWindow:
     budget also finds the next drafter pass worth its cost. k_min still holds.
     """
 
-    def __init__(self, batch_size: int, config: CmasdConfig, device: torch.device, budget: StepBudget | None = None):
+    def __init__(
+        self,
+        batch_size: int,
+        config: CmasdConfig,
+        device: torch.device,
+        budget: StepBudget | None = None,
+        drafting: torch.Tensor | None = None,
+    ):
         self.config = config
         self.budget = budget
         self.tokens: list[torch.Tensor] = []
@@ -64,7 +78,8 @@ class DraftWindow:
         self.signal = torch.ones(batch_size, device=device)
         self.survival = torch.ones(batch_size, device=device)
         self.lengths = torch.zeros(batch_size, dtype=torch.int64, device=device)
-        self.drafting = torch.ones(batch_size, dtype=torch.bool, device=device)
+        # Requests may start out not drafting (their drafter KV lags: catchup.py).
+        self.drafting = torch.ones(batch_size, dtype=torch.bool, device=device) if drafting is None else drafting
 
     def add(
         self,
@@ -79,7 +94,7 @@ class DraftWindow:
             self.signal = self.signal * confidence
         else:  # running mean
             self.signal = (self.signal * position + confidence) / (position + 1)
-        goes_on = (position + 1 < self.config.k_min) | (self.signal >= self.config.threshold)
+        goes_on = ((position + 1 < self.config.k_min) | (self.signal >= self.config.threshold)) & self.drafting
         if self.budget is not None:
             # The budget's survival is the running product whatever stop_rule is.
             self.survival = self.survival * confidence
@@ -132,6 +147,11 @@ class CmasdProposer(DraftModelProposer):
         # Oldest first, at most 4 x max_num_seqs entries.
         self._signals: OrderedDict[str, dict[str, torch.Tensor]] = OrderedDict()
         self._max_signal_rows = 4 * vllm_config.scheduler_config.max_num_seqs
+        # Skipping the drafter where drafting does not pay (draft_budget="auto"),
+        # and what that leaves behind: catchup.py.
+        self.lag = DrafterLag(max_tracked=self._max_signal_rows)
+        self.acceptance = AcceptanceHistory(max_tracked=self._max_signal_rows)
+        self._skipped_in_a_row = 0
 
     def _profile_costs(self) -> CostModel:
         """The budget's cost model, measured once, on the engine's first drafting step.
@@ -170,37 +190,58 @@ class CmasdProposer(DraftModelProposer):
             logits = self.model.expand_small_logits(signal_logits)
         else:
             logits = signal_logits = self.model.compute_logits(hidden_states)
-        # Greedy drafting unless draft_sample_method="probabilistic"; then the
-        # draft distribution comes back too, for lossless verification.
-        tokens, probs = self._sample_from_logits(logits, sampling_metadata)
         assert self._window is not None
-        # Every tensor-parallel rank runs this loop, and CPU reductions may
-        # round differently per thread count: rank 0's signals decide for
-        # all, so the ranks stop (and verify) together.
+        # Signals first: sampling below may divide the logits by the
+        # temperature in place (draft_sample_method="probabilistic"), and the
+        # signals are defined on the raw logits. Every tensor-parallel rank
+        # runs this loop, and CPU reductions may round differently per thread
+        # count: rank 0's signals decide for all, so the ranks stop (and
+        # verify) together.
         tp_group = get_tp_group()
         vocab_size = logits.shape[-1]
         confidence = tp_group.broadcast(unified_confidence(signal_logits, self.config, vocab_size).contiguous(), src=0)
         entropy = None
         if self.config.verification == "rstitch":
             entropy = tp_group.broadcast(drafter_entropy(signal_logits).contiguous(), src=0)
+        # Greedy drafting unless draft_sample_method="probabilistic"; then the
+        # draft distribution comes back too, for lossless verification.
+        tokens, probs = self._sample_from_logits(logits, sampling_metadata)
         if not self._window.add(tokens, probs, confidence, entropy):
             raise _DraftingFinished
         return tokens, probs
 
-    def propose(self, num_speculative_tokens, *args, **kwargs) -> list[list[int]]:
-        batch_size = kwargs["common_attn_metadata"].batch_size()
-        budget = None
-        if self.config.draft_budget == "auto":
-            if self.costs is None:
-                self.costs = self._profile_costs()
-            budget = StepBudget(self.costs, batch_size)
-        window = self._window = DraftWindow(batch_size, self.config, self.device, budget)
+    def propose(self, num_speculative_tokens, **kwargs) -> list[list[int]]:
+        cad = kwargs["common_attn_metadata"]
+        batch_size = cad.batch_size()
+        batch = self.runner.input_batch
+        req_ids = list(batch.req_ids[:batch_size])
+        # Tokens whose KV the target holds before this step (not yet advanced by it).
+        num_computed = batch.num_computed_tokens_cpu[:batch_size].copy()
+        self.lag.observe(req_ids, num_computed)
+        # The first pass runs the verified tokens plus one slot per request in
+        # buffers of max_num_tokens; catch-ups get what is left.
+        query_lens = cad.query_start_loc_cpu.diff().numpy()
+        plan = self.lag.plan(
+            req_ids, num_computed, query_lens, room=self.max_num_tokens - cad.num_actual_tokens - batch_size
+        )
+        if self.config.draft_budget == "auto" and self.costs is None:
+            self.costs = self._profile_costs()
+        pass_tokens = int(np.where(plan.partial, plan.missed, query_lens + plan.missed).sum()) + batch_size
+        if not self._drafts_this_step(req_ids, pass_tokens):
+            return self._skip_drafter(req_ids, num_computed)
+        budget = StepBudget(self.costs, batch_size) if self.config.draft_budget == "auto" else None
+        if plan.num_tokens:
+            kwargs = with_catch_up(kwargs, plan, batch.token_ids_cpu)
+        # A request whose catch-up did not fit (whole) drafts nothing this step.
+        drafting = torch.from_numpy(~plan.blocked).to(self.device) if plan.blocked.any() else None
+        window = self._window = DraftWindow(batch_size, self.config, self.device, budget, drafting)
         try:
-            super().propose(min(num_speculative_tokens, self.config.k_max), *args, **kwargs)
+            super().propose(num_speculative_tokens=min(num_speculative_tokens, self.config.k_max), **kwargs)
         except _DraftingFinished:
             pass
         finally:
             self._window = None
+        self.lag.ran(req_ids, plan)
 
         tokens = torch.stack(window.tokens, dim=1).tolist()
         lengths = window.lengths.tolist()
@@ -208,13 +249,49 @@ class CmasdProposer(DraftModelProposer):
         rows = {"confidence": torch.stack(window.confidences, dim=1)}
         if window.entropies:
             rows["entropy"] = torch.stack(window.entropies, dim=1)
-        for i, req_id in enumerate(self.runner.input_batch.req_ids):
+        for i, req_id in enumerate(req_ids):
             self._signals.pop(req_id, None)
             self._signals[req_id] = {name: values[i] for name, values in rows.items()}
         while len(self._signals) > self._max_signal_rows:
             self._signals.popitem(last=False)
         self.stats.record_drafts(lengths)
         return [row[:n] for row, n in zip(tokens, lengths)]
+
+    def _drafts_this_step(self, req_ids: list[str], pass_tokens: int) -> bool:
+        """Whether this step runs the drafter at all: always without the draft
+        budget; with it, where the first pass (``pass_tokens`` tokens) pays,
+        decided before it from what is known now: each request's recent
+        acceptance as the survival of its first drafted token, the batch, the
+        cost model.
+
+        Rank 0 decides for every tensor-parallel rank (their histories agree,
+        but a skip on one rank alone would desynchronise the drafters)."""
+        if self.config.draft_budget != "auto":
+            return True
+        assert self.costs is not None
+        survival = [self.acceptance.predict(req_id) for req_id in req_ids]
+        budget = StepBudget(self.costs, len(req_ids), first_pass_paid=False)
+        pays = any(budget.another_pass(survival, [True] * len(req_ids), pass_tokens=pass_tokens))
+        pays = pays or self._skipped_in_a_row >= EXPLORE_EVERY
+        tp_group = get_tp_group()
+        if tp_group.world_size > 1:
+            pays = bool(tp_group.broadcast(torch.tensor([pays], device=self.device), src=0).item())
+        self._skipped_in_a_row = 0 if pays else self._skipped_in_a_row + 1
+        return pays
+
+    def _skip_drafter(self, req_ids: list[str], num_computed) -> list[list[int]]:
+        """No drafter pass this step: every request lags and drafts nothing."""
+        self.lag.skip(req_ids, num_computed)
+        self._last_draft_probs = None  # vLLM resets it only inside its own propose
+        for req_id in req_ids:
+            self._signals.pop(req_id, None)
+        self.stats.record_skipped_pass(len(req_ids))
+        return [[] for _ in req_ids]
+
+    def observe_verification(self, req_ids: list[str], num_draft_tokens: list[int], num_accepted: torch.Tensor) -> None:
+        """Each verification's outcome, for the budget's acceptance history."""
+        if self.config.draft_budget == "auto":
+            self.acceptance.observe(req_ids, num_draft_tokens, num_accepted.tolist())
 
     def signal_for(self, name: str, req_ids: list[str], num_draft_tokens: list[int]) -> torch.Tensor | None:
         """A per-token drafter signal ("confidence" or "entropy") of the drafts being

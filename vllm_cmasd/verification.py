@@ -15,11 +15,10 @@ produces vLLM's tokens, and every policy is reproducible under a seed.
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass, replace
+from dataclasses import replace
 
 import torch
 from vllm.v1.outputs import SamplerOutput
-from vllm.v1.sample import rejection_sampler
 from vllm.v1.sample.metadata import SamplingMetadata
 from vllm.v1.sample.rejection_sampler import (
     GREEDY_TEMPERATURE,
@@ -31,43 +30,13 @@ from vllm.v1.sample.rejection_sampler import (
 from vllm.v1.spec_decode.metadata import SpecDecodeMetadata
 
 from vllm_cmasd.config import CmasdConfig
-from vllm_cmasd.kernels import verify
 from vllm_cmasd.kernels.verify import (
-    Policy,
     argmax_draft_token_stats,
     compute_draft_token_stats,
+    target_argmax,
     walk_acceptance,
 )
-
-_POLICY_BY_NAME = {
-    "exact": Policy.EXACT,
-    "confidence": Policy.CONFIDENCE,
-    "topk-tolerance": Policy.TOPK_TOLERANCE,
-    "rstitch": Policy.RSTITCH,
-}
-
-
-@dataclass(frozen=True)
-class PolicyParams:
-    """The acceptance policy and its knobs (see CmasdConfig for their meaning)."""
-
-    policy: Policy = Policy.EXACT
-    leniency: float = 0.0
-    confidence_floor: float = 0.0
-    topk_beta: int = 1
-    topk_tau: float = 0.0
-    rstitch_entropy: float = 0.0
-
-    @classmethod
-    def from_config(cls, config: CmasdConfig) -> PolicyParams:
-        return cls(
-            policy=_POLICY_BY_NAME[config.verification],
-            leniency=config.leniency,
-            confidence_floor=config.confidence_floor,
-            topk_beta=config.topk_beta,
-            topk_tau=config.topk_tau,
-            rstitch_entropy=config.rstitch_entropy,
-        )
+from vllm_cmasd.policies import Policy, PolicyParams
 
 
 def sample_inverse_exponential_noise(
@@ -93,6 +62,7 @@ def sample_inverse_exponential_noise(
 
 
 def cmasd_rejection_sample(
+    *,
     draft_token_ids: torch.Tensor,  # [num_tokens]
     num_draft_tokens: list[int],  # [batch_size]
     max_spec_len: int,
@@ -101,10 +71,10 @@ def cmasd_rejection_sample(
     target_logits: torch.Tensor,  # [num_tokens, vocab_size], after sampling constraints
     bonus_token_ids: torch.Tensor,  # [batch_size, 1]
     sampling_metadata: SamplingMetadata,
-    confidence: torch.Tensor | None,  # [num_tokens] in [0, 1]; None = 0 (strict)
     policy_params: PolicyParams,
-    use_fp64_gumbel: bool = False,
+    confidence: torch.Tensor | None = None,  # [num_tokens] in [0, 1]; confidence only, None = 0 (strict)
     draft_entropy: torch.Tensor | None = None,  # [num_tokens] nats; rstitch only, None = +inf
+    use_fp64_gumbel: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """vLLM's ``rejection_sample`` with a CM-ASD acceptance policy.
 
@@ -112,9 +82,10 @@ def cmasd_rejection_sample(
     drafts, then the recovered or bonus token, then -1) and ``num_accepted``
     [batch] int32 (accepted drafted tokens per request).
 
-    Non-finite target logits do not raise: their probabilities count as 0, so
-    such a position rejects its draft and emits an in-vocabulary token
-    (token 0 when the whole row is non-finite).
+    Non-finite target logits do not raise: their probabilities count as 0,
+    and a row without a finite maximum rejects its draft under every policy
+    and emits an in-vocabulary token (token 0). Greedy requests take the
+    logits' argmax in every batch and policy, as vLLM's greedy sampler does.
     """
     num_tokens, vocab_size = target_logits.shape
     assert draft_token_ids.shape == (num_tokens,) and draft_token_ids.is_contiguous()
@@ -143,24 +114,20 @@ def cmasd_rejection_sample(
     else:
         target_probs = target_logits.softmax(dim=-1, dtype=torch.float32)
         stats = compute_draft_token_stats(
-            target_probs, draft_probs, draft_token_ids, cu_num_draft_tokens, inverse_noise, policy_params.policy
+            target_probs, draft_probs, draft_token_ids, cu_num_draft_tokens, inverse_noise, policy_params.policy,
+            argmax_id=target_argmax(target_logits)[0],
         )
     return walk_acceptance(
         stats,
-        draft_token_ids,
-        cu_num_draft_tokens,
-        bonus_token_ids,
-        uniform_probs,
-        confidence,
-        is_greedy,
-        max_spec_len,
-        policy_params.policy,
-        policy_params.leniency,
-        policy_params.confidence_floor,
-        policy_params.topk_beta,
-        policy_params.topk_tau,
-        draft_entropy,
-        policy_params.rstitch_entropy,
+        draft_token_ids=draft_token_ids,
+        cu_num_draft_tokens=cu_num_draft_tokens,
+        bonus_token_ids=bonus_token_ids,
+        uniform_probs=uniform_probs,
+        is_greedy=is_greedy,
+        max_spec_len=max_spec_len,
+        params=policy_params,
+        confidence=confidence,
+        draft_entropy=draft_entropy,
     )
 
 
@@ -170,7 +137,9 @@ class CmasdRejectionSampler(RejectionSampler):
     ``signal_source(name, metadata)`` returns a drafter signal per drafted
     token ("confidence" in [0, 1], or "entropy" in nats for R-Stitch), in
     ``metadata.draft_token_ids`` order, or None when there is none.
-    ``last_num_accepted`` holds the latest step's accepted count per request.
+    ``last_num_accepted`` holds the latest step's accepted count per request;
+    ``outcome_sink(metadata, num_accepted)``, if given, hears it after every
+    verification (the draft budget's acceptance history).
     """
 
     def __init__(
@@ -180,10 +149,12 @@ class CmasdRejectionSampler(RejectionSampler):
         device: torch.device | None,
         cmasd_config: CmasdConfig,
         signal_source: Callable[[str, SpecDecodeMetadata], torch.Tensor | None],
+        outcome_sink: Callable[[SpecDecodeMetadata, torch.Tensor], None] | None = None,
     ):
         super().__init__(sampler, spec_config, device)
         self.policy_params = PolicyParams.from_config(cmasd_config)
         self.signal_source = signal_source
+        self.outcome_sink = outcome_sink
         self.last_num_accepted: torch.Tensor | None = None
 
     def forward(
@@ -212,20 +183,23 @@ class CmasdRejectionSampler(RejectionSampler):
         if target_logits.shape[0] > 0:
             target_logits = apply_sampling_constraints(target_logits, metadata.cu_num_draft_tokens, sampling_metadata)
 
+        policy = self.policy_params.policy
         output_token_ids, self.last_num_accepted = cmasd_rejection_sample(
-            metadata.draft_token_ids,
-            metadata.num_draft_tokens,
-            metadata.max_spec_len,
-            metadata.cu_num_draft_tokens,
-            draft_probs,
-            target_logits,
-            bonus_output.sampled_token_ids,
-            sampling_metadata,
-            self.signal_source("confidence", metadata) if self.policy_params.policy == Policy.CONFIDENCE else None,
-            self.policy_params,
+            draft_token_ids=metadata.draft_token_ids,
+            num_draft_tokens=metadata.num_draft_tokens,
+            max_spec_len=metadata.max_spec_len,
+            cu_num_draft_tokens=metadata.cu_num_draft_tokens,
+            draft_probs=draft_probs,
+            target_logits=target_logits,
+            bonus_token_ids=bonus_output.sampled_token_ids,
+            sampling_metadata=sampling_metadata,
+            policy_params=self.policy_params,
+            confidence=self.signal_source("confidence", metadata) if policy == Policy.CONFIDENCE else None,
+            draft_entropy=self.signal_source("entropy", metadata) if policy == Policy.RSTITCH else None,
             use_fp64_gumbel=self.use_fp64_gumbel,
-            draft_entropy=self.signal_source("entropy", metadata) if self.policy_params.policy == Policy.RSTITCH else None,
         )
+        if self.outcome_sink is not None:
+            self.outcome_sink(metadata, self.last_num_accepted)
 
         logprobs_tensors = None
         if sampling_metadata.max_num_logprobs is not None:
@@ -238,36 +212,3 @@ class CmasdRejectionSampler(RejectionSampler):
                 output_token_ids,
             )
         return SamplerOutput(sampled_token_ids=output_token_ids, logprobs_tensors=logprobs_tensors)
-
-
-def register_cpu_kernels() -> None:
-    """Route the verification kernels to their torch twins via vLLM's dispatcher.
-
-    For platforms where Triton cannot run (vLLM's CPU build, where
-    ``vllm.triton_utils.HAS_TRITON`` is False); the plugin calls it there,
-    after vLLM registered its own CPU kernels. Calling it again does nothing.
-    """
-    from vllm.triton_utils.dispatcher import register_kernels
-
-    pending = {
-        f"{verify.__name__}.{kernel.__name__}": twin
-        for kernel, twin in verify.KERNELS_AND_TWINS
-        if getattr(verify, kernel.__name__) is kernel  # not yet replaced
-    }
-    if getattr(rejection_sampler.expand_kernel, "func", None) is not _expand_kernel_torch:
-        pending[f"{rejection_sampler.__name__}.expand_kernel"] = _expand_kernel_torch
-    if pending:
-        register_kernels(pending)
-
-
-def _expand_kernel_torch(output, input, cu_num_tokens, replace_from, replace_to, MAX_NUM_TOKENS):  # noqa: A002
-    """vLLM's ``expand_kernel`` (per-request values to per-token values) in torch.
-
-    Replaces vLLM 0.32's own CPU version, which hands the C++ op int64 copies
-    of ``output`` and ``input`` and never copies back: float temperatures and
-    int32 top-k come out as uninitialised memory, so ``apply_sampling_constraints``
-    (which verification relies on) scales logits by garbage on CPU.
-    """
-    num_tokens_per_request = torch.diff(cu_num_tokens, prepend=cu_num_tokens.new_zeros(1))
-    values = torch.where(input == replace_from, replace_to, input)
-    output.copy_(torch.repeat_interleave(values, num_tokens_per_request, output_size=output.shape[0]))

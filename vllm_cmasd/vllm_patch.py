@@ -27,7 +27,9 @@ in one process.
 
 On a platform where Triton cannot run (vLLM's CPU build), CM-ASD's
 verification kernels are replaced by their torch implementations through
-vLLM's kernel dispatcher, as vLLM does for its own rejection kernels.
+vLLM's kernel dispatcher, as vLLM does for its own rejection kernels
+(:func:`register_cpu_kernels`), and vLLM's broken CPU ``expand_kernel`` is
+replaced with a torch one.
 """
 
 from __future__ import annotations
@@ -70,6 +72,11 @@ def cmasd_config_of(vllm_config) -> CmasdConfig | None:
             f"speculative_config.model: draft vocabulary ({draft_vocab}) must equal "
             f"the target's ({target_vocab})"
         )
+    if spec.num_speculative_tokens_per_batch_size is not None:
+        raise CmasdConfigError(
+            "speculative_config.num_speculative_tokens_per_batch_size: CM-ASD supports [null] "
+            "(it sets each request's draft length itself, up to num_speculative_tokens)"
+        )
     if spec.parallel_drafting:
         raise CmasdConfigError("speculative_config.parallel_drafting: CM-ASD supports [false]")
     if spec.rejection_sample_method != "standard":
@@ -105,7 +112,7 @@ def _swap_in_cmasd(original_init):
         if config is None or not hasattr(self, "drafter"):
             return
         from vllm_cmasd.proposer import CmasdProposer
-        from vllm_cmasd.verification import CmasdRejectionSampler, register_cpu_kernels
+        from vllm_cmasd.verification import CmasdRejectionSampler
 
         # vLLM already built a DraftModelProposer (buffers only, no weights
         # yet); replacing it here keeps vLLM's own construction order intact.
@@ -119,8 +126,11 @@ def _swap_in_cmasd(original_init):
             signal_source=lambda name, metadata: drafter.signal_for(
                 name, self.input_batch.req_ids, metadata.num_draft_tokens
             ),
+            outcome_sink=lambda metadata, num_accepted: drafter.observe_verification(
+                self.input_batch.req_ids, metadata.num_draft_tokens, num_accepted
+            ),
         )
-        _register_cpu_kernels_if_needed(register_cpu_kernels)
+        _register_cpu_kernels_if_needed()
 
     return __init__
 
@@ -176,12 +186,50 @@ def _one_line_config_errors(original_hook):
     return excepthook
 
 
-def _register_cpu_kernels_if_needed(register_cpu_kernels) -> None:
+def _register_cpu_kernels_if_needed() -> None:
     from vllm.platforms import current_platform
     from vllm.triton_utils import HAS_TRITON
 
     if current_platform.is_cpu() and not HAS_TRITON:
         register_cpu_kernels()
+
+
+def register_cpu_kernels() -> None:
+    """Route the verification kernels to their torch twins via vLLM's dispatcher.
+
+    For platforms where Triton cannot run (vLLM's CPU build, where
+    ``vllm.triton_utils.HAS_TRITON`` is False); the plugin calls it there,
+    after vLLM registered its own CPU kernels. Calling it again does nothing.
+    """
+    from vllm.triton_utils.dispatcher import register_kernels
+    from vllm.v1.sample import rejection_sampler
+
+    from vllm_cmasd.kernels import verify
+
+    pending = {
+        f"{verify.__name__}.{kernel.__name__}": twin
+        for kernel, twin in verify.KERNELS_AND_TWINS
+        if getattr(verify, kernel.__name__) is kernel  # not yet replaced
+    }
+    if getattr(rejection_sampler.expand_kernel, "func", None) is not _expand_kernel_torch:
+        pending[f"{rejection_sampler.__name__}.expand_kernel"] = _expand_kernel_torch
+    if pending:
+        register_kernels(pending)
+
+
+def _expand_kernel_torch(output, input, cu_num_tokens, replace_from, replace_to, MAX_NUM_TOKENS):  # noqa: A002, ARG001
+    """vLLM's ``expand_kernel`` (per-request values to per-token values) in torch.
+
+    Replaces vLLM 0.32's own CPU version, which hands the C++ op int64 copies
+    of ``output`` and ``input`` and never copies back: float temperatures and
+    int32 top-k come out as uninitialised memory, so ``apply_sampling_constraints``
+    (which verification relies on) scales logits by garbage on CPU.
+    """
+    import torch
+
+    num_tokens_per_request = torch.diff(cu_num_tokens, prepend=cu_num_tokens.new_zeros(1))
+    values = torch.where(input == replace_from, replace_to, input)
+    output.copy_(torch.repeat_interleave(values, num_tokens_per_request, output_size=output.shape[0]))
 
 
 def install_dispatcher_scan_fix() -> None:

@@ -14,7 +14,7 @@ Verification of one batch is two launches (equations: docs/verification.md):
 Each kernel has a ``*_torch`` twin with the same parameter names: it is the
 reference the tests hold the kernel to, and what runs on platforms where
 Triton cannot (vLLM's dispatcher hands it the kernel's launch arguments by
-keyword, see ``vllm_cmasd.verification.register_cpu_kernels``). The launch
+keyword, see ``vllm_cmasd.vllm_patch.register_cpu_kernels``). The launch
 wrappers (``compute_draft_token_stats``, ``walk_acceptance``) serve both, so
 allocation and argument plumbing exist once.
 
@@ -22,15 +22,22 @@ Robustness rules shared by kernel and twin:
 
 * a probability that is NaN or negative counts as 0, so a broken row can
   never win an argmax or get its token accepted by a ratio test;
+* a target row without a distribution (its top logit NaN or infinite, so
+  max p = 0) rejects its draft under every policy and emits token 0;
 * a draft id outside [0, vocab) (vLLM pads with -1) is never used to index
-  memory; it gets p(d) = q(d) = 0 and is therefore rejected by every policy;
+  memory; it gets p(d) = q(d) = 0 and is therefore rejected by every policy,
+  and a sampled request then emits a sample of p (the id was never drawn
+  from q, so the residual max(0, p - q) would bias it);
 * every emitted id comes from an argmax over in-vocabulary lanes, so output
   ids always lie in [0, vocab) (or are the bonus token, or -1 placeholders).
+
+A greedy request's target token is the argmax of the target's logits, as in
+vLLM's greedy sampler, whatever the rest of the batch does: probabilities
+would round two close logits to one value and move a tie to the lower id.
 """
 
 from __future__ import annotations
 
-import enum
 from typing import NamedTuple
 
 import torch
@@ -38,19 +45,11 @@ import triton
 import triton.language as tl
 from vllm.v1.sample.rejection_sampler import PLACEHOLDER_TOKEN_ID
 
+from vllm_cmasd.policies import Policy, PolicyParams
 
-class Policy(enum.IntEnum):
-    EXACT = 0
-    CONFIDENCE = 1
-    TOPK_TOLERANCE = 2
-    RSTITCH = 3
-
-
-# Kernels may only read globals that are tl.constexpr; these mirror Policy.
-EXACT = tl.constexpr(int(Policy.EXACT))
-CONFIDENCE = tl.constexpr(int(Policy.CONFIDENCE))
-TOPK_TOLERANCE = tl.constexpr(int(Policy.TOPK_TOLERANCE))
-RSTITCH = tl.constexpr(int(Policy.RSTITCH))
+# Kernels may only read globals that are tl.constexpr: one per Policy member,
+# under its name (EXACT, CONFIDENCE, TOPK_TOLERANCE, RSTITCH).
+globals().update({policy.name: tl.constexpr(int(policy)) for policy in Policy})
 
 # Vocabulary entries per block of the stats kernel: 1024 lanes over 4 warps
 # keep p, q, noise and the two running reductions in registers (no spills on
@@ -68,8 +67,8 @@ class DraftTokenStats(NamedTuple):
 
     target_prob_of_draft: torch.Tensor  # p(d), float32
     draft_prob_of_draft: torch.Tensor  # q(d), float32; 1 for a one-hot draft
-    target_max_prob: torch.Tensor  # max p, float32
-    target_argmax: torch.Tensor  # argmax p (first on ties), int32
+    target_max_prob: torch.Tensor  # max p, float32; 0: the row has no distribution
+    target_argmax: torch.Tensor  # argmax of the target's logits (first on ties), int32
     num_more_likely: torch.Tensor | None  # tokens with p > p(d), int32; TOPK_TOLERANCE only
     recovered_token_ids: torch.Tensor | None  # None when every request is greedy
 
@@ -89,7 +88,6 @@ def draft_token_stats_kernel(
     target_prob_of_draft,  # out [num_tokens] float32
     draft_prob_of_draft,  # out [num_tokens] float32
     target_max_prob,  # out [num_tokens] float32
-    target_argmax,  # out [num_tokens] int32
     num_more_likely,  # out [num_tokens] int32, or None unless POLICY is TOPK_TOLERANCE
     recovered_token_ids,  # out [num_tokens] int32, or None: all greedy
     vocab_size,
@@ -114,10 +112,9 @@ def draft_token_stats_kernel(
         recovered_id = 0
 
     # Running reductions. Real lanes are >= 0, padding lanes are -1, and a
-    # later block must be strictly larger to win, so ties go to the lowest id
-    # like torch.argmax.
+    # later block must be strictly larger to win the recovered token, so its
+    # ties go to the lowest id like torch.argmax.
     max_prob = -1.0
-    argmax_id = 0
     if POLICY == TOPK_TOLERANCE:
         more_likely = 0
     for start in range(0, vocab_size, BLOCK_SIZE):
@@ -125,10 +122,7 @@ def draft_token_stats_kernel(
         in_vocab = offsets < vocab_size
         p = tl.load(target_probs + row + offsets, mask=in_vocab, other=0.0)
         p = tl.where(p > 0, p, 0.0)
-        block_max, block_argmax = tl.max(tl.where(in_vocab, p, -1.0), axis=0, return_indices=True)
-        if block_max > max_prob:
-            max_prob = block_max
-            argmax_id = start + block_argmax
+        max_prob = tl.maximum(max_prob, tl.max(tl.where(in_vocab, p, -1.0), axis=0))
         if POLICY == TOPK_TOLERANCE:
             more_likely += tl.sum((p > p_draft).to(tl.int32), axis=0)
 
@@ -141,7 +135,8 @@ def draft_token_stats_kernel(
                 weight = tl.where(offsets == draft_id, 0.0, p)
             else:
                 q = tl.load(draft_probs + row + offsets, mask=in_vocab, other=0.0).to(tl.float32)
-                weight = p - tl.where(q > 0, q, 0.0)
+                # An invalid id was not drawn from q: resample from p itself.
+                weight = tl.where(is_real, p - tl.where(q > 0, q, 0.0), p)
             noise = tl.load(inverse_noise + noise_row + offsets, mask=in_vocab, other=0.0)
             score = tl.where(weight > 0, weight * noise, 0.0)
             block_best, block_pick = tl.max(tl.where(in_vocab, score, -1.0), axis=0, return_indices=True)
@@ -152,7 +147,6 @@ def draft_token_stats_kernel(
     tl.store(target_prob_of_draft + token, p_draft)
     tl.store(draft_prob_of_draft + token, q_draft)
     tl.store(target_max_prob + token, max_prob)
-    tl.store(target_argmax + token, argmax_id)
     if POLICY == TOPK_TOLERANCE:
         tl.store(num_more_likely + token, more_likely)
     if inverse_noise is not None:
@@ -168,7 +162,6 @@ def draft_token_stats_torch(
     target_prob_of_draft,
     draft_prob_of_draft,
     target_max_prob,
-    target_argmax,
     num_more_likely,
     recovered_token_ids,
     vocab_size,
@@ -194,12 +187,9 @@ def draft_token_stats_torch(
         else:
             draft = _zero_invalid(draft_probs[rows].float())
             q_draft = torch.where(is_real, draft.gather(1, safe_ids).squeeze(1), 0.0)
-        max_prob, argmax_id = probs.max(dim=1)  # first maximum on ties, as the kernel
-
         target_prob_of_draft[rows] = p_draft
         draft_prob_of_draft[rows] = q_draft
-        target_max_prob[rows] = max_prob
-        target_argmax[rows] = argmax_id.int()
+        target_max_prob[rows] = probs.amax(dim=1)
         if POLICY == Policy.TOPK_TOLERANCE:
             num_more_likely[rows] = (probs > p_draft.unsqueeze(1)).sum(dim=1).int()
         if inverse_noise is None:
@@ -210,7 +200,8 @@ def draft_token_stats_torch(
             vocab_ids = torch.arange(vocab_size, device=probs.device)
             weight = torch.where(vocab_ids == draft_ids.unsqueeze(1), 0.0, probs)
         else:
-            weight = probs - draft
+            # An invalid id was not drawn from q: resample from p itself.
+            weight = torch.where(is_real.unsqueeze(1), probs - draft, probs)
         score = torch.where(weight > 0, weight * inverse_noise[token_request_ids[rows]], 0.0)
         recovered_token_ids[rows] = score.argmax(dim=1).int()
 
@@ -220,6 +211,19 @@ def _zero_invalid(probs: torch.Tensor) -> torch.Tensor:
     return torch.where(probs > 0, probs, 0.0)
 
 
+def target_argmax(target_logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each row's argmax of the logits (first on ties, as vLLM's greedy sampler)
+    as int32, and whether the row has a finite maximum at all.
+
+    A row whose top logit is NaN, +inf or -inf has no distribution: its
+    argmax is token 0 (in vocabulary), and the walk rejects its draft.
+    """
+    argmax_id = target_logits.argmax(dim=-1, keepdim=True)
+    top = target_logits.gather(1, argmax_id).squeeze(1)
+    has_max = top.isfinite()
+    return torch.where(has_max, argmax_id.squeeze(1), 0).int(), has_max
+
+
 def compute_draft_token_stats(
     target_probs: torch.Tensor,  # [num_tokens, vocab_size] float32
     draft_probs: torch.Tensor | None,  # [num_tokens, vocab_size] or None
@@ -227,6 +231,7 @@ def compute_draft_token_stats(
     cu_num_draft_tokens: torch.Tensor,  # [batch_size]
     inverse_noise: torch.Tensor | None,  # [batch_size, vocab_size] or None
     policy: Policy,
+    argmax_id: torch.Tensor,  # [num_tokens] int32, from target_argmax(logits)
 ) -> DraftTokenStats:
     """Launch ``draft_token_stats_kernel`` (or its torch twin) over all drafted tokens."""
     num_tokens, vocab_size = target_probs.shape
@@ -238,11 +243,10 @@ def compute_draft_token_stats(
         token_ids = torch.arange(num_tokens, device=device, dtype=cu_num_draft_tokens.dtype)
         token_request_ids = torch.searchsorted(cu_num_draft_tokens, token_ids, right=True)
         recovered = torch.empty(num_tokens, dtype=torch.int32, device=device)
-    stats = DraftTokenStats(
+    outputs = dict(
         target_prob_of_draft=torch.empty(num_tokens, dtype=torch.float32, device=device),
         draft_prob_of_draft=torch.empty(num_tokens, dtype=torch.float32, device=device),
         target_max_prob=torch.empty(num_tokens, dtype=torch.float32, device=device),
-        target_argmax=torch.empty(num_tokens, dtype=torch.int32, device=device),
         num_more_likely=(
             torch.empty(num_tokens, dtype=torch.int32, device=device) if policy == Policy.TOPK_TOLERANCE else None
         ),
@@ -254,35 +258,30 @@ def compute_draft_token_stats(
         draft_token_ids=draft_token_ids,
         token_request_ids=token_request_ids,
         inverse_noise=inverse_noise,
-        **stats._asdict(),
+        **outputs,
         vocab_size=vocab_size,
         POLICY=int(policy),
         BLOCK_SIZE=min(VOCAB_BLOCK_SIZE, triton.next_power_of_2(vocab_size)),
     )
-    return stats
+    return DraftTokenStats(target_argmax=argmax_id, **outputs)
 
 
 def argmax_draft_token_stats(target_logits: torch.Tensor, draft_token_ids: torch.Tensor) -> DraftTokenStats:
     """The stats an all-greedy ``EXACT`` or ``RSTITCH`` batch needs, from the logits alone.
 
     Greedy exact verification only compares each draft with the target's
-    argmax, so it skips the softmax and the stats kernel: one argmax pass, on
-    the logits like vLLM's greedy sampler (softmax can round two close logits
-    to one probability and move a tie). A row whose top logit is NaN, +inf or
-    -inf (no finite maximum) is broken as in the kernel: its argmax is token 0.
-    q(d) is the one-hot draft's: 1 for an id in [0, vocab), else 0 (RSTITCH
-    keeps only real ids). The other probability fields are unused by these
-    walks and left at 0.
+    argmax, so it skips the softmax and the stats kernel: one argmax pass.
+    ``target_max_prob`` carries only whether the row has a distribution (1,
+    or 0 for a row without a finite maximum: the walk rejects there). q(d) is
+    the one-hot draft's: 1 for an id in [0, vocab), else 0 (RSTITCH keeps only
+    real ids). p(d) is unused by these walks and left at 0.
     """
-    argmax_id = target_logits.argmax(dim=-1, keepdim=True)
-    top = target_logits.gather(1, argmax_id).squeeze(1)
-    argmax_id = torch.where(top.isfinite(), argmax_id.squeeze(1), 0).int()
-    unused = torch.zeros(argmax_id.shape, dtype=torch.float32, device=argmax_id.device)
+    argmax_id, has_max = target_argmax(target_logits)
     is_real = (draft_token_ids >= 0) & (draft_token_ids < target_logits.shape[-1])
     return DraftTokenStats(
-        target_prob_of_draft=unused,
+        target_prob_of_draft=torch.zeros(argmax_id.shape, dtype=torch.float32, device=argmax_id.device),
         draft_prob_of_draft=is_real.float(),
-        target_max_prob=unused,
+        target_max_prob=has_max.float(),
         target_argmax=argmax_id,
         num_more_likely=None,
         recovered_token_ids=None,
@@ -377,6 +376,8 @@ def acceptance_walk_kernel(
                     entropy = tl.load(draft_entropy + token).to(tl.float32)
                     kept = (tl.load(draft_prob_of_draft + token) > 0) & (entropy < rstitch_entropy)
                     accepted = accepted | kept
+            # A target row without a distribution (max p = 0) vouches for nothing.
+            accepted = accepted & (p_max > 0)
 
             if accepted:
                 out_token = draft_id
@@ -453,6 +454,7 @@ def acceptance_walk_torch(
             accepted = torch.where(greedy, accepted, random_accepted)
         if POLICY == Policy.RSTITCH:
             accepted |= (draft_prob_of_draft > 0) & (draft_entropy.float() < f32(rstitch_entropy))
+    accepted &= p_max > 0  # a target row without a distribution vouches for nothing
     replacement = target_argmax if greedy is None else torch.where(greedy, target_argmax, recovered_token_ids)
 
     # Row-major order of `in_draft` is the flat token order, so boolean-mask
@@ -479,20 +481,16 @@ def acceptance_walk_torch(
 
 def walk_acceptance(
     stats: DraftTokenStats,
+    *,
     draft_token_ids: torch.Tensor,  # [num_tokens]
     cu_num_draft_tokens: torch.Tensor,  # [batch_size]
     bonus_token_ids: torch.Tensor,  # [batch_size] or [batch_size, 1]
     uniform_probs: torch.Tensor | None,  # [num_tokens] float64, None when all greedy
-    confidence: torch.Tensor | None,  # [num_tokens], None = no confidence
     is_greedy: torch.Tensor | None,  # [batch_size] bool, None when all greedy
     max_spec_len: int,
-    policy: Policy,
-    leniency: float,
-    confidence_floor: float,
-    topk_beta: int,
-    topk_tau: float,
-    draft_entropy: torch.Tensor | None = None,  # [num_tokens] nats; RSTITCH only
-    rstitch_entropy: float = 0.0,
+    params: PolicyParams,
+    confidence: torch.Tensor | None,  # [num_tokens] in [0, 1]; None = 0 (strict); CONFIDENCE only
+    draft_entropy: torch.Tensor | None,  # [num_tokens] nats; None = +inf (checked); RSTITCH only
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Launch ``acceptance_walk_kernel`` (or its torch twin), one program per request.
 
@@ -501,6 +499,7 @@ def walk_acceptance(
     """
     batch_size = cu_num_draft_tokens.shape[0]
     device = draft_token_ids.device
+    policy = params.policy
     if policy == Policy.RSTITCH and draft_entropy is None:
         # No entropy known: nothing is kept unchecked (RSTITCH == EXACT).
         draft_entropy = torch.full(draft_token_ids.shape, float("inf"), device=device)
@@ -517,20 +516,19 @@ def walk_acceptance(
         draft_token_ids=draft_token_ids,
         **stats._asdict(),
         uniform_probs=uniform_probs,
-        confidence=confidence,
+        confidence=confidence if policy == Policy.CONFIDENCE else None,
         draft_entropy=draft_entropy,
         is_greedy=is_greedy,
         bonus_token_ids=bonus_token_ids,
         max_spec_len=max_spec_len,
-        # Python numbers from a JSON config may be ints; the kernel wants fp32.
-        leniency=float(leniency),
-        confidence_floor=float(confidence_floor),
+        leniency=params.leniency,
+        confidence_floor=params.confidence_floor,
         # On the host: arithmetic between two scalar arguments inside a kernel
         # rounds in fp32 when compiled but in fp64 under TRITON_INTERPRET.
-        confidence_span=1.0 - confidence_floor,
-        topk_beta=int(topk_beta),
-        topk_tau=float(topk_tau),
-        rstitch_entropy=float(rstitch_entropy),
+        confidence_span=1.0 - params.confidence_floor,
+        topk_beta=params.topk_beta,
+        topk_tau=params.topk_tau,
+        rstitch_entropy=params.rstitch_entropy,
         POLICY=int(policy),
     )
     return output_token_ids, num_accepted

@@ -1,0 +1,125 @@
+"""Skipping the drafter and catching its KV cache up (vllm_cmasd/catchup.py), in real engines.
+
+Which steps skip is forced here by replacing the proposer's decision
+(``_drafts_this_step``) with a fixed pattern; everything else is the real
+engine. Exact verification would hide a stale drafter (outputs stay identical
+while acceptance collapses), so the first test compares the drafter's logits
+after a catch-up with those of a drafter that never skipped.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import run_engine
+from test_engine import CMASD, PROMPTS, engine, greedy
+
+from vllm_cmasd import proposer
+from vllm_cmasd.proposer import CmasdProposer
+
+pytestmark = pytest.mark.engine
+
+
+def skip_calls(monkeypatch, skipped):
+    """Propose calls (counted from 1) in ``skipped`` run no drafter pass."""
+    calls = []
+
+    def decide(self, req_ids, pass_tokens):
+        calls.append(len(req_ids))
+        return len(calls) not in skipped
+
+    monkeypatch.setattr(CmasdProposer, "_drafts_this_step", decide)
+    return calls
+
+
+def record_first_positions(monkeypatch):
+    """Per propose call that drafts: the drafter's logits at the first drafted
+    position of each request, and the position of the token they follow."""
+    seen = []
+    real_propose, real_confidence = CmasdProposer.propose, proposer.unified_confidence
+    first = {}
+
+    def confidence(logits, config, vocab_size=None):
+        first.setdefault("logits", logits.clone())
+        return real_confidence(logits, config, vocab_size)
+
+    def propose(self, num_speculative_tokens, **kwargs):
+        first.clear()
+        out = real_propose(self, num_speculative_tokens=num_speculative_tokens, **kwargs)
+        if "logits" in first:
+            cad = kwargs["common_attn_metadata"]
+            rejected = kwargs["num_rejected_tokens_gpu"]
+            new_token_positions = (cad.seq_lens - (0 if rejected is None else rejected)).tolist()
+            seen.append((list(self.runner.input_batch.req_ids), new_token_positions, first["logits"]))
+        return out
+
+    monkeypatch.setattr(proposer, "unified_confidence", confidence)
+    monkeypatch.setattr(CmasdProposer, "propose", propose)
+    return seen
+
+
+def test_after_a_catch_up_the_drafter_sees_what_a_drafter_that_never_skipped_sees(tiny_pair, monkeypatch):
+    """Skip the prefill's pass and the next two; at the first pass after them, each
+    request's drafter logits must equal those of a fresh engine whose prompt is
+    the same text up to there (its drafter ran every token from scratch)."""
+    target, draft = tiny_pair
+    prompts = PROMPTS[1:3]
+    skip_calls(monkeypatch, skipped={1, 2, 3})
+    seen = record_first_positions(monkeypatch)
+    run = run_engine(prompts, greedy(12), **engine(target, draft=draft, num_speculative_tokens=4, cmasd=CMASD))
+    assert run.drafter.stats.num_skipped_passes == 3 and run.drafter.lag.num_catch_up_tokens > 0
+    req_ids, positions, logits = seen[0]  # the first pass that drafted: call 4
+    assert logits.shape[0] == len(prompts)
+
+    monkeypatch.undo()
+    seen_fresh = record_first_positions(monkeypatch)
+    outputs = {o.request_id: o for o in run.outputs}
+    for i, req_id in enumerate(req_ids):
+        output = outputs.get(req_id) or outputs[req_id.rsplit("-", 1)[0]]  # the engine suffixes ids
+        text = list(output.prompt_token_ids) + list(output.outputs[0].token_ids)
+        # That pass drafted after the token at positions[i]: a fresh engine given
+        # the text before it samples that token, then drafts after it.
+        fresh_prompt = {"prompt_token_ids": text[: positions[i]]}
+        before = len(seen_fresh)
+        run_engine([fresh_prompt], greedy(2), **engine(target, draft=draft, num_speculative_tokens=4, cmasd=CMASD))
+        fresh_logits = seen_fresh[before][2][0]
+        assert torch.allclose(logits[i], fresh_logits, atol=1e-4, rtol=1e-4), (i, (logits[i] - fresh_logits).abs().max())
+
+
+# Prompts sharing their first 128-token block (CPU attention's block size) with
+# PROMPTS[4]: cache hits, within a step and across steps.
+SHARED_PREFIX = [PROMPTS[4] + p for p in PROMPTS + PROMPTS[:4]]
+
+CASES = {
+    # name: (skipped propose calls, engine settings, prompts, max new tokens)
+    "prefill_skipped": ({1}, {}, PROMPTS, 24),
+    "every_other_step": (set(range(1, 80, 2)), {}, PROMPTS, 24),
+    "chunked_prefill": ({1, 2, 3}, dict(enable_chunked_prefill=True, max_num_batched_tokens=48), PROMPTS, 24),
+    # Catch-ups too long for a 48-token pass: split over several steps.
+    "split_catch_up": (set(range(1, 14)), dict(enable_chunked_prefill=True, max_num_batched_tokens=48), PROMPTS, 32),
+    "prefix_cache": ({1, 3, 4, 9}, dict(enable_prefix_caching=True), SHARED_PREFIX, 24),
+    # 8 blocks cannot hold 12 requests of ~140 prompt tokens once they grow past 256.
+    "preemption": (set(range(1, 400, 3)), dict(num_gpu_blocks_override=8, enable_prefix_caching=True),
+                   SHARED_PREFIX, 160),
+}
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_exact_with_skipped_passes_is_identical_to_plain_decoding(tiny_pair, monkeypatch, case):
+    target, draft = tiny_pair
+    skipped, settings, prompts, max_tokens = CASES[case]
+    plain = run_engine(prompts, greedy(max_tokens), **engine(target, **settings))
+    skip_calls(monkeypatch, skipped)
+    ours = run_engine(
+        prompts, greedy(max_tokens), **engine(target, draft=draft, num_speculative_tokens=4, cmasd=CMASD, **settings)
+    )
+    assert ours.token_ids == plain.token_ids
+    assert ours.drafter.stats.num_skipped_passes > 0 and ours.drafter.lag.num_catch_up_tokens > 0
+    assert ours.counters["num_accepted_tokens"] > 0  # drafting resumed after the skips
+    lag = ours.drafter.lag
+    if case == "preemption":
+        assert ours.num_preemptions > 0 and lag.num_restarts > 0
+    if case == "prefix_cache":
+        assert lag.num_restarts > 0  # cache hits on blocks filled while the drafter skipped
+    if case == "split_catch_up":
+        assert lag.num_split_passes > 0
