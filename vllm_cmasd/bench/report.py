@@ -228,6 +228,9 @@ def build(raw: dict[str, Any]) -> dict[str, Any]:
             rec["draft_length_histogram"] = _sum_hist(
                 [_list_hist(c.get("cmasd_length_histogram", [])) for c in g.calls]
             )
+            # Steps the draft budget ran without a drafter pass, and what catching up cost.
+            for name in ("skipped_drafter_passes", "catch_up_tokens", "split_catch_ups"):
+                rec[name] = sum(c.get(name, 0) for c in g.calls)
         elif method in SPECULATIVE:
             rec["draft_length_histogram"] = _sum_hist([c["proposed_lengths"] for c in g.calls]) or (
                 {m["k"]: g.drafts} if g.drafts else {}

@@ -309,6 +309,18 @@ def _cmasd_stats(llm):
     return getattr(drafter, "stats", None)
 
 
+def _skip_counters(llm) -> dict[str, int]:
+    """Steps without a drafter pass and catch-up tokens run (catchup.py), so far."""
+    drafter = getattr(_model_runner(llm), "drafter", None)
+    if not hasattr(drafter, "lag"):
+        return {}
+    return {
+        "skipped_drafter_passes": drafter.stats.num_skipped_passes,
+        "catch_up_tokens": drafter.lag.num_catch_up_tokens,
+        "split_catch_ups": drafter.lag.num_split_passes,
+    }
+
+
 def weight_memory(llm) -> dict[str, int]:
     """Bytes of the target's weights, and of the drafter's that are its own
     (a self-draft's are the target's: 0), as loaded in the engine."""
@@ -473,6 +485,7 @@ def run(
                         before_counters = spec_decode_counters(llm)
                         before_probe = probe.snapshot()
                         before_hist = list(stats.length_histogram) if stats is not None else None
+                        before_skips = _skip_counters(llm)
                         batch = [{"prompt_token_ids": token_ids[pid]} for pid in unit.prompt_ids]
                         start = time.perf_counter()
                         outputs = llm.generate(batch, params, use_tqdm=False)
@@ -501,6 +514,9 @@ def run(
                         }
                         if stats is not None:
                             call["cmasd_length_histogram"] = _diff_list(before_hist, list(stats.length_histogram))
+                            call.update(
+                                {name: value - before_skips[name] for name, value in _skip_counters(llm).items()}
+                            )
                         calls.append(call)
                         bar.update(1)
                 except Exception as exc:
