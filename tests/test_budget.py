@@ -85,3 +85,40 @@ def test_profile_points_are_capped():
     assert _profile_points(1) == [1]
     assert _profile_points(20) == [1, 2, 4, 8, 16, 20]
     assert _profile_points(2304)[-1] == MAX_PROFILED_TOKENS
+
+
+def test_measured_costs_learn_what_the_profile_misses():
+    from vllm_cmasd.budget import MeasuredCosts
+
+    prior = costs(lambda n: 1.0 + 0.1 * n, lambda n: 0.2 + 0.01 * n)
+    measured = MeasuredCosts(prior)
+    assert measured.target(16) == prior.target(16) and measured.draft(9) == prior.draft(9)
+    # Drafting passes really cost 25% more than their profiled forwards.
+    for _ in range(40):
+        measured.observe_drafting(first_pass_tokens=24, more_passes=3, batch_size=8,
+                                  seconds=1.25 * (prior.draft(24) + 3 * prior.draft(8)))
+    assert measured.draft(8) == pytest.approx(1.25 * prior.draft(8), rel=0.01)
+    # Target steps near 64 tokens cost double; elsewhere the profile stands.
+    for _ in range(40):
+        measured.observe_target_step(64, 2 * prior.target(64))
+    assert measured.target(64) == pytest.approx(2 * prior.target(64), rel=0.01)
+    assert measured.target(2) == prior.target(2)
+    # An idle gap between requests is not a step's cost.
+    before = measured.target(64)
+    measured.observe_target_step(64, 100 * prior.target(64))
+    assert measured.target(64) == before and measured.num_target_samples == 40
+    fit = measured.summary()
+    assert fit["draft_samples"] == 40 and len(fit["target_s"]) == len(TOKENS)
+
+
+def test_acceptance_history_predicts_per_request_and_falls_back_to_all():
+    from vllm_cmasd.budget import AcceptanceHistory
+
+    history = AcceptanceHistory(prior=0.5)
+    assert history.predict("new") == pytest.approx(0.5)
+    for _ in range(10):
+        # "a" accepts all 4 drafted tokens; "b" rejects its first; "c" drafted nothing.
+        history.observe(["a", "b", "c"], [4, 4, 0], [4, 0, 0])
+    assert history.predict("a") > 0.95 and history.predict("b") < 0.05
+    assert 0.6 < history.predict("new") < 0.9  # 4 accepted of 5 reached per step overall
+    assert "c" not in history.per_request

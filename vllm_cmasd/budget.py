@@ -122,6 +122,77 @@ class StepBudget:
         return admitted
 
 
+class MeasuredCosts:
+    """Costs measured on the running engine, with the start-up profile as prior.
+
+    The profile gives each curve's shape (flat while memory-bound, then
+    linear); what it misses (a drafting pass's metadata, sampling and host
+    syncs; the engine's own per-step work) is learnt as a ratio of measured
+    to profiled seconds, an exponential moving average per range of token
+    counts (one per profiled point, for the target's steps; one for the
+    drafter's passes, whose token counts vary less). Ratios start at 1, so
+    before the first measurement this is the profile.
+    """
+
+    def __init__(self, prior: CostModel, alpha: float = 0.2, outlier_ratio: float = 4.0):
+        self.prior = prior
+        self.alpha = alpha
+        self.outlier_ratio = outlier_ratio
+        self.target_ratio = [1.0] * len(prior.tokens)
+        self.draft_ratio = 1.0
+        self.num_target_samples = 0
+        self.num_draft_samples = 0
+
+    def _bucket(self, num_tokens: int) -> int:
+        return min(bisect.bisect_left(self.prior.tokens, num_tokens), len(self.prior.tokens) - 1)
+
+    def target(self, num_tokens: int) -> float:
+        return self.prior.target(num_tokens) * self.target_ratio[self._bucket(num_tokens)]
+
+    def draft(self, num_tokens: int) -> float:
+        return self.prior.draft(num_tokens) * self.draft_ratio
+
+    def _updated(self, ratio: float, measured: float, profiled: float) -> float | None:
+        """The EMA after one sample, or None for a sample to ignore: an idle gap
+        between requests or a stall is not what a step costs."""
+        if profiled <= 0 or measured <= 0:
+            return None
+        sample = measured / profiled
+        if sample > self.outlier_ratio * ratio:
+            return None
+        return (1 - self.alpha) * ratio + self.alpha * sample
+
+    def observe_target_step(self, num_tokens: int, seconds: float) -> None:
+        """One engine step's time outside the drafter, for ``num_tokens`` scheduled tokens."""
+        bucket = self._bucket(num_tokens)
+        ratio = self._updated(self.target_ratio[bucket], seconds, self.prior.target(num_tokens))
+        if ratio is not None:
+            self.target_ratio[bucket] = ratio
+            self.num_target_samples += 1
+
+    def observe_drafting(self, first_pass_tokens: int, more_passes: int, batch_size: int, seconds: float) -> None:
+        """One step's drafting, everything included: a first pass over
+        ``first_pass_tokens`` tokens and ``more_passes`` passes over the batch."""
+        profiled = self.prior.draft(first_pass_tokens) + more_passes * self.prior.draft(batch_size)
+        ratio = self._updated(self.draft_ratio, seconds, profiled)
+        if ratio is not None:
+            self.draft_ratio = ratio
+            self.num_draft_samples += 1
+
+    def summary(self) -> dict:
+        """The current fit: seconds at the profiled token counts, and the samples behind it."""
+        points = self.prior.tokens
+        return {
+            "tokens": list(points),
+            "target_s": [self.target(n) for n in points],
+            "draft_s": [self.draft(n) for n in points],
+            "profiled_target_s": list(self.prior.target_s),
+            "profiled_draft_s": list(self.prior.draft_s),
+            "target_samples": self.num_target_samples,
+            "draft_samples": self.num_draft_samples,
+        }
+
+
 class AcceptanceHistory:
     """Each request's recent acceptance rate per drafted token, known before its
     next drafter pass (what the budget predicts the first drafted position by).

@@ -25,7 +25,7 @@ from vllm.distributed import get_tp_group
 from vllm.logger import init_logger
 from vllm.v1.spec_decode.draft_model import DraftModelProposer
 
-from vllm_cmasd.budget import AcceptanceHistory, CostModel, StepBudget, profile_costs
+from vllm_cmasd.budget import AcceptanceHistory, CostModel, MeasuredCosts, StepBudget, profile_costs
 from vllm_cmasd.catchup import DrafterLag, with_catch_up
 from vllm_cmasd.config import CmasdConfig
 from vllm_cmasd.confidence import entropy as drafter_entropy
@@ -138,7 +138,10 @@ class CmasdProposer(DraftModelProposer):
         self.config = config
         self.runner = runner
         self.stats = DraftStats(config.k_max)
-        self.costs: CostModel | None = None
+        # The draft budget's costs: profiled on the first step, then measured.
+        self.costs: MeasuredCosts | None = None
+        self._step_end: float | None = None  # when this proposer last returned
+        self._drafting_measured: tuple[int, int, int, float] | None = None  # the last step's, not yet observed
         self._window: DraftWindow | None = None
         # For verification of the drafts: per request id, each drafted
         # position's confidence (and entropy), from its latest propose(). Kept
@@ -211,6 +214,14 @@ class CmasdProposer(DraftModelProposer):
         return tokens, probs
 
     def propose(self, num_speculative_tokens, **kwargs) -> list[list[int]]:
+        start = time.perf_counter()
+        if self.costs is not None and self._step_end is not None:
+            self._observe_costs(kwargs["common_attn_metadata"].num_actual_tokens, start - self._step_end)
+        drafts = self._propose(num_speculative_tokens, kwargs)
+        self._step_end = time.perf_counter()
+        return drafts
+
+    def _propose(self, num_speculative_tokens, kwargs) -> list[list[int]]:
         cad = kwargs["common_attn_metadata"]
         batch_size = cad.batch_size()
         batch = self.runner.input_batch
@@ -225,10 +236,11 @@ class CmasdProposer(DraftModelProposer):
             req_ids, num_computed, query_lens, room=self.max_num_tokens - cad.num_actual_tokens - batch_size
         )
         if self.config.draft_budget == "auto" and self.costs is None:
-            self.costs = self._profile_costs()
+            self.costs = MeasuredCosts(self._profile_costs())
         pass_tokens = int(np.where(plan.partial, plan.missed, query_lens + plan.missed).sum()) + batch_size
         if not self._drafts_this_step(req_ids, pass_tokens):
             return self._skip_drafter(req_ids, num_computed)
+        drafting_start = time.perf_counter()
         budget = StepBudget(self.costs, batch_size) if self.config.draft_budget == "auto" else None
         if plan.num_tokens:
             kwargs = with_catch_up(kwargs, plan, batch.token_ids_cpu)
@@ -245,6 +257,8 @@ class CmasdProposer(DraftModelProposer):
 
         tokens = torch.stack(window.tokens, dim=1).tolist()
         lengths = window.lengths.tolist()
+        if self.costs is not None:  # everything drafting cost, host syncs included
+            self._drafting_measured = (pass_tokens, len(window.tokens) - 1, batch_size, time.perf_counter() - drafting_start)
         self._last_draft_probs = torch.stack(window.probs, dim=1) if window.probs else None
         rows = {"confidence": torch.stack(window.confidences, dim=1)}
         if window.entropies:
@@ -256,6 +270,25 @@ class CmasdProposer(DraftModelProposer):
             self._signals.popitem(last=False)
         self.stats.record_drafts(lengths)
         return [row[:n] for row, n in zip(tokens, lengths)]
+
+    def _observe_costs(self, num_tokens: int, step_seconds: float) -> None:
+        """Feed the measured costs: the time since the last return (the rest of
+        that step, scheduling this one, the target's forward and verification,
+        synced since the verifier's outcome reached the host) for this step's
+        scheduled tokens, and the last step's drafting time.
+
+        Rank 0's clock for every tensor-parallel rank: each rank's budget then
+        makes the same decisions."""
+        assert self.costs is not None
+        drafting = self._drafting_measured
+        self._drafting_measured = None
+        seconds = [step_seconds, drafting[3] if drafting else 0.0]
+        tp_group = get_tp_group()
+        if tp_group.world_size > 1:
+            seconds = tp_group.broadcast(torch.tensor(seconds, dtype=torch.float64, device=self.device), src=0).tolist()
+        self.costs.observe_target_step(num_tokens, seconds[0])
+        if drafting is not None:
+            self.costs.observe_drafting(drafting[0], drafting[1], drafting[2], seconds[1])
 
     def _drafts_this_step(self, req_ids: list[str], pass_tokens: int) -> bool:
         """Whether this step runs the drafter at all: always without the draft
