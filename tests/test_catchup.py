@@ -1,7 +1,7 @@
 """Skipping the drafter and catching its KV cache up (vllm_cmasd/catchup.py), in real engines.
 
 Which steps skip is forced here by replacing the proposer's decision
-(``_drafts_this_step``) with a fixed pattern; everything else is the real
+(``_who_drafts``) with a fixed pattern; everything else is the real
 engine. Exact verification would hide a stale drafter (outputs stay identical
 while acceptance collapses), so the first test compares the drafter's logits
 after a catch-up with those of a drafter that never skipped.
@@ -9,6 +9,7 @@ after a catch-up with those of a drafter that never skipped.
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 from conftest import run_engine
@@ -26,9 +27,9 @@ def skip_calls(monkeypatch, skipped):
 
     def decide(self, req_ids, pass_tokens):
         calls.append(len(req_ids))
-        return len(calls) not in skipped
+        return np.full(len(req_ids), len(calls) not in skipped)
 
-    monkeypatch.setattr(CmasdProposer, "_drafts_this_step", decide)
+    monkeypatch.setattr(CmasdProposer, "_who_drafts", decide)
     return calls
 
 

@@ -122,65 +122,107 @@ class StepBudget:
         return admitted
 
 
+class _DecayedLinearFit:
+    """y = w . f for 2 features, least squares over exponentially decayed samples,
+    anchored by fixed pseudo-samples (the prior) so it is defined before data
+    arrive and keeps a slope where the data have no spread."""
+
+    def __init__(self, prior_features: list[tuple[float, float]], prior_y: list[float], prior_weight: float,
+                 decay: float):
+        self.decay = decay
+        self.prior = self._moments(prior_features, prior_y, prior_weight / max(len(prior_y), 1))
+        self.data = [[0.0, 0.0, 0.0], [0.0, 0.0]]  # F^T W F (upper: 00, 01, 11), F^T W y
+        self.num_samples = 0
+        self.weights = self._solve()
+
+    @staticmethod
+    def _moments(features, ys, weight):
+        ff, fy = [0.0, 0.0, 0.0], [0.0, 0.0]
+        for (f0, f1), y in zip(features, ys):
+            ff[0] += weight * f0 * f0
+            ff[1] += weight * f0 * f1
+            ff[2] += weight * f1 * f1
+            fy[0] += weight * f0 * y
+            fy[1] += weight * f1 * y
+        return ff, fy
+
+    def _solve(self) -> tuple[float, float]:
+        (a, b, c), (u, v) = [[p + d for p, d in zip(x, y)] for x, y in zip(self.prior, self.data)]
+        det = a * c - b * b
+        return ((c * u - b * v) / det, (a * v - b * u) / det) if det > 0 else (0.0, 0.0)
+
+    def __call__(self, f0: float, f1: float) -> float:
+        return self.weights[0] * f0 + self.weights[1] * f1
+
+    def update(self, f0: float, f1: float, y: float) -> None:
+        ff, fy = self.data
+        for i in range(3):
+            ff[i] *= self.decay
+        for i in range(2):
+            fy[i] *= self.decay
+        ff[0] += f0 * f0
+        ff[1] += f0 * f1
+        ff[2] += f1 * f1
+        fy[0] += f0 * y
+        fy[1] += f1 * y
+        self.num_samples += 1
+        self.weights = self._solve()
+
+
 class MeasuredCosts:
     """Costs measured on the running engine, with the start-up profile as prior.
 
-    The profile gives each curve's shape (flat while memory-bound, then
-    linear); what it misses (a drafting pass's metadata, sampling and host
-    syncs; the engine's own per-step work) is learnt as a ratio of measured
-    to profiled seconds, an exponential moving average per range of token
-    counts (one per profiled point, for the target's steps; one for the
-    drafter's passes, whose token counts vary less). Ratios start at 1, so
-    before the first measurement this is the profile.
+    The target's step: ``T(n) = a + b n`` seconds for n scheduled tokens, a
+    least-squares line through recent steps (each step's weight decays by
+    ``decay`` per step), anchored by the profile's points. The line learns
+    what the profile cannot see: per-step work outside the forward
+    (scheduling, sampling, bookkeeping) in ``a``, attention over real
+    contexts in the slope ``b`` (the profile runs no attention). Drafting: a
+    step's whole drafting time (metadata, sampling, host syncs included) is
+    ``passes x d0 + tokens x d1`` over its passes and the tokens they run, the
+    same kind of fit; ``D(n) = d0 + d1 n`` is one pass over n tokens. Samples
+    over ``outlier_ratio`` times the current estimate (an idle gap between
+    requests, a stall) are ignored.
     """
 
-    def __init__(self, prior: CostModel, alpha: float = 0.2, outlier_ratio: float = 4.0):
+    def __init__(self, prior: CostModel, decay: float = 0.95, prior_weight: float = 0.05, outlier_ratio: float = 4.0):
         self.prior = prior
-        self.alpha = alpha
         self.outlier_ratio = outlier_ratio
-        self.target_ratio = [1.0] * len(prior.tokens)
-        self.draft_ratio = 1.0
-        self.num_target_samples = 0
-        self.num_draft_samples = 0
+        points = [(1.0, float(n)) for n in prior.tokens]
+        self._target = _DecayedLinearFit(points, list(prior.target_s), prior_weight, decay)
+        self._draft = _DecayedLinearFit(points, list(prior.draft_s), prior_weight, decay)
 
-    def _bucket(self, num_tokens: int) -> int:
-        return min(bisect.bisect_left(self.prior.tokens, num_tokens), len(self.prior.tokens) - 1)
+    @property
+    def num_target_samples(self) -> int:
+        return self._target.num_samples
+
+    @property
+    def num_draft_samples(self) -> int:
+        return self._draft.num_samples
 
     def target(self, num_tokens: int) -> float:
-        return self.prior.target(num_tokens) * self.target_ratio[self._bucket(num_tokens)]
+        return max(self._target(1.0, num_tokens), 0.0)
 
     def draft(self, num_tokens: int) -> float:
-        return self.prior.draft(num_tokens) * self.draft_ratio
+        return max(self._draft(1.0, num_tokens), 0.0)
 
-    def _updated(self, ratio: float, measured: float, profiled: float) -> float | None:
-        """The EMA after one sample, or None for a sample to ignore: an idle gap
-        between requests or a stall is not what a step costs."""
-        if profiled <= 0 or measured <= 0:
-            return None
-        sample = measured / profiled
-        if sample > self.outlier_ratio * ratio:
-            return None
-        return (1 - self.alpha) * ratio + self.alpha * sample
+    def _plausible(self, measured: float, estimate: float) -> bool:
+        return measured > 0 and (estimate <= 0 or measured <= self.outlier_ratio * estimate)
 
     def observe_target_step(self, num_tokens: int, seconds: float) -> None:
         """One engine step's time outside the drafter, for ``num_tokens`` scheduled tokens."""
-        bucket = self._bucket(num_tokens)
-        ratio = self._updated(self.target_ratio[bucket], seconds, self.prior.target(num_tokens))
-        if ratio is not None:
-            self.target_ratio[bucket] = ratio
-            self.num_target_samples += 1
+        if self._plausible(seconds, self.target(num_tokens)):
+            self._target.update(1.0, num_tokens, seconds)
 
     def observe_drafting(self, first_pass_tokens: int, more_passes: int, batch_size: int, seconds: float) -> None:
         """One step's drafting, everything included: a first pass over
         ``first_pass_tokens`` tokens and ``more_passes`` passes over the batch."""
-        profiled = self.prior.draft(first_pass_tokens) + more_passes * self.prior.draft(batch_size)
-        ratio = self._updated(self.draft_ratio, seconds, profiled)
-        if ratio is not None:
-            self.draft_ratio = ratio
-            self.num_draft_samples += 1
+        passes, tokens = 1 + more_passes, first_pass_tokens + more_passes * batch_size
+        if self._plausible(seconds, self._draft(passes, tokens)):
+            self._draft.update(passes, tokens, seconds)
 
     def summary(self) -> dict:
-        """The current fit: seconds at the profiled token counts, and the samples behind it."""
+        """The current fit at the profiled token counts, beside the profile."""
         points = self.prior.tokens
         return {
             "tokens": list(points),

@@ -238,14 +238,16 @@ class CmasdProposer(DraftModelProposer):
         if self.config.draft_budget == "auto" and self.costs is None:
             self.costs = MeasuredCosts(self._profile_costs())
         pass_tokens = int(np.where(plan.partial, plan.missed, query_lens + plan.missed).sum()) + batch_size
-        if not self._drafts_this_step(req_ids, pass_tokens):
+        drafts = self._who_drafts(req_ids, pass_tokens)
+        if not drafts.any():
             return self._skip_drafter(req_ids, num_computed)
         drafting_start = time.perf_counter()
         budget = StepBudget(self.costs, batch_size) if self.config.draft_budget == "auto" else None
         if plan.num_tokens:
             kwargs = with_catch_up(kwargs, plan, batch.token_ids_cpu)
         # A request whose catch-up did not fit (whole) drafts nothing this step.
-        drafting = torch.from_numpy(~plan.blocked).to(self.device) if plan.blocked.any() else None
+        drafts &= ~plan.blocked
+        drafting = None if drafts.all() else torch.from_numpy(drafts).to(self.device)
         window = self._window = DraftWindow(batch_size, self.config, self.device, budget, drafting)
         try:
             super().propose(num_speculative_tokens=min(num_speculative_tokens, self.config.k_max), **kwargs)
@@ -290,27 +292,30 @@ class CmasdProposer(DraftModelProposer):
         if drafting is not None:
             self.costs.observe_drafting(drafting[0], drafting[1], drafting[2], seconds[1])
 
-    def _drafts_this_step(self, req_ids: list[str], pass_tokens: int) -> bool:
-        """Whether this step runs the drafter at all: always without the draft
-        budget; with it, where the first pass (``pass_tokens`` tokens) pays,
-        decided before it from what is known now: each request's recent
-        acceptance as the survival of its first drafted token, the batch, the
-        cost model.
+    def _who_drafts(self, req_ids: list[str], pass_tokens: int) -> np.ndarray:
+        """Which requests draft this step (bool per request; none: the step runs
+        no drafter pass). Every request without the draft budget; with it, those
+        whose first drafted token pays once the first pass (``pass_tokens``
+        tokens) is paid for, decided before that pass from what is known now:
+        each request's recent acceptance as the survival of its first drafted
+        token, the batch, the measured costs. A request that does not draft
+        on a step that does still runs its first pass (it does not lag).
 
         Rank 0 decides for every tensor-parallel rank (their histories agree,
         but a skip on one rank alone would desynchronise the drafters)."""
         if self.config.draft_budget != "auto":
-            return True
+            return np.ones(len(req_ids), dtype=bool)
         assert self.costs is not None
         survival = [self.acceptance.predict(req_id) for req_id in req_ids]
         budget = StepBudget(self.costs, len(req_ids), first_pass_paid=False)
-        pays = any(budget.another_pass(survival, [True] * len(req_ids), pass_tokens=pass_tokens))
-        pays = pays or self._skipped_in_a_row >= EXPLORE_EVERY
+        drafts = np.array(budget.another_pass(survival, [True] * len(req_ids), pass_tokens=pass_tokens), dtype=bool)
+        if not drafts.any() and self._skipped_in_a_row >= EXPLORE_EVERY:
+            drafts[:] = True
         tp_group = get_tp_group()
         if tp_group.world_size > 1:
-            pays = bool(tp_group.broadcast(torch.tensor([pays], device=self.device), src=0).item())
-        self._skipped_in_a_row = 0 if pays else self._skipped_in_a_row + 1
-        return pays
+            drafts = tp_group.broadcast(torch.from_numpy(drafts).to(self.device), src=0).cpu().numpy()
+        self._skipped_in_a_row = 0 if drafts.any() else self._skipped_in_a_row + 1
+        return drafts
 
     def _skip_drafter(self, req_ids: list[str], num_computed) -> list[list[int]]:
         """No drafter pass this step: every request lags and drafts nothing."""

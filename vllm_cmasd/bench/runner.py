@@ -321,6 +321,12 @@ def _skip_counters(llm) -> dict[str, int]:
     }
 
 
+def _cost_fit(llm) -> dict | None:
+    """The draft budget's cost fit at the end of an engine's calls (budget.MeasuredCosts.summary)."""
+    costs = getattr(getattr(_model_runner(llm), "drafter", None), "costs", None)
+    return None if costs is None else costs.summary()
+
+
 def weight_memory(llm) -> dict[str, int]:
     """Bytes of the target's weights, and of the drafter's that are its own
     (a self-draft's are the target's: 0), as loaded in the engine."""
@@ -519,6 +525,9 @@ def run(
                             )
                         calls.append(call)
                         bar.update(1)
+                    fit = _cost_fit(llm)
+                    if fit is not None:
+                        engine_starts[-1]["cost_fit"] = fit
                 except Exception as exc:
                     failed[spec.label] = f"{type(exc).__name__}: {exc}"
                     log(f"[bench] {spec.label}: failed while generating, dropped: {failed[spec.label]}")
