@@ -36,8 +36,11 @@ logger = init_logger(__name__)
 
 # With the draft budget, a step drafts after at most this many steps in a row
 # without a drafter pass: acceptance is only measured where drafts are
-# verified, and a history that stops updating would keep the drafter off.
+# verified, and a history that stops updating would keep the drafter off ...
 EXPLORE_EVERY = 8
+# ... unless that pass, with its catch-ups, would cost more than this share of
+# the step: after a skipped prefill, exploring means the drafter's whole prefill.
+EXPLORE_MAX_COST = 0.5
 
 
 class _DraftingFinished(Exception):
@@ -141,7 +144,8 @@ class CmasdProposer(DraftModelProposer):
         # The draft budget's costs: profiled on the first step, then measured.
         self.costs: MeasuredCosts | None = None
         self._step_end: float | None = None  # when this proposer last returned
-        self._drafting_measured: tuple[int, int, int, float] | None = None  # the last step's, not yet observed
+        # The last step's drafting (tokens, passes, batch, seconds, a decode step?), not yet observed.
+        self._drafting_measured: tuple[int, int, int, float, bool] | None = None
         self._window: DraftWindow | None = None
         # For verification of the drafts: per request id, each drafted
         # position's confidence (and entropy), from its latest propose(). Kept
@@ -215,8 +219,12 @@ class CmasdProposer(DraftModelProposer):
 
     def propose(self, num_speculative_tokens, **kwargs) -> list[list[int]]:
         start = time.perf_counter()
+        cad = kwargs["common_attn_metadata"]
         if self.costs is not None and self._step_end is not None:
-            self._observe_costs(kwargs["common_attn_metadata"].num_actual_tokens, start - self._step_end)
+            # Decode steps only: a prefill's big batched matmuls cost far less
+            # per token than verifying drafts, and would set the slope.
+            decoding = cad.max_query_len <= self.config.k_max + 1
+            self._observe_costs(cad.num_actual_tokens, start - self._step_end, target_sample=decoding)
         drafts = self._propose(num_speculative_tokens, kwargs)
         self._step_end = time.perf_counter()
         return drafts
@@ -260,7 +268,11 @@ class CmasdProposer(DraftModelProposer):
         tokens = torch.stack(window.tokens, dim=1).tolist()
         lengths = window.lengths.tolist()
         if self.costs is not None:  # everything drafting cost, host syncs included
-            self._drafting_measured = (pass_tokens, len(window.tokens) - 1, batch_size, time.perf_counter() - drafting_start)
+            # A prefill's (or a long catch-up's) pass is not what drafting costs when decoding.
+            decoding = cad.max_query_len <= self.config.k_max + 1 and plan.num_tokens <= batch_size * (self.config.k_max + 1)
+            self._drafting_measured = (
+                pass_tokens, len(window.tokens) - 1, batch_size, time.perf_counter() - drafting_start, decoding
+            )
         self._last_draft_probs = torch.stack(window.probs, dim=1) if window.probs else None
         rows = {"confidence": torch.stack(window.confidences, dim=1)}
         if window.entropies:
@@ -273,7 +285,7 @@ class CmasdProposer(DraftModelProposer):
         self.stats.record_drafts(lengths)
         return [row[:n] for row, n in zip(tokens, lengths)]
 
-    def _observe_costs(self, num_tokens: int, step_seconds: float) -> None:
+    def _observe_costs(self, num_tokens: int, step_seconds: float, target_sample: bool) -> None:
         """Feed the measured costs: the time since the last return (the rest of
         that step, scheduling this one, the target's forward and verification,
         synced since the verifier's outcome reached the host) for this step's
@@ -288,8 +300,9 @@ class CmasdProposer(DraftModelProposer):
         tp_group = get_tp_group()
         if tp_group.world_size > 1:
             seconds = tp_group.broadcast(torch.tensor(seconds, dtype=torch.float64, device=self.device), src=0).tolist()
-        self.costs.observe_target_step(num_tokens, seconds[0])
-        if drafting is not None:
+        if target_sample:
+            self.costs.observe_target_step(num_tokens, seconds[0])
+        if drafting is not None and drafting[4]:
             self.costs.observe_drafting(drafting[0], drafting[1], drafting[2], seconds[1])
 
     def _who_drafts(self, req_ids: list[str], pass_tokens: int) -> np.ndarray:
@@ -309,7 +322,10 @@ class CmasdProposer(DraftModelProposer):
         survival = [self.acceptance.predict(req_id) for req_id in req_ids]
         budget = StepBudget(self.costs, len(req_ids), first_pass_paid=False)
         drafts = np.array(budget.another_pass(survival, [True] * len(req_ids), pass_tokens=pass_tokens), dtype=bool)
-        if not drafts.any() and self._skipped_in_a_row >= EXPLORE_EVERY:
+        explore = self._skipped_in_a_row >= EXPLORE_EVERY and (
+            self.costs.draft(pass_tokens) <= EXPLORE_MAX_COST * self.costs.target(pass_tokens - len(req_ids))
+        )
+        if not drafts.any() and explore:
             drafts[:] = True
         tp_group = get_tp_group()
         if tp_group.world_size > 1:
