@@ -783,3 +783,16 @@ def test_verification_properties_on_random_batches(spec):
             j = start + accepted  # greedy rejection emits the logits' argmax (0 for a broken row)
             assert row[accepted] == (int(logits[j].argmax()) if has_max[j] else 0)
         start += n
+
+
+def test_policy_knobs_cannot_be_passed_by_position():
+    """walk_acceptance and cmasd_rejection_sample take keywords only: adjacent
+    floats (leniency, floor, tau, entropy) could otherwise be swapped unnoticed."""
+    batch = fixed_target_batch([1])
+    stats = verify.argmax_draft_token_stats(batch["target_logits"], batch["draft_token_ids"])
+    with pytest.raises(TypeError):
+        verify.walk_acceptance(stats, batch["draft_token_ids"], batch["cu_num_draft_tokens"])
+    with pytest.raises(TypeError):
+        cmasd_rejection_sample(*batch.values())
+    # The kernels' compile-time constants are the registry's values.
+    assert [int(getattr(verify, p.name).value) for p in Policy] == [int(p) for p in Policy]
