@@ -125,6 +125,11 @@ def test_micro_bench_records(micro_bench):
             assert r["mean_acceptance_length"] == 1.0 and r["draft_length_histogram"] == {}
             assert r["oracle_fraction"] is None
             continue
+        if r["method"] == "cmasd_budget" and r["num_drafts"] == 0:
+            # On the tiny pair the drafter costs what the target does: the budget,
+            # deciding by measured times, may find that no draft ever pays.
+            assert r["identical_to_ar"] is True and set(map(int, r["draft_length_histogram"])) <= {0}, r
+            continue
         # Speculative methods proposed drafts, and their counters are consistent.
         assert sum(r["draft_length_histogram"].values()) > 0, r["setting"]
         assert max(int(n) for n in r["draft_length_histogram"]) <= r["k"]

@@ -402,8 +402,11 @@ def test_options_over_ray_tp2(ray_cluster, tiny_pair, tiny_self_draft, plain_tp2
         )
         first = assert_ranks_agree(run, run.records[0])
         accepted = sum(sum(r["num_accepted"]) for r in first if r["step"] == "verify")
-        print(f"{name}: TP=2 engine {run.seconds:.0f}s, ranks identical, {accepted} drafted tokens accepted")
-        assert accepted > 0, name
+        skipped = max((r.get("skipped_passes", 0) for r in first if r["step"] == "draft"), default=0)
+        print(f"{name}: TP=2 engine {run.seconds:.0f}s, ranks identical, {accepted} drafted tokens accepted, "
+              f"{skipped} steps without a drafter pass")
+        # The budget decides by measured times: on the tiny pair it may skip every pass.
+        assert accepted > 0 or (name == "budget" and skipped > 0), name
         if name == "rstitch":
             assert run.token_ids[0] != plain_tp2.token_ids[0]  # kept drafts the target would not have picked
         else:

@@ -335,8 +335,10 @@ def test_options_through_vllm_serve(servers, option_servers):
     reference = greedy_texts(plain, PROMPTS, 32)
     for name in ("budget", "specbound"):
         assert greedy_texts(option_servers[name], PROMPTS, 32) == reference, name
-        m = option_servers[name].metrics()
-        assert metric_total(m, "vllm:spec_decode_num_accepted_tokens_total") > 0, name
+    # The budget decides by measured times (on the tiny pair it may skip every
+    # drafter pass); the self-draft always drafts.
+    m = option_servers["specbound"].metrics()
+    assert metric_total(m, "vllm:spec_decode_num_accepted_tokens_total") > 0
     rstitch = option_servers["rstitch"]
     assert greedy_texts(rstitch, PROMPTS, 32) != reference
     m = rstitch.metrics()

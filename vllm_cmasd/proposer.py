@@ -269,7 +269,8 @@ class CmasdProposer(DraftModelProposer):
         lengths = window.lengths.tolist()
         if self.costs is not None:  # everything drafting cost, host syncs included
             # A prefill's (or a long catch-up's) pass is not what drafting costs when decoding.
-            decoding = cad.max_query_len <= self.config.k_max + 1 and plan.num_tokens <= batch_size * (self.config.k_max + 1)
+            decode_tokens = batch_size * (self.config.k_max + 1)
+            decoding = cad.max_query_len <= self.config.k_max + 1 and plan.num_tokens <= decode_tokens
             self._drafting_measured = (
                 pass_tokens, len(window.tokens) - 1, batch_size, time.perf_counter() - drafting_start, decoding
             )
