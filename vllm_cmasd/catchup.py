@@ -18,8 +18,9 @@ Where the KV cache could hold drafter garbage:
 * a request whose computed tokens went backwards (preempted, then resumed
   with recompute): the same, once any step skipped; otherwise nothing lags;
 * a catch-up that does not fit the drafter's token buffer this step: that
-  request drafts nothing (its first pass still runs over its current tokens,
-  which leaves a gap the next catch-up covers) and keeps its lag start.
+  request runs the next chunk of its missed tokens instead of its own (a split
+  catch-up) and drafts nothing; with no room at all it runs its own tokens,
+  drafts nothing and keeps its lag start (the gap is covered later).
 """
 
 from __future__ import annotations
@@ -51,6 +52,10 @@ class CatchUpPlan:
     @property
     def num_tokens(self) -> int:
         return int(self.missed.sum())
+
+    def query_lens(self, own_lens: np.ndarray) -> np.ndarray:
+        """Each request's first-pass query with the catch-ups, from its own query length."""
+        return np.where(self.partial, self.missed, own_lens + self.missed)
 
 
 class DrafterLag:
@@ -149,7 +154,7 @@ def with_catch_up(kwargs: dict, plan: CatchUpPlan, token_ids_cpu: np.ndarray) ->
     query_start = cad.query_start_loc_cpu.numpy().astype(np.int64)
     query_lens = np.diff(query_start)
     partial = plan.partial
-    new_lens = np.where(partial, plan.missed, query_lens + plan.missed)
+    new_lens = plan.query_lens(query_lens)
     new_start = np.concatenate([[0], np.cumsum(new_lens)])
     total = int(new_start[-1])
 

@@ -245,7 +245,7 @@ class CmasdProposer(DraftModelProposer):
         )
         if self.config.draft_budget == "auto" and self.costs is None:
             self.costs = MeasuredCosts(self._profile_costs())
-        pass_tokens = int(np.where(plan.partial, plan.missed, query_lens + plan.missed).sum()) + batch_size
+        pass_tokens = int(plan.query_lens(query_lens).sum()) + batch_size  # + one new slot each
         drafts = self._who_drafts(req_ids, pass_tokens)
         if not drafts.any():
             return self._skip_drafter(req_ids, num_computed)
