@@ -77,6 +77,7 @@ class EngineRun:
     sampler: object | None = None
     counters: dict = field(default_factory=dict)  # vLLM's spec-decode counters
     num_preemptions: int = 0
+    metrics: list = field(default_factory=list)  # LLM.get_metrics() at the end
 
     @property
     def token_ids(self) -> list[list[int]]:
@@ -93,15 +94,15 @@ def run_engine(prompts, params, **engine_kwargs) -> EngineRun:
     try:
         outputs = llm.generate(prompts, params, use_tqdm=False)
         runner = llm.llm_engine.model_executor.driver_worker.worker.model_runner
+        metrics = llm.get_metrics()
         return EngineRun(
+            metrics=metrics,
             outputs=outputs,
             drafter=getattr(runner, "drafter", None),
             model=runner.get_model(),
             sampler=getattr(runner, "rejection_sampler", None),
             counters=spec_decode_counters(llm),
-            num_preemptions=sum(
-                m.value for m in llm.get_metrics() if m.name == "vllm:num_preemptions"
-            ),
+            num_preemptions=sum(m.value for m in metrics if m.name == "vllm:num_preemptions"),
         )
     finally:
         shutdown(llm)

@@ -4,6 +4,7 @@ import pytest
 import torch
 
 from vllm_cmasd.budget import CostModel, StepBudget
+from vllm_cmasd.calibration import NUM_BINS, AcceptanceCalibration
 from vllm_cmasd.config import CmasdConfig
 from vllm_cmasd.proposer import DraftWindow
 
@@ -50,10 +51,10 @@ def test_another_pass_only_when_it_raises_the_rate():
 
 
 def test_window_with_budget_keeps_k_min_and_stops_what_does_not_pay():
-    config = CmasdConfig(k_max=6, k_min=2, threshold=0.0, draft_budget="auto")
+    config = CmasdConfig(k_max=6, draft_length="window", k_min=2, threshold=0.0, draft_budget="auto")
     # Compute-bound target, dear drafter passes: after k_min nothing pays.
     budget = StepBudget(costs(lambda n: float(n), lambda n: 3.0), batch_size=3)
-    window = DraftWindow(3, config, torch.device("cpu"), budget)
+    window = DraftWindow(3, config, torch.device("cpu"), budget, AcceptanceCalibration())
     tokens = torch.tensor([1, 2, 3])
     confidence = torch.tensor([0.95, 0.6, 0.2])
     assert window.add(tokens, None, confidence)  # position 0 < k_min: kept, all draft on
@@ -69,14 +70,49 @@ def test_window_with_budget_keeps_k_min_and_stops_what_does_not_pay():
 
 
 def test_window_with_free_verification_drafts_the_likely_requests_longer():
-    config = CmasdConfig(k_max=8, k_min=1, threshold=0.0, draft_budget="auto")
+    config = CmasdConfig(k_max=8, draft_length="window", k_min=1, threshold=0.0, draft_budget="auto")
     budget = StepBudget(costs(lambda n: 1.0 + 0.02 * n, lambda n: 0.08), batch_size=2)
-    window = DraftWindow(2, config, torch.device("cpu"), budget)
+    window = DraftWindow(2, config, torch.device("cpu"), budget, AcceptanceCalibration())
     confidence = torch.tensor([0.95, 0.3])
     while window.add(torch.tensor([5, 6]), None, confidence):
         pass
     confident, unsure = window.lengths.tolist()
     assert 1 <= unsure < confident <= 8
+
+
+def flat_calibration(acceptance: float) -> AcceptanceCalibration:
+    """Every confidence accepted with the same probability, firmly (many pseudo-tokens)."""
+    return AcceptanceCalibration(prior_accepted=[1000 * acceptance] * NUM_BINS, prior_reached=[1000.0] * NUM_BINS)
+
+
+def draft_lengths(config, budget, calibration, confidence) -> list[int]:
+    window = DraftWindow(len(confidence), config, torch.device("cpu"), budget, calibration)
+    tokens = torch.arange(len(confidence))
+    while window.add(tokens, None, confidence):
+        pass
+    return window.lengths.tolist()
+
+
+def test_controller_keeps_nothing_where_no_token_pays():
+    """Compute-bound target: even the first drafted token is not worth verifying,
+    so the controller keeps none (the window would keep k_min = 1)."""
+    config = CmasdConfig(k_max=6)
+    budget = StepBudget(costs(lambda n: float(n), lambda n: 0.0), batch_size=2)
+    assert draft_lengths(config, budget, flat_calibration(0.9), torch.tensor([0.9, 0.9])) == [0, 0]
+
+
+def test_controller_drafts_longer_under_a_more_lenient_verifier():
+    """Same drafts, same costs: a calibration that accepts more (what a lenient
+    verifier teaches it) makes longer drafts; the threshold plays no part."""
+    config = CmasdConfig(k_max=8)
+    confidence = torch.tensor([0.6])
+
+    def lengths(acceptance):
+        budget = StepBudget(costs(lambda n: 1.0 + 0.02 * n, lambda n: 0.15), batch_size=1)
+        return draft_lengths(config, budget, flat_calibration(acceptance), confidence)[0]
+
+    strict, lenient = lengths(0.5), lengths(0.95)
+    assert 1 <= strict < lenient <= 8
 
 
 def test_profile_points_are_capped():

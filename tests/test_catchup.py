@@ -124,3 +124,52 @@ def test_exact_with_skipped_passes_is_identical_to_plain_decoding(tiny_pair, mon
         assert lag.num_restarts > 0  # cache hits on blocks filled while the drafter skipped
     if case == "split_catch_up":
         assert lag.num_split_passes > 0
+
+
+def test_mixed_batch_where_some_requests_draft_and_others_lag(tiny_pair, monkeypatch):
+    """Per request: on each drafting step every other request drafts nothing
+    (alternating which; it still runs the first pass, so it does not lag), and
+    some whole steps skip the drafter, so drafting steps also carry catch-ups;
+    greedy output stays plain decoding's."""
+    target, draft = tiny_pair
+    calls = []
+
+    def decide(self, req_ids, pass_tokens):
+        calls.append(len(req_ids))
+        if len(calls) in (2, 5, 6):
+            return np.zeros(len(req_ids), dtype=bool)
+        return (np.arange(len(req_ids)) + len(calls)) % 2 == 0
+
+    monkeypatch.setattr(CmasdProposer, "_who_drafts", decide)
+    plain = run_engine(PROMPTS, greedy(24), **engine(target))
+    ours = run_engine(PROMPTS, greedy(24), **engine(target, draft=draft, num_speculative_tokens=4, cmasd=CMASD))
+    assert ours.token_ids == plain.token_ids
+    assert ours.drafter.lag.num_catch_up_tokens > 0 and ours.counters["num_accepted_tokens"] > 0
+    assert ours.drafter.stats.length_histogram[0] > 0  # lagging requests drafted nothing
+
+
+def test_controller_reports_what_it_did_and_learnt_on_the_metrics(tiny_pair, monkeypatch):
+    """The default config (the controller): its skipped passes, catch-up tokens,
+    calibration and cost fit reach LLM.get_metrics() from the worker."""
+    target, draft = tiny_pair
+    skip_calls(monkeypatch, skipped={1, 2, 4, 6, 7})
+    ours = run_engine(PROMPTS, greedy(16), **engine(target, draft=draft, num_speculative_tokens=4,
+                                                     cmasd={"verification": "exact"}))
+    drafter = ours.drafter
+    assert drafter.config.draft_length == "controller"
+
+    def series(name):
+        return [m for m in ours.metrics if m.name == name]
+
+    def total(name):
+        return sum(m.value for m in series(name))
+
+    assert total("vllm:cmasd_skipped_drafter_passes") == drafter.stats.num_skipped_passes > 0
+    assert total("vllm:cmasd_catch_up_tokens") == drafter.lag.num_catch_up_tokens > 0
+    curve = {m.labels["confidence_bin"]: m.value for m in series("vllm:cmasd_calibration_acceptance")}
+    assert [curve[f"{b / 20:.2f}"] for b in range(20)] == pytest.approx(drafter.calibration.curve)
+    assert drafter.calibration.num_observed > 0
+    verified = sum(m.value for m in series("vllm:cmasd_calibration_tokens"))
+    assert verified == drafter.calibration.num_observed
+    costs = {m.labels["term"]: m.value for m in series("vllm:cmasd_cost_seconds")}
+    assert costs == pytest.approx(drafter.costs.coefficients)

@@ -91,18 +91,18 @@ def plain_samples(tiny_pair):
 @pytest.mark.parametrize(
     "draft_sample_method, cmasd, setting",
     [
-        ("greedy", {"verification": "exact"}, "top_k"),
+        ("greedy", {"verification": "exact", "draft_length": "window"}, "top_k"),
+        ("probabilistic", {"verification": "exact", "draft_length": "window"}, "top_k"),
+        # The controller (the default) changes what is drafted, never how it is verified.
         ("probabilistic", {"verification": "exact"}, "top_k"),
-        # The draft budget changes what is drafted, never how it is verified.
-        ("probabilistic", {"verification": "exact", "draft_budget": "auto"}, "top_k"),
         # Greedy and top-p requests in one batch.
-        ("probabilistic", {"verification": "exact"}, "mixed_top_p"),
+        ("probabilistic", {"verification": "exact", "draft_length": "window"}, "mixed_top_p"),
     ],
-    ids=["exact-greedy-drafts", "exact-sampled-drafts", "budget-sampled-drafts", "exact-mixed-batch-top-p"],
+    ids=["exact-greedy-drafts", "exact-sampled-drafts", "controller-sampled-drafts", "exact-mixed-batch-top-p"],
 )
 def test_exact_verification_keeps_the_target_distribution(tiny_pair, plain_samples, draft_sample_method, cmasd,
                                                           setting, monkeypatch):
-    if cmasd.get("draft_budget") == "auto":
+    if cmasd.get("draft_length") != "window":
         # Every step drafts: whether a step drafts at all is decided by measured
         # times, and on the tiny pair the budget would often skip.
         import numpy as np

@@ -85,8 +85,8 @@ def test_budget_is_lossless_and_measures_its_costs(tiny_pair, monkeypatch):
 
 
 def test_budget_off_profiles_nothing(tiny_pair):
+    """The paper's window without the budget measures no costs."""
     target, draft = tiny_pair
-    run = run_engine(
-        PROMPTS[:2], greedy(8), **engine(target, draft=draft, num_speculative_tokens=4, cmasd={"verification": "exact"})
-    )
+    window = {"verification": "exact", "draft_length": "window"}
+    run = run_engine(PROMPTS[:2], greedy(8), **engine(target, draft=draft, num_speculative_tokens=4, cmasd=window))
     assert run.drafter.costs is None

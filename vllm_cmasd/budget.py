@@ -221,6 +221,12 @@ class MeasuredCosts:
         if self._plausible(seconds, self._draft(passes, tokens)):
             self._draft.update(passes, tokens, seconds)
 
+    @property
+    def coefficients(self) -> dict[str, float]:
+        """The fitted lines: target step a + b n, drafting pass d0 + d1 n (seconds)."""
+        (a, b), (d0, d1) = self._target.weights, self._draft.weights
+        return {"target_step_s": a, "target_token_s": b, "draft_pass_s": d0, "draft_token_s": d1}
+
     def summary(self) -> dict:
         """The current fit at the profiled token counts, beside the profile."""
         points = self.prior.tokens
@@ -232,6 +238,7 @@ class MeasuredCosts:
             "profiled_draft_s": list(self.prior.draft_s),
             "target_samples": self.num_target_samples,
             "draft_samples": self.num_draft_samples,
+            **self.coefficients,
         }
 
 

@@ -14,14 +14,21 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Literal
 
 from vllm_cmasd.policies import VERIFICATION_POLICIES
 
 CONFIG_KEY = "cmasd"
 
+DraftLength = Literal["controller", "window"]
+DRAFT_LENGTHS: tuple[str, ...] = ("controller", "window")
 DraftBudget = Literal["off", "auto"]
 DRAFT_BUDGETS: tuple[str, ...] = ("off", "auto")
+# Settings of the paper's fixed-threshold window only. A config that names one
+# of them and no draft_length means the window, as it did before the
+# controller became the default.
+WINDOW_FIELDS: tuple[str, ...] = ("k_min", "stop_rule", "threshold", "draft_budget")
 StopRule = Literal["mean", "product"]
 STOP_RULES: tuple[str, ...] = ("mean", "product")
 CONFIDENCE_SIGNALS: tuple[str, ...] = ("entropy", "softmax_margin", "logit_margin")
@@ -36,16 +43,30 @@ class CmasdConfig:
     k_max: int
     """Largest draft per request and step: speculative_config.num_speculative_tokens."""
 
+    draft_length: DraftLength = "controller"
+    """How long each request's draft is. controller: per step, request and
+    position, a token is drafted only where its expected gain (its calibrated
+    probability of surviving verification) beats its measured marginal cost,
+    and a step where nothing pays runs no drafter pass (docs/confidence.md,
+    "The controller"); window: the paper's window, drafting while the stop
+    signal is at least ``threshold`` (k_min, stop_rule, threshold,
+    draft_budget apply to it only)."""
+
+    calibration: str = "auto"
+    """controller: warm start of P(accepted | confidence): auto = the draft's
+    cmasd_calibration.json if it has one (else a weak identity prior), none =
+    the weak prior, or a path to a calibration file."""
+
     k_min: int = 1
-    """Every request drafts at least this many tokens per step (1..k_max)."""
+    """window: every request drafts at least this many tokens per step (1..k_max)."""
 
     stop_rule: StopRule = "product"
-    """How drafted positions' confidences combine into the stop signal:
+    """window: how drafted positions' confidences combine into the stop signal:
     'product' = running product (an estimate that the whole draft survives),
     'mean' = running mean (the paper's average confidence)."""
 
     threshold: float = 0.3
-    """A request stops drafting once its stop signal falls below this (0..1)."""
+    """window: a request stops drafting once its stop signal falls below this (0..1)."""
 
     weights: dict[str, float] = field(
         default_factory=lambda: {"entropy": 0.3, "softmax_margin": 0.5, "logit_margin": 0.2}
@@ -77,10 +98,19 @@ class CmasdConfig:
     kept without the target's check; the others are verified exactly (>= 0; 0 = exact)."""
 
     draft_budget: DraftBudget = "off"
-    """auto: each step's drafted tokens are capped by a cost model profiled on
-    the engine's first drafting step (draft and verify cost vs tokens), given to
-    the requests most likely to have them accepted; off: every request drafts
-    as its window allows."""
+    """window: auto = the window's tokens are also capped by the controller's
+    gain-vs-cost rule (and steps where nothing pays skip the drafter); off =
+    every request drafts as its window allows."""
+
+    @property
+    def measures_costs(self) -> bool:
+        """Decisions priced by measured costs and calibrated acceptance."""
+        return self.draft_length == "controller" or self.draft_budget == "auto"
+
+    @property
+    def min_draft(self) -> int:
+        """Tokens every drafting request drafts: the controller may draft none."""
+        return 0 if self.draft_length == "controller" else self.k_min
 
     @property
     def normalized_weights(self) -> tuple[float, float, float]:
@@ -107,6 +137,15 @@ class CmasdConfig:
             raise CmasdConfigError(
                 f"{CONFIG_KEY}.{unknown[0]}: unknown field; allowed fields: {', '.join(allowed)}"
             )
+        if "draft_length" not in raw and any(name in raw for name in WINDOW_FIELDS):
+            raw = {**raw, "draft_length": "window"}
+        elif raw.get("draft_length") == "controller":
+            for name in WINDOW_FIELDS:
+                if name in raw:
+                    raise CmasdConfigError(
+                        f"{CONFIG_KEY}.{name}: applies to draft_length 'window' only; "
+                        f"drop it or set draft_length to one of {list(DRAFT_LENGTHS)}"
+                    )
         config = cls(k_max=k_max, **raw)
         config.validate()
         return config
@@ -120,6 +159,12 @@ class CmasdConfig:
 
         if not isinstance(self.k_max, int) or self.k_max < 1:
             fail("k_max (speculative_config.num_speculative_tokens)", "an integer >= 1", self.k_max)
+        if self.draft_length not in DRAFT_LENGTHS:
+            fail("draft_length", f"one of {list(DRAFT_LENGTHS)}", self.draft_length)
+        if not isinstance(self.calibration, str) or not self.calibration:
+            fail("calibration", "'auto', 'none' or the path of a calibration file", self.calibration)
+        if self.calibration not in ("auto", "none") and not Path(self.calibration).is_file():
+            fail("calibration", "'auto', 'none' or the path of an existing calibration file", self.calibration)
         if not isinstance(self.k_min, int) or isinstance(self.k_min, bool) or not 1 <= self.k_min <= self.k_max:
             fail("k_min", f"an integer in [1, k_max={self.k_max}] (k_max is num_speculative_tokens)", self.k_min)
         if self.stop_rule not in STOP_RULES:

@@ -75,7 +75,7 @@ class CmasdPrometheus:
         policy = prometheus_client.Gauge(
             "vllm:cmasd_policy_info",
             "CM-ASD settings in use (value is always 1).",
-            labelnames=labelnames + ["verification", "stop_rule", "threshold", "k_min", "k_max"],
+            labelnames=labelnames + ["verification", "draft_length", "stop_rule", "threshold", "k_min", "k_max"],
         )
         self.by_length = {
             idx: [by_length.labels(*lv, str(n)) for n in range(self.k_max + 1)]
@@ -88,9 +88,61 @@ class CmasdPrometheus:
         self.early = {idx: early.labels(*lv) for idx, lv in per_engine_labelvalues.items()}
         for lv in per_engine_labelvalues.values():
             policy.labels(
-                *lv, config.verification, config.stop_rule, str(config.threshold),
+                *lv, config.verification, config.draft_length, config.stop_rule, str(config.threshold),
                 str(config.k_min), str(config.k_max),
             ).set(1)
+
+        # The controller's report (proposer.CmasdProposer.report), per step.
+        def counter(name, doc):
+            c = prometheus_client.Counter(name, doc, labelnames=labelnames)
+            return {idx: c.labels(*lv) for idx, lv in per_engine_labelvalues.items()}
+
+        def gauge(name, doc, extra):
+            g = prometheus_client.Gauge(name, doc, labelnames=labelnames + [extra])
+            return {idx: (lambda value, lv=lv: g.labels(*lv, value)) for idx, lv in per_engine_labelvalues.items()}
+
+        self.totals = {
+            "skipped_drafter_passes": counter(
+                "vllm:cmasd_skipped_drafter_passes", "CM-ASD steps that ran no drafter pass (nothing paid)."),
+            "catch_up_tokens": counter(
+                "vllm:cmasd_catch_up_tokens", "Tokens CM-ASD's drafter ran to catch up after skipped passes."),
+            "split_catch_ups": counter(
+                "vllm:cmasd_split_catch_ups", "CM-ASD catch-ups too long for one pass, run in parts."),
+        }
+        self.seen = {idx: dict.fromkeys(self.totals, 0) for idx in per_engine_labelvalues}
+        self.curve = gauge("vllm:cmasd_calibration_acceptance",
+                           "CM-ASD's calibrated P(accepted | drafter confidence in bin [lower, lower + 1/bins)).",
+                           "confidence_bin")
+        self.predicted = gauge("vllm:cmasd_calibration_predicted",
+                               "Reliability diagram: mean predicted acceptance of the drafted tokens verified, "
+                               "by bin of that prediction.", "predicted_bin")
+        self.observed = gauge("vllm:cmasd_calibration_observed",
+                              "Reliability diagram: observed acceptance of those tokens, by bin of prediction.",
+                              "predicted_bin")
+        self.verified = gauge("vllm:cmasd_calibration_tokens",
+                              "Reliability diagram: drafted tokens verified, by bin of prediction.", "predicted_bin")
+        self.cost = gauge("vllm:cmasd_cost_seconds",
+                          "CM-ASD's measured cost fit: target step a + b n, drafter pass d0 + d1 n (seconds).",
+                          "term")
+
+    def observe_controller(self, report: dict, engine_idx: int = 0) -> None:
+        for name, counters in self.totals.items():
+            total = report.get(name, 0)
+            if total > self.seen[engine_idx][name]:
+                counters[engine_idx].inc(total - self.seen[engine_idx][name])
+            self.seen[engine_idx][name] = total
+        calibration = report.get("calibration")
+        if calibration:
+            bins = calibration["num_bins"]
+            for b, value in enumerate(calibration["curve"]):
+                self.curve[engine_idx](f"{b / bins:.2f}").set(value)
+            for row in calibration["reliability"]:
+                label = f"{row['bin'] / bins:.2f}"
+                self.predicted[engine_idx](label).set(row["predicted"])
+                self.observed[engine_idx](label).set(row["observed"])
+                self.verified[engine_idx](label).set(row["tokens"])
+        for term, seconds in (report.get("costs") or {}).items():
+            self.cost[engine_idx](term).set(seconds)
 
     def observe(self, stats, engine_idx: int = 0) -> None:
         reached = list(stats.num_draft_tokens_per_pos)[: self.k_max]

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import time
 from collections import OrderedDict
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -26,8 +27,9 @@ from vllm.logger import init_logger
 from vllm.v1.spec_decode.draft_model import DraftModelProposer
 
 from vllm_cmasd.budget import AcceptanceHistory, CostModel, MeasuredCosts, StepBudget, profile_costs
+from vllm_cmasd.calibration import CALIBRATION_FILE, AcceptanceCalibration
 from vllm_cmasd.catchup import DrafterLag, with_catch_up
-from vllm_cmasd.config import CmasdConfig
+from vllm_cmasd.config import CmasdConfig, CmasdConfigError
 from vllm_cmasd.confidence import entropy as drafter_entropy
 from vllm_cmasd.confidence import unified_confidence
 from vllm_cmasd.metrics import DraftStats
@@ -48,20 +50,24 @@ class _DraftingFinished(Exception):
 
 
 class DraftWindow:
-    """Per-request draft length from the running confidence signal.
+    """Per-request draft length, decided position by position while drafting.
 
-    Every token a request drafts is proposed: by the time its confidence is
-    known, its drafter pass is paid, and verifying one more token costs the
-    memory-bound target almost nothing. The confidence decides whether the
-    request drafts *another* token: it goes on while it has fewer than k_min
-    tokens or its stop signal (running product or running mean of the
-    confidences of positions 0..j) is at least ``threshold``, and stops at
-    k_max.
+    Every token a request drafts is proposed once its pass has run; what is
+    decided per position is whether the token is kept and whether the request
+    drafts *another* one.
 
-    With a :class:`~vllm_cmasd.budget.StepBudget` (``draft_budget="auto"``)
-    verification is no longer taken as free: a drafted token is kept only if
-    the budget admits it, and a request drafts another token only if the
-    budget also finds the next drafter pass worth its cost. k_min still holds.
+    * ``draft_length="controller"`` (with a :class:`~vllm_cmasd.budget.StepBudget`):
+      a token is kept only where the budget admits it by its survival (the
+      product of the calibrated acceptances of the request's drafted tokens so
+      far, calibration.py) against its marginal verification cost, and the
+      request drafts on only where the next drafter pass also pays.
+    * ``draft_length="window"``: the paper's window. A request goes on while it
+      has fewer than k_min tokens or its stop signal (running product or
+      running mean of the confidences of positions 0..j) is at least
+      ``threshold``; with ``draft_budget="auto"`` the budget's rule applies on
+      top (k_min still holds).
+
+    Every request stops at k_max.
     """
 
     def __init__(
@@ -70,10 +76,12 @@ class DraftWindow:
         config: CmasdConfig,
         device: torch.device,
         budget: StepBudget | None = None,
+        calibration: AcceptanceCalibration | None = None,
         drafting: torch.Tensor | None = None,
     ):
         self.config = config
         self.budget = budget
+        self.calibration = calibration
         self.tokens: list[torch.Tensor] = []
         self.probs: list[torch.Tensor] = []
         self.confidences: list[torch.Tensor] = []
@@ -93,15 +101,19 @@ class DraftWindow:
     ) -> bool:
         """Record one drafted position; returns whether any request drafts on."""
         position = len(self.tokens)
-        if self.config.stop_rule == "product":
-            self.signal = self.signal * confidence
-        else:  # running mean
-            self.signal = (self.signal * position + confidence) / (position + 1)
-        goes_on = ((position + 1 < self.config.k_min) | (self.signal >= self.config.threshold)) & self.drafting
+        if self.config.draft_length == "controller":
+            goes_on = self.drafting.clone()
+        else:
+            if self.config.stop_rule == "product":
+                self.signal = self.signal * confidence
+            else:  # running mean
+                self.signal = (self.signal * position + confidence) / (position + 1)
+            goes_on = ((position + 1 < self.config.k_min) | (self.signal >= self.config.threshold)) & self.drafting
         if self.budget is not None:
-            # The budget's survival is the running product whatever stop_rule is.
-            self.survival = self.survival * confidence
-            self._apply_budget(position, confidence, goes_on)
+            assert self.calibration is not None
+            acceptance = self.calibration.predict(confidence)
+            self.survival = self.survival * acceptance
+            self._apply_budget(position, acceptance, goes_on)
         self.lengths += self.drafting
         self.drafting &= goes_on & (position + 1 < self.config.k_max)
         self.tokens.append(tokens)
@@ -113,20 +125,19 @@ class DraftWindow:
         # One host sync per drafted position: the loop must know whether to go on.
         return bool(self.drafting.any())
 
-    def _apply_budget(self, position: int, confidence: torch.Tensor, goes_on: torch.Tensor) -> None:
+    def _apply_budget(self, position: int, acceptance: torch.Tensor, goes_on: torch.Tensor) -> None:
         """Narrow ``drafting`` (keep this token) and ``goes_on`` (draft another) to
-        what pays; the first k_min tokens are kept and drafted regardless."""
+        what pays; the first ``min_draft`` tokens are kept and drafted regardless."""
         assert self.budget is not None
-        kept = self.budget.admit(
-            self.survival.tolist(), self.drafting.tolist(), force=position < self.config.k_min
-        )
+        min_draft = self.config.min_draft
+        kept = self.budget.admit(self.survival.tolist(), self.drafting.tolist(), force=position < min_draft)
         candidates = [k and g for k, g in zip(kept, goes_on.tolist())]
         more = [False] * len(kept)
         if position + 1 < self.config.k_max and any(candidates):
             # The next token survives if this draft does and it is accepted:
-            # its confidence is predicted to be this position's.
+            # its acceptance is predicted to be this position's.
             more = self.budget.another_pass(
-                (self.survival * confidence).tolist(), candidates, force=position + 1 < self.config.k_min
+                (self.survival * acceptance).tolist(), candidates, force=position + 1 < min_draft
             )
         device = self.drafting.device
         self.drafting &= torch.tensor(kept, device=device)
@@ -158,7 +169,24 @@ class CmasdProposer(DraftModelProposer):
         # and what that leaves behind: catchup.py.
         self.lag = DrafterLag(max_tracked=self._max_signal_rows)
         self.acceptance = AcceptanceHistory(max_tracked=self._max_signal_rows)
+        self.calibration = self._warm_start(vllm_config.speculative_config.draft_model_config.model)
         self._skipped_in_a_row = 0
+
+    def _warm_start(self, draft_dir: str) -> AcceptanceCalibration:
+        """The calibration's starting point for this engine's verification policy."""
+        setting = self.config.calibration
+        path = Path(draft_dir) / CALIBRATION_FILE if setting == "auto" else None if setting == "none" else Path(setting)
+        if path is not None and path.is_file():
+            fitted = AcceptanceCalibration.from_file(path, self.config.verification)
+            if fitted is not None:
+                logger.info("CM-ASD: calibration warm start for %r from %s", self.config.verification, path)
+                return fitted
+        if setting not in ("auto", "none"):
+            raise CmasdConfigError(
+                f"cmasd.calibration: {setting} has no calibration for verification "
+                f"{self.config.verification!r}; use 'auto', 'none' or a file that has one"
+            )
+        return AcceptanceCalibration()
 
     def _profile_costs(self) -> CostModel:
         """The budget's cost model, measured once, on the engine's first drafting step.
@@ -243,20 +271,20 @@ class CmasdProposer(DraftModelProposer):
         plan = self.lag.plan(
             req_ids, num_computed, query_lens, room=self.max_num_tokens - cad.num_actual_tokens - batch_size
         )
-        if self.config.draft_budget == "auto" and self.costs is None:
+        if self.config.measures_costs and self.costs is None:
             self.costs = MeasuredCosts(self._profile_costs())
         pass_tokens = int(plan.query_lens(query_lens).sum()) + batch_size  # + one new slot each
         drafts = self._who_drafts(req_ids, pass_tokens)
         if not drafts.any():
             return self._skip_drafter(req_ids, num_computed)
         drafting_start = time.perf_counter()
-        budget = StepBudget(self.costs, batch_size) if self.config.draft_budget == "auto" else None
+        budget = StepBudget(self.costs, batch_size) if self.config.measures_costs else None
         if plan.num_tokens:
             kwargs = with_catch_up(kwargs, plan, batch.token_ids_cpu)
         # A request whose catch-up did not fit (whole) drafts nothing this step.
         drafts &= ~plan.blocked
         drafting = None if drafts.all() else torch.from_numpy(drafts).to(self.device)
-        window = self._window = DraftWindow(batch_size, self.config, self.device, budget, drafting)
+        window = self._window = DraftWindow(batch_size, self.config, self.device, budget, self.calibration, drafting)
         try:
             super().propose(num_speculative_tokens=min(num_speculative_tokens, self.config.k_max), **kwargs)
         except _DraftingFinished:
@@ -317,7 +345,7 @@ class CmasdProposer(DraftModelProposer):
 
         Rank 0 decides for every tensor-parallel rank (their histories agree,
         but a skip on one rank alone would desynchronise the drafters)."""
-        if self.config.draft_budget != "auto":
+        if not self.config.measures_costs:
             return np.ones(len(req_ids), dtype=bool)
         assert self.costs is not None
         survival = [self.acceptance.predict(req_id) for req_id in req_ids]
@@ -344,9 +372,37 @@ class CmasdProposer(DraftModelProposer):
         return [[] for _ in req_ids]
 
     def observe_verification(self, req_ids: list[str], num_draft_tokens: list[int], num_accepted: torch.Tensor) -> None:
-        """Each verification's outcome, for the budget's acceptance history."""
-        if self.config.draft_budget == "auto":
-            self.acceptance.observe(req_ids, num_draft_tokens, num_accepted.tolist())
+        """Each verification's outcome: the requests' acceptance history, and the
+        calibration (every drafted token the verifier reached, by its confidence)."""
+        if not self.config.measures_costs:
+            return
+        accepted_counts = num_accepted.tolist()
+        self.acceptance.observe(req_ids, num_draft_tokens, accepted_counts)
+        confidences, outcomes = [], []
+        for req_id, drafted, accepted in zip(req_ids, num_draft_tokens, accepted_counts):
+            entry = self._signals.get(req_id) if drafted else None
+            if entry is None or entry["confidence"].numel() < drafted:
+                continue  # vLLM's warm-up batch: no drafts of ours
+            reached = min(accepted + 1, drafted)
+            confidences.append(entry["confidence"][:reached])
+            outcomes.append(torch.arange(reached) < accepted)
+        if confidences:
+            self.calibration.observe(torch.cat(confidences), torch.cat(outcomes))
+
+    def report(self) -> dict:
+        """What the controller has done and learnt so far, for ``/metrics``
+        (vllm_patch.py carries it to the front end with the scheduler's stats):
+        running totals, the calibration, the cost fit."""
+        out = {
+            "skipped_drafter_passes": self.stats.num_skipped_passes,
+            "catch_up_tokens": self.lag.num_catch_up_tokens,
+            "split_catch_ups": self.lag.num_split_passes,
+        }
+        if self.config.measures_costs:
+            out["calibration"] = self.calibration.summary()
+            if self.costs is not None:
+                out["costs"] = self.costs.coefficients
+        return out
 
     def signal_for(self, name: str, req_ids: list[str], num_draft_tokens: list[int]) -> torch.Tensor | None:
         """A per-token drafter signal ("confidence" or "entropy") of the drafts being

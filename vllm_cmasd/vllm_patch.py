@@ -12,8 +12,13 @@ The hooks are inert unless the engine's ``additional_config`` has a
    and verifier. vLLM's runner then drives them unchanged.
 3. ``PrometheusStatLogger.__init__``: add CM-ASD's series (draft-length
    histogram, early stops, drafts per position, policy) beside vLLM's
-   speculative-decoding counters, fed from the same scheduler stats. They
-   reach ``/metrics`` and ``LLM.get_metrics()`` like vLLM's own.
+   speculative-decoding counters, fed from the same scheduler stats, and the
+   controller's (skipped drafter passes, catch-up tokens, calibration, cost
+   fit). Those live in the worker: the runner's ``sample_tokens`` output
+   carries the proposer's report, ``Scheduler.update_from_output`` puts it in
+   a ``SchedulerStats.cmasd`` field added for it, which vLLM's coder sends to
+   the front end. They reach ``/metrics`` and ``LLM.get_metrics()`` like
+   vLLM's own.
 4. ``sys.excepthook``: an uncaught invalid CM-ASD setting (a
    :class:`CmasdConfigError`, which vLLM's pydantic config wraps in a
    ``ValidationError``) ends the process with one line, ``ERROR vllm-cmasd:
@@ -131,8 +136,60 @@ def _swap_in_cmasd(original_init):
             ),
         )
         _register_cpu_kernels_if_needed()
+        self.sample_tokens = _with_report(self.sample_tokens, drafter)
 
     return __init__
+
+
+def _with_report(sample_tokens, drafter):
+    """Each step's output carries the proposer's report (what lives only in the
+    worker: skipped passes, catch-ups, calibration, cost fit) to the scheduler,
+    in the same process or pickled from the output rank."""
+    from vllm.v1.outputs import ModelRunnerOutput
+
+    @functools.wraps(sample_tokens)
+    def sample_tokens_with_report(*args, **kwargs):
+        output = sample_tokens(*args, **kwargs)
+        if isinstance(output, ModelRunnerOutput) and output.req_ids:  # never vLLM's shared empty output
+            output.cmasd_report = drafter.report()
+        return output
+
+    return sample_tokens_with_report
+
+
+def _forward_report(original_update):
+    """The scheduler hands the worker's report on with its stats (``SchedulerStats.cmasd``)."""
+
+    @functools.wraps(original_update)
+    def update_from_output(self, scheduler_output, model_runner_output):
+        outputs = original_update(self, scheduler_output, model_runner_output)
+        report = getattr(model_runner_output, "cmasd_report", None)
+        if report is not None:
+            for eco in outputs.values():
+                if eco.scheduler_stats is not None:
+                    eco.scheduler_stats.cmasd = report
+        return outputs
+
+    return update_from_output
+
+
+def _add_stats_field() -> None:
+    """``SchedulerStats.cmasd`` (dict or None), a field vLLM's msgpack coder
+    carries from the engine core to the front end: the coder reads a
+    dataclass's fields and type hints when it first meets the class, so this
+    runs in every process before any engine starts (the plugin loads first)."""
+    import dataclasses
+    from typing import Any
+
+    from vllm.v1.metrics.stats import SchedulerStats
+
+    if "cmasd" in SchedulerStats.__dataclass_fields__:
+        return
+    report = dataclasses.field(default=None)
+    report.name, report.type, report._field_type = "cmasd", dict[str, Any] | None, dataclasses._FIELD
+    SchedulerStats.__dataclass_fields__["cmasd"] = report
+    SchedulerStats.__annotations__["cmasd"] = dict[str, Any] | None
+    SchedulerStats.cmasd = None
 
 
 def _add_cmasd_metrics(original_init):
@@ -152,6 +209,15 @@ def _add_cmasd_metrics(original_init):
             ours.observe(stats, engine_idx)
 
         self.spec_decoding_prom.observe = observe
+        vllm_record = self.record
+
+        def record(scheduler_stats, iteration_stats, mm_cache_stats=None, engine_idx: int = 0):
+            vllm_record(scheduler_stats, iteration_stats, mm_cache_stats, engine_idx)
+            report = getattr(scheduler_stats, "cmasd", None)
+            if report:
+                ours.observe_controller(report, engine_idx)
+
+        self.record = record
 
     return __init__
 
@@ -286,10 +352,13 @@ def install() -> None:
         return
     _installed = True
     from vllm.config import VllmConfig
+    from vllm.v1.core.sched.scheduler import Scheduler
     from vllm.v1.metrics.loggers import PrometheusStatLogger
     from vllm.v1.worker.gpu_model_runner import GPUModelRunner
 
+    _add_stats_field()
     VllmConfig.__post_init__ = _validate_at_startup(VllmConfig.__post_init__)
+    Scheduler.update_from_output = _forward_report(Scheduler.update_from_output)
     GPUModelRunner.__init__ = _swap_in_cmasd(GPUModelRunner.__init__)
     PrometheusStatLogger.__init__ = _add_cmasd_metrics(PrometheusStatLogger.__init__)
     if not getattr(sys.excepthook, "cmasd", False):

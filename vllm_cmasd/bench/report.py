@@ -35,7 +35,7 @@ from typing import Any
 LOSSLESS = {"ar", "draft_model", "ngram", "cmasd_exact", "specbound", "cmasd_budget"}
 SPECULATIVE = {"draft_model", "ngram", "cmasd_exact", "cmasd_confidence", "rstitch", "specbound", "cmasd_budget"}
 # Methods run by CM-ASD's proposer (k is k_max; its draft-length histogram).
-CMASD_METHODS = {"cmasd_exact", "cmasd_confidence", "rstitch", "specbound", "cmasd_budget"}
+from vllm_cmasd.bench.runner import CMASD_METHODS
 
 
 # ---------------------------------------------------------------------------
@@ -414,6 +414,7 @@ def plots(bench: dict[str, Any], out_dir: Path) -> list[Path]:
         "ar": "tab:gray",
         "draft_model": "tab:blue",
         "ngram": "tab:olive",
+        "cmasd": "tab:orange",
         "cmasd_exact": "tab:green",
         "cmasd_confidence": "tab:red",
         "rstitch": "tab:purple",
@@ -523,6 +524,36 @@ def plots(bench: dict[str, Any], out_dir: Path) -> list[Path]:
     fig.savefig(path, dpi=110)
     plt.close(fig)
     written.append(path)
+
+    # 5. What the controller learnt, per engine: reliability diagram and cost curves.
+    learnt = [e for e in bench.get("engine_starts", []) if e.get("calibration") and e.get("cost_fit")]
+    if learnt:
+        fig, axes = plt.subplots(1, 3, figsize=(15, 4.5))
+        axes[0].plot([0, 1], [0, 1], "k:", linewidth=0.8, label="perfect calibration")
+        for e in learnt:
+            rows = e["calibration"]["reliability"]
+            axes[0].plot([r["predicted"] for r in rows], [r["observed"] for r in rows], "o-", markersize=3,
+                         label=f"{e['label']} (round {e.get('round', '?')})")
+            bins = e["calibration"]["num_bins"]
+            axes[1].step([(b + 0.5) / bins for b in range(bins)], e["calibration"]["curve"], where="mid",
+                         label=e["label"])
+            fit = e["cost_fit"]
+            line = axes[2].plot(fit["tokens"], [1e3 * t for t in fit["target_s"]], "-", label=f"{e['label']}: target step")
+            axes[2].plot(fit["tokens"], [1e3 * t for t in fit["draft_s"]], "--", color=line[0].get_color(),
+                         label=f"{e['label']}: drafter pass")
+        axes[0].set(xlabel="predicted acceptance", ylabel="observed acceptance", title="Reliability diagram",
+                    xlim=(0, 1), ylim=(0, 1))
+        axes[1].set(xlabel="drafter confidence", ylabel="P(accepted | confidence)", title="Calibration (end of run)",
+                    xlim=(0, 1), ylim=(0, 1))
+        axes[2].set(xlabel="tokens in the pass", ylabel="ms", title="Measured cost fit", xscale="log")
+        for ax in axes:
+            ax.grid(alpha=0.3)
+            ax.legend(fontsize=6)
+        fig.tight_layout()
+        path = out_dir / "controller.png"
+        fig.savefig(path, dpi=110)
+        plt.close(fig)
+        written.append(path)
     return written
 
 

@@ -31,8 +31,10 @@ from vllm_cmasd.bench.prompts import TASKS, load_prompts
 from vllm_cmasd.vllm_patch import install_dispatcher_scan_fix
 
 METHODS: tuple[str, ...] = (
-    "ar", "draft_model", "ngram", "cmasd_exact", "cmasd_confidence", "rstitch", "specbound", "cmasd_budget",
+    "ar", "draft_model", "ngram", "cmasd", "cmasd_exact", "cmasd_confidence", "rstitch", "specbound", "cmasd_budget",
 )
+# The methods that run CM-ASD's proposer (the others are vLLM's own).
+CMASD_METHODS: frozenset[str] = frozenset(METHODS) - {"ar", "draft_model", "ngram"}
 
 
 @dataclass(frozen=True)
@@ -52,7 +54,7 @@ class MethodSpec:
         parts = [self.method, f"k={self.k}" if self.method in ("draft_model", "ngram") else f"k_max={self.k}"]
         for key, value in sorted((self.cmasd or {}).items()):
             # The method name already says these.
-            if key not in ("verification", "draft_budget"):
+            if key not in ("verification", "draft_budget", "draft_length"):
                 parts.append(f"{key}={value}")
         return " ".join(parts)
 
@@ -69,11 +71,18 @@ class MethodSpec:
         return llm_kwargs(target, draft=drafter, num_speculative_tokens=self.k, cmasd=dict(self.cmasd or {}), **overrides)
 
 
+def cmasd(k_max: int) -> MethodSpec:
+    """The default: the speculation controller, exact verification."""
+    return MethodSpec("cmasd", k_max, {"verification": "exact"})
+
+
 def cmasd_exact(k_max: int, **settings: Any) -> MethodSpec:
-    return MethodSpec("cmasd_exact", k_max, {"verification": "exact", **settings})
+    """The paper's fixed-threshold window, exact verification."""
+    return MethodSpec("cmasd_exact", k_max, {"verification": "exact", "draft_length": "window", **settings})
 
 
 def cmasd_confidence(k_max: int, **settings: Any) -> MethodSpec:
+    """The controller with the relaxed (confidence-modulated) verifier."""
     return MethodSpec("cmasd_confidence", k_max, {"verification": "confidence", **settings})
 
 
@@ -86,7 +95,8 @@ def specbound(k_max: int) -> MethodSpec:
 
 
 def cmasd_budget(k_max: int) -> MethodSpec:
-    return MethodSpec("cmasd_budget", k_max, {"verification": "exact", "draft_budget": "auto"})
+    """The paper's window, its tokens also capped by the controller's rule."""
+    return MethodSpec("cmasd_budget", k_max, {"verification": "exact", "draft_length": "window", "draft_budget": "auto"})
 
 
 @dataclass(frozen=True)
@@ -119,8 +129,9 @@ def default_methods(
     ngram_k: int = 4,
     rstitch_entropies=(0.5, 1.5, 3.0),
 ):
-    """AR, vLLM's draft model at each fixed k, n-gram, CM-ASD exact and
-    confidence, R-Stitch routing, SpecBound self-drafting, the draft budget.
+    """AR, vLLM's draft model at each fixed k, n-gram, the CM-ASD controller,
+    the paper's window (exact), the controller with relaxed verification,
+    R-Stitch routing, SpecBound self-drafting, the window with the budget.
 
     ``None`` in ``leniencies``/``thresholds`` means the config's default,
     written out so that labels and records name the value.
@@ -129,6 +140,7 @@ def default_methods(
     methods = [MethodSpec("ar")]
     methods += [MethodSpec("draft_model", k) for k in fixed_ks]
     methods.append(MethodSpec("ngram", ngram_k))
+    methods.append(cmasd(k_max))
     methods += [cmasd_exact(k_max, threshold=threshold_default if t is None else t) for t in thresholds]
     methods += [cmasd_confidence(k_max, leniency=leniency_default if v is None else v) for v in leniencies]
     methods += [rstitch(k_max, h) for h in rstitch_entropies]
@@ -149,8 +161,8 @@ PRESETS: dict[str, Preset] = {
         rounds=2,
         methods=default_methods(thresholds=(None, 0.15, 0.5), leniencies=(0.25, 0.5, None, 2.0, 4.0)),
     ),
-    # Batch 16, where verification is no longer free: the draft budget against
-    # fixed k and CM-ASD without it; ~3 minutes on 2 CPU cores.
+    # Batch 16, where verification is no longer free: the controller against
+    # fixed k and the paper's window; ~3 minutes on 2 CPU cores.
     "batch16": Preset(
         "batch16",
         prompts_per_task=16,
@@ -159,7 +171,7 @@ PRESETS: dict[str, Preset] = {
         rounds=2,
         methods=(
             MethodSpec("ar"), MethodSpec("draft_model", 2), MethodSpec("draft_model", 4),
-            cmasd_exact(8, threshold=_config_default("threshold")), cmasd_budget(8),
+            cmasd_exact(8, threshold=_config_default("threshold")), cmasd(8),
         ),
     ),
     # For tests on the tiny random-weight pair: 8 engines, one round, seconds each.
@@ -170,7 +182,7 @@ PRESETS: dict[str, Preset] = {
         max_tokens=12,
         rounds=1,
         methods=(
-            MethodSpec("ar"), MethodSpec("draft_model", 4), MethodSpec("ngram", 4), cmasd_exact(4),
+            MethodSpec("ar"), MethodSpec("draft_model", 4), MethodSpec("ngram", 4), cmasd(4), cmasd_exact(4),
             cmasd_confidence(4), rstitch(4, 1.0), specbound(4), cmasd_budget(4),
         ),
         kv_cache_gib=1,
@@ -321,10 +333,13 @@ def _skip_counters(llm) -> dict[str, int]:
     }
 
 
-def _cost_fit(llm) -> dict | None:
-    """The draft budget's cost fit at the end of an engine's calls (budget.MeasuredCosts.summary)."""
-    costs = getattr(getattr(_model_runner(llm), "drafter", None), "costs", None)
-    return None if costs is None else costs.summary()
+def _controller_state(llm) -> dict:
+    """What the controller learnt by the end of an engine's calls: the cost fit
+    (budget.MeasuredCosts.summary) and the calibration (calibration.AcceptanceCalibration.summary)."""
+    drafter = getattr(_model_runner(llm), "drafter", None)
+    if getattr(drafter, "costs", None) is None:
+        return {}
+    return {"cost_fit": drafter.costs.summary(), "calibration": drafter.calibration.summary()}
 
 
 def weight_memory(llm) -> dict[str, int]:
@@ -525,9 +540,7 @@ def run(
                             )
                         calls.append(call)
                         bar.update(1)
-                    fit = _cost_fit(llm)
-                    if fit is not None:
-                        engine_starts[-1]["cost_fit"] = fit
+                    engine_starts[-1].update(_controller_state(llm))
                 except Exception as exc:
                     failed[spec.label] = f"{type(exc).__name__}: {exc}"
                     log(f"[bench] {spec.label}: failed while generating, dropped: {failed[spec.label]}")

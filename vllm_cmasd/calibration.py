@@ -1,0 +1,166 @@
+"""Calibrated acceptance: P(a drafted token is accepted | its drafter confidence).
+
+The unified confidence (confidence.py) ranks drafted tokens, but it is not a
+probability of acceptance, and how often a token of a given confidence is
+accepted depends on the verification policy (a lenient verifier accepts more
+of the same drafts). The controller prices drafts by that probability, so it
+learns it from every verification's outcome, for the policy the engine runs:
+
+* **binned counts with a prior**: confidence in [0, 1] falls into
+  ``NUM_BINS`` equal bins; per bin, the drafted tokens the verifier reached
+  and those it accepted (a draft's tokens after its first rejection were
+  never judged and count nowhere, so the estimate is the *conditional*
+  acceptance that survival multiplies). Counts decay (``decay`` per observed
+  step) so the estimate follows the running workload;
+* a **prior** of pseudo-counts, from the warm start shipped with the draft
+  (``cmasd_calibration.json``, fitted by ``scripts/fit_calibration.py`` on
+  tuning prompts the benchmark never sees) or, without one, the identity
+  (acceptance = confidence) with little weight;
+* **monotone** by isotonic regression (pool-adjacent-violators over the bins,
+  weighted by counts): acceptance should not fall as confidence rises, and
+  pooling lends sparse bins their neighbours' evidence. No parametric shape is
+  assumed (a logistic curve misfits the flat top that exact verification
+  of a well-trained draft shows).
+
+A second table keeps the reliability diagram: reached and accepted tokens
+binned by the *predicted* probability the controller used, with the mean
+prediction per bin (docs/confidence.md, "Calibrated acceptance").
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+
+NUM_BINS = 20
+CALIBRATION_FILE = "cmasd_calibration.json"
+FORMAT_VERSION = 1
+
+
+def isotonic(values: list[float], weights: list[float]) -> list[float]:
+    """Non-decreasing least-squares fit of ``values`` (pool adjacent violators)."""
+    blocks: list[list[float]] = []  # [mean, weight, length]
+    for value, weight in zip(values, weights):
+        blocks.append([value, weight, 1])
+        while len(blocks) > 1 and blocks[-2][0] > blocks[-1][0]:
+            mean1, w1, n1 = blocks.pop()
+            mean0, w0, n0 = blocks.pop()
+            total = w0 + w1
+            mean = (mean0 * w0 + mean1 * w1) / total if total > 0 else (mean0 + mean1) / 2
+            blocks.append([mean, total, n0 + n1])
+    return [mean for mean, _, n in blocks for _ in range(n)]
+
+
+class AcceptanceCalibration:
+    """Online, monotone estimate of P(accepted | confidence) for one verification policy."""
+
+    def __init__(
+        self,
+        prior_accepted: list[float] | None = None,
+        prior_reached: list[float] | None = None,
+        decay: float = 0.995,
+    ):
+        centres = [(b + 0.5) / NUM_BINS for b in range(NUM_BINS)]
+        if prior_reached is None:
+            prior_reached = [1.0] * NUM_BINS  # identity, one pseudo-token per bin
+            prior_accepted = centres
+        if len(prior_reached) != NUM_BINS or prior_accepted is None or len(prior_accepted) != NUM_BINS:
+            raise ValueError(f"a calibration prior needs {NUM_BINS} bins of accepted and reached counts")
+        self.decay = decay
+        self.prior = (list(map(float, prior_accepted)), list(map(float, prior_reached)))
+        self.accepted = [0.0] * NUM_BINS
+        self.reached = [0.0] * NUM_BINS
+        # Reliability diagram: by predicted probability.
+        self.predicted_sum = [0.0] * NUM_BINS
+        self.predicted_reached = [0.0] * NUM_BINS
+        self.predicted_accepted = [0.0] * NUM_BINS
+        self.num_observed = 0
+        self._table: torch.Tensor | None = None
+        self._refit()
+
+    @classmethod
+    def from_file(cls, path: str | Path, policy: str) -> "AcceptanceCalibration | None":
+        """The warm start for ``policy`` in a calibration file; None if it has none."""
+        data = json.loads(Path(path).read_text())
+        if data.get("format_version") != FORMAT_VERSION or data.get("num_bins") != NUM_BINS:
+            raise ValueError(f"{path}: calibration format {data.get('format_version')}/{data.get('num_bins')} bins, "
+                             f"expected {FORMAT_VERSION}/{NUM_BINS}")
+        entry = data.get("policies", {}).get(policy)
+        if entry is None:
+            return None
+        return cls(prior_accepted=entry["accepted"], prior_reached=entry["reached"])
+
+    @staticmethod
+    def bins(confidence: torch.Tensor) -> torch.Tensor:
+        return (confidence.float().clamp(0.0, 1.0) * NUM_BINS).long().clamp_(max=NUM_BINS - 1)
+
+    def _refit(self) -> None:
+        accepted = [p + d for p, d in zip(self.prior[0], self.accepted)]
+        reached = [p + d for p, d in zip(self.prior[1], self.reached)]
+        rates = [a / r if r > 0 else (b + 0.5) / NUM_BINS for b, (a, r) in enumerate(zip(accepted, reached))]
+        self.curve = [min(max(p, 0.0), 1.0) for p in isotonic(rates, reached)]
+        self._table = None
+
+    def predict(self, confidence: torch.Tensor) -> torch.Tensor:
+        """Calibrated acceptance of each drafted token, from its confidence (same shape, float32)."""
+        if self._table is None or self._table.device != confidence.device:
+            self._table = torch.tensor(self.curve, dtype=torch.float32, device=confidence.device)
+        return self._table[self.bins(confidence)]
+
+    def observe(self, confidence: torch.Tensor, accepted: torch.Tensor) -> None:
+        """One step's verified tokens: the confidence of each drafted token the
+        verifier reached, and whether it was accepted (flat, same length)."""
+        if confidence.numel() == 0:
+            return
+        predicted = self.predict(confidence).cpu()
+        bins = self.bins(confidence).cpu()
+        accepted = accepted.to(dtype=torch.float32, device="cpu")
+        reached_per_bin = torch.bincount(bins, minlength=NUM_BINS).tolist()
+        accepted_per_bin = torch.bincount(bins, weights=accepted, minlength=NUM_BINS).tolist()
+        for b in range(NUM_BINS):
+            self.accepted[b] = self.decay * self.accepted[b] + accepted_per_bin[b]
+            self.reached[b] = self.decay * self.reached[b] + reached_per_bin[b]
+        by_prediction = self.bins(predicted)
+        for name, values in (("predicted_sum", predicted), ("predicted_accepted", accepted),
+                             ("predicted_reached", torch.ones_like(predicted))):
+            counts = torch.bincount(by_prediction, weights=values, minlength=NUM_BINS).tolist()
+            table = getattr(self, name)
+            for b in range(NUM_BINS):
+                table[b] += counts[b]
+        self.num_observed += confidence.numel()
+        self._refit()
+
+    def summary(self) -> dict:
+        """The fit and the reliability diagram (bench.json, /metrics)."""
+        return {
+            "num_bins": NUM_BINS,
+            "curve": list(self.curve),
+            "reached": list(self.reached),
+            "accepted": list(self.accepted),
+            "reliability": [
+                {"bin": b, "predicted": s / n, "observed": a / n, "tokens": n}
+                for b, (s, a, n) in enumerate(zip(self.predicted_sum, self.predicted_accepted, self.predicted_reached))
+                if n > 0
+            ],
+            "num_observed": self.num_observed,
+        }
+
+
+def write_warm_start(path: str | Path, fits: dict[str, "AcceptanceCalibration"], weight: float, source: dict) -> None:
+    """Save fitted calibrations as the warm start of a draft: per policy, the
+    observed counts scaled to ``weight`` pseudo-tokens in all (a prior that
+    online observations soon outweigh)."""
+    policies = {}
+    for policy, fit in fits.items():
+        total = sum(fit.reached) or 1.0
+        scale = weight / total
+        policies[policy] = {
+            "accepted": [a * scale for a in fit.accepted],
+            "reached": [r * scale for r in fit.reached],
+            "observed_tokens": round(total),
+            "curve": list(fit.curve),
+        }
+    data = {"format_version": FORMAT_VERSION, "num_bins": NUM_BINS, "source": source, "policies": policies}
+    Path(path).write_text(json.dumps(data, indent=1) + "\n")
