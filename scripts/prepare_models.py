@@ -409,20 +409,26 @@ TRAINED_DRAFT = "smollm2-135m-draft-rv"
 
 
 def assemble_trained_draft(target_dir: Path, models_dir: Path) -> Path:
-    """The committed self-distilled draft (drafts/), assembled next to the target."""
+    """The committed self-distilled draft (drafts/), assembled next to the target,
+    with its calibration warm start (scripts/fit_calibration.py) beside it."""
     sys.path.insert(0, str(Path(__file__).resolve().parent))
     from train_draft import assemble_draft
 
+    from vllm_cmasd.calibration import CALIBRATION_FILE
+
     shipped = Path(__file__).resolve().parent.parent / "drafts" / TRAINED_DRAFT
     out_dir = models_dir / TRAINED_DRAFT
-    # Rebuild only when the shipped weights changed (the stamp is written last).
-    source = hashlib.sha256((shipped / "draft.safetensors").read_bytes()).hexdigest()
+    # Rebuild only when the shipped weights or calibration changed (the stamp is written last).
+    inputs = [shipped / "draft.safetensors"] + [p for p in [shipped / CALIBRATION_FILE] if p.exists()]
+    source = hashlib.sha256(b"".join(p.read_bytes() for p in inputs)).hexdigest()
     stamp = out_dir / ".source-sha256"
     if stamp.exists() and stamp.read_text() == source:
         log(f"trained draft: {out_dir} already assembled, skipping")
         return out_dir
     log(f"trained draft: assembling {out_dir} from {shipped}")
     assemble_draft(target_dir, shipped, out_dir)
+    if (shipped / CALIBRATION_FILE).exists():
+        shutil.copy2(shipped / CALIBRATION_FILE, out_dir / CALIBRATION_FILE)
     stamp.write_text(source)
     return out_dir
 

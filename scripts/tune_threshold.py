@@ -4,8 +4,8 @@
 Runs plain decoding and CM-ASD (exact) at each threshold on the same tuning
 prompts at batch 1, greedy, rounds interleaved so load drifts hit every
 setting alike, and prints tokens/s, speedup, mean draft length and acceptance
-length per threshold. The tuning prompts below are short chat tasks written
-for this script; the benchmark's prompts (vllm_cmasd/bench/prompts.json) stay
+length per threshold. The tuning prompts (bench/prompts.py TUNING_PROMPTS)
+are short chat tasks written for tuning; the benchmark's prompts (vllm_cmasd/bench/prompts.json) stay
 unseen, so the benchmark measures a default chosen elsewhere.
 
     .venv/bin/python scripts/tune_threshold.py --thresholds 0.05 0.1 0.2 0.3
@@ -17,18 +17,9 @@ import argparse
 import json
 import time
 
+from vllm_cmasd.bench.prompts import TUNING_PROMPTS
 from vllm_cmasd.engines import DEFAULT_DRAFT, DEFAULT_TARGET, llm_kwargs, preload_openmp_and_reexec
 
-TUNING_PROMPTS = [
-    "Name three countries in South America and their capitals.",
-    "Explain what a compiler does in three sentences.",
-    "Write a Python function that checks whether a string is a palindrome.",
-    "Give me five tips for sleeping better.",
-    "What is the difference between weather and climate?",
-    "Write a short thank-you note to a colleague who helped me move.",
-    "List the planets of the solar system in order from the sun.",
-    "Describe how to make a cup of tea, step by step.",
-]
 
 
 def timed_run(llm, prompts: list[str], max_tokens: int) -> tuple[int, float]:

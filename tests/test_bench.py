@@ -8,11 +8,12 @@ from pathlib import Path
 
 import pytest
 
-from vllm_cmasd.bench.report import CMASD_METHODS
+from vllm_cmasd.bench.runner import CMASD_METHODS, METHODS
 
 pytestmark = pytest.mark.engine
 
-METHODS = {"ar", "draft_model", "ngram", "cmasd_exact", "cmasd_confidence", "rstitch", "specbound", "cmasd_budget"}
+# Methods whose drafting is decided by measured costs (the controller, or the window's budget).
+CONTROLLED = {"cmasd", "cmasd_confidence", "specbound", "cmasd_budget"}
 RECORD_FIELDS = {
     "method", "setting", "task", "k", "batch_size", "tokens_per_s", "speedup_vs_ar",
     "mean_acceptance_length", "draft_length_histogram", "rollback_rate", "rel_bleu_vs_ar",
@@ -96,7 +97,7 @@ def micro_bench(tiny_pair, tiny_self_draft, tmp_path_factory):
 
 def test_micro_bench_writes_files(micro_bench):
     bench, out = micro_bench
-    for name in ("bench.json", "bench.md", "speedup.png", "tradeoff.png", "acceptance.png"):
+    for name in ("bench.json", "bench.md", "speedup.png", "tradeoff.png", "acceptance.png", "controller.png"):
         assert (out / name).stat().st_size > 0, name
     on_disk = json.loads((out / "bench.json").read_text())
     assert on_disk["records"] and on_disk["summary"]
@@ -108,7 +109,7 @@ def test_micro_bench_records(micro_bench):
     bench, _ = micro_bench
     assert bench["failed"] == {}, bench["failed"]
     records = bench["records"]
-    assert {r["method"] for r in records} == METHODS
+    assert {r["method"] for r in records} == set(METHODS)
     assert {r["task"] for r in records} == {"summarization", "translation", "instruction"}
     assert {r["batch_size"] for r in records} == {1, 2}
     machine = bench["machine"]
@@ -125,9 +126,9 @@ def test_micro_bench_records(micro_bench):
             assert r["mean_acceptance_length"] == 1.0 and r["draft_length_histogram"] == {}
             assert r["oracle_fraction"] is None
             continue
-        if r["method"] == "cmasd_budget" and r["num_drafts"] == 0:
-            # On the tiny pair the drafter costs what the target does: the budget,
-            # deciding by measured times, may find that no draft ever pays.
+        if r["method"] in CONTROLLED and r["num_drafts"] == 0:
+            # On the tiny pair the drafter costs what the target does: the
+            # controller, deciding by measured times, may find that no draft ever pays.
             assert r["identical_to_ar"] is True and set(map(int, r["draft_length_histogram"])) <= {0}, r
             continue
         # Speculative methods proposed drafts, and their counters are consistent.
@@ -139,7 +140,7 @@ def test_micro_bench_records(micro_bench):
             assert 0.0 <= r["rollback_rate"] <= 1.0
             assert sum(r["accepted_length_histogram"].values()) == r["num_drafts"]
         assert r["oracle_speedup"] > 0 and r["oracle_fraction"] > 0
-        if r["method"] in ("draft_model", "cmasd_exact", "specbound", "cmasd_budget"):
+        if r["method"] in ("draft_model", "cmasd", "cmasd_exact", "specbound", "cmasd_budget"):
             # Lossless under greedy decoding: token for token AR's output.
             assert r["identical_to_ar"] is True, r["setting"]
             assert r["rel_bleu_vs_ar"] == pytest.approx(100.0)
@@ -156,6 +157,10 @@ def test_micro_bench_records(micro_bench):
     # The best fixed k is marked once per (task, batch size).
     best = [r for r in records if r.get("best_fixed_k")]
     assert len(best) == len({(r["task"], r["batch_size"]) for r in records})
+    # What the controller learnt, per engine: its cost fit and calibration.
+    learnt = [e for e in bench["engine_starts"] if e["label"].startswith("cmasd ")]
+    assert learnt and all(e["cost_fit"]["target_step_s"] > 0 for e in learnt)
+    assert all(len(e["calibration"]["curve"]) == 20 for e in learnt)
 
 
 def test_micro_bench_is_interleaved(micro_bench):

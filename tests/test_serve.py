@@ -102,8 +102,9 @@ def option_servers(tiny_pair, tiny_self_draft, tmp_path_factory):
     logs = tmp_path_factory.mktemp("serve-logs")
     started = {
         "rstitch": VllmServer(target, tiny_flags(target, draft, RSTITCH_ALL), name="rstitch", log_dir=logs),
-        "budget": VllmServer(
-            target, tiny_flags(target, draft, {**CMASD, "draft_budget": "auto"}), name="budget", log_dir=logs
+        # The default config: the speculation controller.
+        "controller": VllmServer(
+            target, tiny_flags(target, draft, {"verification": "exact"}), name="controller", log_dir=logs
         ),
         "specbound": VllmServer(target, tiny_flags(target, tiny_self_draft, CMASD), name="specbound", log_dir=logs),
     }
@@ -324,19 +325,30 @@ def test_metrics_report_cmasd_series(servers):
     policy = [k for k in m if k.startswith("vllm:cmasd_policy_info{")]
     assert len(policy) == 1 and 'verification="exact"' in policy[0] and f'k_max="{K_MAX}"' in policy[0]
     assert m[policy[0]] == 1
+    # The calibration the window learns on the side: every verified drafted token, by bin.
+    verified = metric_total(m, "vllm:cmasd_calibration_tokens")
+    assert 0 < verified <= draft_tokens
     # The plain server has none of them.
     assert not [k for k in plain.metrics() if k.startswith("vllm:cmasd_")]
 
 
 def test_options_through_vllm_serve(servers, option_servers):
-    """Budget and self-draft stay lossless; R-Stitch keeps drafts the target did
-    not check, which /metrics shows as every drafted token accepted."""
+    """The controller and the self-draft stay lossless; R-Stitch keeps drafts the
+    target did not check, which /metrics shows as every drafted token accepted."""
     plain, _ = servers
     reference = greedy_texts(plain, PROMPTS, 32)
-    for name in ("budget", "specbound"):
+    for name in ("controller", "specbound"):
         assert greedy_texts(option_servers[name], PROMPTS, 32) == reference, name
-    # The budget decides by measured times (on the tiny pair it may skip every
-    # drafter pass); the self-draft always drafts.
+    # The controller decides by measured times (on the tiny pair it may skip
+    # every drafter pass): what it did and learnt reaches /metrics from the
+    # engine core (tests/test_catchup.py checks the values in-process).
+    m = option_servers["controller"].metrics()
+    costs = {k: v for k, v in m.items() if k.startswith("vllm:cmasd_cost_seconds{")}
+    assert len(costs) == 4 and m[next(k for k in costs if 'term="target_step_s"' in k)] > 0, costs
+    assert len([k for k in m if k.startswith("vllm:cmasd_calibration_acceptance{")]) == 20
+    passes = metric_total(m, "vllm:cmasd_skipped_drafter_passes_total")
+    assert passes + metric_total(m, "vllm:spec_decode_num_drafts_total") > 0
+    assert any('draft_length="controller"' in k for k in m if k.startswith("vllm:cmasd_policy_info{"))
     m = option_servers["specbound"].metrics()
     assert metric_total(m, "vllm:spec_decode_num_accepted_tokens_total") > 0
     rstitch = option_servers["rstitch"]

@@ -373,11 +373,12 @@ class CmasdProposer(DraftModelProposer):
 
     def observe_verification(self, req_ids: list[str], num_draft_tokens: list[int], num_accepted: torch.Tensor) -> None:
         """Each verification's outcome: the requests' acceptance history, and the
-        calibration (every drafted token the verifier reached, by its confidence)."""
-        if not self.config.measures_costs:
-            return
+        calibration (every drafted token the verifier reached, by its confidence).
+        The window learns the calibration too, for /metrics and for fitting a
+        warm start (calibration.fit_warm_start)."""
         accepted_counts = num_accepted.tolist()
-        self.acceptance.observe(req_ids, num_draft_tokens, accepted_counts)
+        if self.config.measures_costs:
+            self.acceptance.observe(req_ids, num_draft_tokens, accepted_counts)
         confidences, outcomes = [], []
         for req_id, drafted, accepted in zip(req_ids, num_draft_tokens, accepted_counts):
             entry = self._signals.get(req_id) if drafted else None
@@ -397,11 +398,10 @@ class CmasdProposer(DraftModelProposer):
             "skipped_drafter_passes": self.stats.num_skipped_passes,
             "catch_up_tokens": self.lag.num_catch_up_tokens,
             "split_catch_ups": self.lag.num_split_passes,
+            "calibration": self.calibration.summary(),
         }
-        if self.config.measures_costs:
-            out["calibration"] = self.calibration.summary()
-            if self.costs is not None:
-                out["costs"] = self.costs.coefficients
+        if self.costs is not None:
+            out["costs"] = self.costs.coefficients
         return out
 
     def signal_for(self, name: str, req_ids: list[str], num_draft_tokens: list[int]) -> torch.Tensor | None:

@@ -61,6 +61,29 @@ _STOPWORDS = {
 _LANGUAGE_NAMES = {"en": "English", "de": "German", "fr": "French", "es": "Spanish"}
 
 
+# Short chat tasks for tuning CM-ASD's defaults (scripts/tune_threshold.py) and
+# fitting the draft's calibration warm start (scripts/fit_calibration.py). The
+# benchmark never uses them: what it measures was chosen on other prompts.
+TUNING_PROMPTS = [
+    "Name three countries in South America and their capitals.",
+    "Explain what a compiler does in three sentences.",
+    "Write a Python function that checks whether a string is a palindrome.",
+    "Give me five tips for sleeping better.",
+    "What is the difference between weather and climate?",
+    "Write a short thank-you note to a colleague who helped me move.",
+    "List the planets of the solar system in order from the sun.",
+    "Describe how to make a cup of tea, step by step.",
+    "Summarize the water cycle for a ten-year-old.",
+    "Translate 'Where is the train station?' into French and Spanish.",
+    "Write a haiku about autumn leaves.",
+    "What are the main causes of inflation? Answer briefly.",
+    "Write a SQL query that counts orders per customer.",
+    "Give three arguments for and against working from home.",
+    "Explain recursion with a simple example.",
+    "Draft a polite email asking a landlord to fix a leaking tap.",
+]
+
+
 @dataclass
 class Passage:
     text: str

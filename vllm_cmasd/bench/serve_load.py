@@ -33,7 +33,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from vllm_cmasd.bench.runner import MethodSpec, cmasd_budget, cmasd_exact, rstitch
+from vllm_cmasd.bench.runner import MethodSpec, cmasd, cmasd_budget, cmasd_exact, rstitch
 
 HOST = "127.0.0.1"
 
@@ -199,6 +199,7 @@ def serve_methods(k: int, k_max: int, rstitch_entropy: float) -> dict[str, Metho
     return {
         "ar": MethodSpec("ar"),
         "draft_model": MethodSpec("draft_model", k),
+        "cmasd": cmasd(k_max),
         "cmasd_exact": cmasd_exact(k_max),
         "cmasd_budget": cmasd_budget(k_max),
         "rstitch": rstitch(k_max, rstitch_entropy),
@@ -453,8 +454,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--num-prompts", type=int, default=24, help="the benchmark's first N prompts, cycled")
     p.add_argument("--k", type=int, default=4, help="vLLM draft-model speculation's fixed k")
     p.add_argument("--k-max", type=int, default=8, help="CM-ASD's k_max (num_speculative_tokens)")
-    p.add_argument("--methods", default="ar,draft_model,cmasd_exact,cmasd_budget",
-                   help="comma list of ar, draft_model, cmasd_exact, cmasd_budget, rstitch")
+    p.add_argument("--methods", default="ar,draft_model,cmasd_exact,cmasd",
+                   help="comma list of ar, draft_model, cmasd, cmasd_exact, cmasd_budget, rstitch")
     p.add_argument("--rstitch-entropy", type=float, default=1.0, help="rstitch: entropy (nats) below which drafts stand")
     p.add_argument("--max-model-len", type=int, default=2048)
     p.add_argument("--kv-cache-gib", type=float, default=2.0, help="CPU only: KV-cache pool per server")
