@@ -13,7 +13,7 @@ from vllm_cmasd.bench.runner import CMASD_METHODS, METHODS
 pytestmark = pytest.mark.engine
 
 # Methods whose drafting is decided by measured costs (the controller, or the window's budget).
-CONTROLLED = {"cmasd", "cmasd_confidence", "specbound", "cmasd_budget"}
+CONTROLLED = {"cmasd", "cmasd_confidence", "rstitch", "specbound", "cmasd_budget"}
 RECORD_FIELDS = {
     "method", "setting", "task", "k", "batch_size", "tokens_per_s", "speedup_vs_ar",
     "mean_acceptance_length", "draft_length_histogram", "rollback_rate", "rel_bleu_vs_ar",

@@ -128,7 +128,8 @@ def test_exact_verification_keeps_the_target_distribution(tiny_pair, plain_sampl
 
 @pytest.mark.parametrize(
     "cmasd",
-    [{"verification": "confidence", "leniency": 1.0}, {"verification": "rstitch", "rstitch_entropy": 2.0}],
+    [{"verification": "confidence", "leniency": 1.0, "draft_length": "window"},
+     {"verification": "rstitch", "rstitch_entropy": 2.0, "draft_length": "window"}],
     ids=["confidence", "rstitch"],
 )
 def test_lenient_verification_is_detected_as_a_different_distribution(tiny_pair, plain_samples, cmasd):

@@ -387,12 +387,13 @@ def test_cmasd_over_ray_tp2(ray_cluster, tiny_pair, plain_tp2):
 
 
 def test_options_over_ray_tp2(ray_cluster, tiny_pair, tiny_self_draft, plain_tp2):
-    """R-Stitch, the draft budget and the self-draft at TP=2: ranks identical;
-    the budget and the self-draft (weights shared per rank) stay lossless."""
+    """R-Stitch, the controller (the default config) and the self-draft at TP=2:
+    ranks identical; the controller and the self-draft (weights shared per
+    rank) stay lossless."""
     target, draft = tiny_pair
     options = {
         "rstitch": (draft, {"verification": "rstitch", "rstitch_entropy": 2.0, "threshold": 0.3}),
-        "budget": (draft, {"verification": "exact", "threshold": 0.3, "draft_budget": "auto"}),
+        "controller": (draft, {"verification": "exact"}),
         "specbound": (tiny_self_draft, {"verification": "exact", "threshold": 0.3}),
     }
     for name, (drafter, cmasd) in options.items():
@@ -405,8 +406,8 @@ def test_options_over_ray_tp2(ray_cluster, tiny_pair, tiny_self_draft, plain_tp2
         skipped = max((r.get("skipped_passes", 0) for r in first if r["step"] == "draft"), default=0)
         print(f"{name}: TP=2 engine {run.seconds:.0f}s, ranks identical, {accepted} drafted tokens accepted, "
               f"{skipped} steps without a drafter pass")
-        # The budget decides by measured times: on the tiny pair it may skip every pass.
-        assert accepted > 0 or (name == "budget" and skipped > 0), name
+        # The controller decides by measured times: on the tiny pair it may skip every pass.
+        assert accepted > 0 or (name == "controller" and skipped > 0), name
         if name == "rstitch":
             assert run.token_ids[0] != plain_tp2.token_ids[0]  # kept drafts the target would not have picked
         else:

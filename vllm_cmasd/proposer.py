@@ -171,6 +171,10 @@ class CmasdProposer(DraftModelProposer):
         self.acceptance = AcceptanceHistory(max_tracked=self._max_signal_rows)
         self.calibration = self._warm_start(vllm_config.speculative_config.draft_model_config.model)
         self._skipped_in_a_row = 0
+        # Off (None) unless someone asks (the demo's --show): per request id, each
+        # step's (tokens emitted, drafted, accepted), from vllm_patch._with_report.
+        self.trace: dict[str, list[tuple[int, int, int]]] | None = None
+        self.step_outcomes: dict[str, tuple[int, int]] = {}
 
     def _warm_start(self, draft_dir: str) -> AcceptanceCalibration:
         """The calibration's starting point for this engine's verification policy."""
@@ -377,6 +381,8 @@ class CmasdProposer(DraftModelProposer):
         The window learns the calibration too, for /metrics and for fitting a
         warm start (calibration.fit_warm_start)."""
         accepted_counts = num_accepted.tolist()
+        if self.trace is not None:
+            self.step_outcomes = {r: (d, a) for r, d, a in zip(req_ids, num_draft_tokens, accepted_counts) if d}
         if self.config.measures_costs:
             self.acceptance.observe(req_ids, num_draft_tokens, accepted_counts)
         confidences, outcomes = [], []

@@ -152,6 +152,11 @@ def _with_report(sample_tokens, drafter):
         output = sample_tokens(*args, **kwargs)
         if isinstance(output, ModelRunnerOutput) and output.req_ids:  # never vLLM's shared empty output
             output.cmasd_report = drafter.report()
+            if drafter.trace is not None:  # where each emitted token came from (the demo's --show)
+                for req_id, tokens in zip(output.req_ids, output.sampled_token_ids):
+                    drafted, accepted = drafter.step_outcomes.pop(req_id, (0, 0))
+                    if tokens:
+                        drafter.trace.setdefault(req_id, []).append((len(tokens), drafted, accepted))
         return output
 
     return sample_tokens_with_report

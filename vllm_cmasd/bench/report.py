@@ -32,10 +32,10 @@ from collections import defaultdict
 from pathlib import Path
 from typing import Any
 
-LOSSLESS = {"ar", "draft_model", "ngram", "cmasd_exact", "specbound", "cmasd_budget"}
-SPECULATIVE = {"draft_model", "ngram", "cmasd_exact", "cmasd_confidence", "rstitch", "specbound", "cmasd_budget"}
-# Methods run by CM-ASD's proposer (k is k_max; its draft-length histogram).
-from vllm_cmasd.bench.runner import CMASD_METHODS
+from vllm_cmasd.bench.runner import CMASD_METHODS, LOSSY_METHODS, METHODS
+
+LOSSLESS = frozenset(METHODS) - LOSSY_METHODS
+SPECULATIVE = frozenset(METHODS) - {"ar"}
 
 
 # ---------------------------------------------------------------------------

@@ -35,6 +35,8 @@ METHODS: tuple[str, ...] = (
 )
 # The methods that run CM-ASD's proposer (the others are vLLM's own).
 CMASD_METHODS: frozenset[str] = frozenset(METHODS) - {"ar", "draft_model", "ngram"}
+# The methods whose verification is relaxed (the others are lossless).
+LOSSY_METHODS: frozenset[str] = frozenset({"cmasd_confidence", "rstitch"})
 
 
 @dataclass(frozen=True)
