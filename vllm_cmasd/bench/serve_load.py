@@ -1,12 +1,15 @@
 """Serving load benchmark: ``vllm-cmasd bench-serve --out DIR``.
 
 Starts real ``vllm serve`` processes on loopback, one method at a time (plain
-decoding, vLLM's draft-model speculation at fixed k, CM-ASD exact, with the
-draft budget, R-Stitch: the in-process benchmark's methods), and sends
-each the same streaming chat requests at several concurrency levels with the
-OpenAI client. Per request it records the time to first token and the
-end-to-end latency; per level the output-token throughput. Writes
-``DIR/serve.json`` (settings, every request, summaries) and ``DIR/serve.md``.
+decoding, vLLM's draft-model speculation at fixed k, the CM-ASD controller,
+the paper's window, R-Stitch: the in-process benchmark's methods), and loads
+each with vLLM's own benchmark client (``vllm bench serve``: the benchmark's
+prompts as its ``custom`` JSONL dataset, streaming chat completions, greedy)
+at several concurrency levels. vLLM's tool measures (TTFT / TPOT / ITL /
+E2EL percentiles, throughput, the server's speculative-decoding counters)
+and writes its result JSON per method and level; this module starts the
+servers, picks the levels and writes ``DIR/serve.json`` (settings, per level
+vLLM's figures and the generated texts) and ``DIR/serve.md`` (the table).
 
 :class:`VllmServer` (start, wait for ``/health``, stop) is also what
 ``tests/test_serve.py`` uses.
@@ -18,13 +21,11 @@ Engine settings come from :func:`vllm_cmasd.engines.llm_kwargs`, turned into
 from __future__ import annotations
 
 import argparse
-import asyncio
 import json
 import os
 import platform
 import signal
 import socket
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -217,96 +218,40 @@ def server_overrides(max_model_len: int, kv_cache_gib: float | None) -> dict[str
 
 
 # ---------------------------------------------------------------------------
-# Load
+# Load: vLLM's own benchmark client (``vllm bench serve``)
 
 
-@dataclass
-class RequestRecord:
-    prompt_index: int
-    ttft_s: float
-    e2e_s: float
-    output_tokens: int
-    text: str = ""
-    error: str = ""
+def write_dataset(prompts: list[str], max_tokens: int, path: Path) -> Path:
+    """The prompts as a ``vllm bench serve --dataset-name custom`` JSONL file."""
+    path.write_text("".join(json.dumps({"prompt": p, "output_tokens": max_tokens}) + "\n" for p in prompts))
+    return path
 
 
-async def _one_request(client, model: str, prompt: str, index: int, max_tokens: int, timeout: float) -> RequestRecord:
-    start = time.perf_counter()
-    ttft = float("nan")
-    parts: list[str] = []
-    tokens = 0
-    try:
-        stream = await client.chat.completions.create(
-            model=model, messages=[{"role": "user", "content": prompt}], max_tokens=max_tokens,
-            temperature=0.0, stream=True, stream_options={"include_usage": True}, timeout=timeout,
-        )
-        async for chunk in stream:
-            if chunk.choices and chunk.choices[0].delta.content:
-                if ttft != ttft:
-                    ttft = time.perf_counter() - start
-                parts.append(chunk.choices[0].delta.content)
-            if chunk.usage is not None:
-                tokens = chunk.usage.completion_tokens
-        return RequestRecord(index, ttft, time.perf_counter() - start, tokens, "".join(parts))
-    except Exception as e:  # recorded, counted as an error in the summary
-        return RequestRecord(index, ttft, time.perf_counter() - start, tokens, "".join(parts), f"{type(e).__name__}: {e}")
+def vllm_bench_serve(server: VllmServer, dataset: Path, *, concurrency: int, num_requests: int, max_tokens: int,
+                     result_dir: Path, result_filename: str, timeout: float) -> dict[str, Any]:
+    """One load level through vLLM's ``vllm bench serve`` (its CLI arguments,
+    run in this process): streaming chat completions, greedy, at most
+    ``concurrency`` in flight. Returns vLLM's result JSON (also saved as
+    ``result_dir/result_filename``): TTFT / TPOT / ITL / E2EL percentiles,
+    throughputs, and the server's speculative-decoding counters."""
+    from vllm_cmasd.cli import answer_vllm_metadata_lookups
 
+    answer_vllm_metadata_lookups()  # vLLM's CPU build
+    from vllm.benchmarks.serve import add_cli_args, main
+    from vllm.utils.argparse_utils import FlexibleArgumentParser
 
-async def run_level(url: str, model: str, prompts: list[str], concurrency: int, num_requests: int,
-                    max_tokens: int, timeout: float = 600.0) -> tuple[list[RequestRecord], float]:
-    """``num_requests`` requests (prompts cycled), at most ``concurrency`` in flight; (records, wall s)."""
-    from openai import AsyncOpenAI
-
-    client = AsyncOpenAI(base_url=url + "/v1", api_key="EMPTY", max_retries=0, timeout=timeout)
-    gate = asyncio.Semaphore(concurrency)
-
-    async def gated(i: int) -> RequestRecord:
-        async with gate:
-            return await _one_request(client, model, prompts[i % len(prompts)], i % len(prompts), max_tokens, timeout)
-
-    start = time.perf_counter()
-    try:
-        records = await asyncio.gather(*(gated(i) for i in range(num_requests)))
-    finally:
-        await client.close()
-    return list(records), time.perf_counter() - start
-
-
-def percentile(values: list[float], q: float) -> float:
-    """Linear-interpolated percentile (q in 0..100); nan for no values."""
-    values = sorted(v for v in values if v == v)
-    if not values:
-        return float("nan")
-    pos = (len(values) - 1) * q / 100.0
-    lo = int(pos)
-    hi = min(lo + 1, len(values) - 1)
-    return values[lo] + (values[hi] - values[lo]) * (pos - lo)
-
-
-def summarize(records: list[RequestRecord], wall_s: float) -> dict[str, Any]:
-    ok = [r for r in records if not r.error]
-    tokens = sum(r.output_tokens for r in ok)
-    return {
-        "requests": len(records),
-        "errors": len(records) - len(ok),
-        "output_tokens": tokens,
-        "wall_s": wall_s,
-        "throughput_tok_s": tokens / wall_s if wall_s > 0 else 0.0,
-        "requests_per_s": len(ok) / wall_s if wall_s > 0 else 0.0,
-        "e2e_p50_s": percentile([r.e2e_s for r in ok], 50),
-        "e2e_p99_s": percentile([r.e2e_s for r in ok], 99),
-        "ttft_p50_s": percentile([r.ttft_s for r in ok], 50),
-        "ttft_p99_s": percentile([r.ttft_s for r in ok], 99),
-        "mean_output_tokens": statistics.fmean([r.output_tokens for r in ok]) if ok else 0.0,
-    }
-
-
-SPEC_COUNTERS = ("vllm:spec_decode_num_drafts", "vllm:spec_decode_num_draft_tokens", "vllm:spec_decode_num_accepted_tokens")
-
-
-def _spec_counters(server: VllmServer) -> dict[str, float]:
-    m = server.metrics()
-    return {name.split(":")[1]: metric_total(m, name + "_total") or metric_total(m, name) for name in SPEC_COUNTERS}
+    parser = FlexibleArgumentParser()
+    add_cli_args(parser)
+    args = parser.parse_args([
+        "--backend", "openai-chat", "--base-url", server.url, "--endpoint", "/v1/chat/completions",
+        "--model", server.model, "--dataset-name", "custom", "--dataset-path", str(dataset),
+        "--disable-shuffle", "--skip-chat-template", "--num-prompts", str(num_requests), "--max-concurrency", str(concurrency),
+        "--custom-output-len", str(max_tokens), "--temperature", "0", "--num-warmups", "1",
+        "--percentile-metrics", "ttft,tpot,itl,e2el", "--metric-percentiles", "50,99",
+        "--save-result", "--save-detailed", "--result-dir", str(result_dir), "--result-filename", result_filename,
+        "--ready-check-timeout-sec", str(int(timeout)), "--disable-tqdm",
+    ])
+    return main(args)
 
 
 # ---------------------------------------------------------------------------
@@ -341,11 +286,28 @@ def bench_prompts(n: int) -> list[str]:
     return out[:n]
 
 
+def level_summary(method: MethodSpec, concurrency: int, startup_s: float, result: dict[str, Any]) -> dict[str, Any]:
+    """Our table's row, read from vLLM's result JSON."""
+    drafts = result.get("spec_decode_num_drafts", 0)
+    return {
+        "method": method.method, "label": method.label, "concurrency": concurrency, "startup_s": startup_s,
+        "requests": result["num_prompts"], "errors": result["failed"],
+        "throughput_tok_s": result["output_throughput"], "requests_per_s": result["request_throughput"],
+        "ttft_p50_s": result["median_ttft_ms"] / 1e3, "ttft_p99_s": result["p99_ttft_ms"] / 1e3,
+        "tpot_p50_s": result["median_tpot_ms"] / 1e3, "itl_p99_s": result["p99_itl_ms"] / 1e3,
+        "e2e_p50_s": result["median_e2el_ms"] / 1e3, "e2e_p99_s": result["p99_e2el_ms"] / 1e3,
+        "mean_output_tokens": result["total_output_tokens"] / max(result["completed"], 1),
+        "mean_draft_length": result.get("spec_decode_draft_tokens", 0) / drafts if drafts else 0.0,
+        "mean_acceptance_length": result.get("spec_decode_acceptance_length", 1.0) if drafts else 1.0,
+    }
+
+
 def run_serve_bench(cfg: ServeBenchConfig, out_dir: str | Path, prompts: list[str] | None = None,
                     log=print) -> dict[str, Any]:
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     prompts = prompts or bench_prompts(cfg.num_prompts)
+    dataset = write_dataset(prompts, cfg.max_tokens, out_dir / "prompts.jsonl")
     overrides = server_overrides(cfg.max_model_len, cfg.kv_cache_gib)
     results: list[dict[str, Any]] = []
     started = time.time()
@@ -359,24 +321,14 @@ def run_serve_bench(cfg: ServeBenchConfig, out_dir: str | Path, prompts: list[st
         try:
             server.wait_ready(cfg.startup_timeout)
             startup_s = time.perf_counter() - t0
-            # Warm-up (not timed): one short request.
-            asyncio.run(run_level(server.url, server.model, prompts[:1], 1, 1, 8, cfg.request_timeout))
             for c in cfg.concurrencies:
                 n = cfg.requests_per_concurrency * c
-                before = _spec_counters(server)
-                records, wall = asyncio.run(
-                    run_level(server.url, server.model, prompts, c, n, cfg.max_tokens, cfg.request_timeout)
-                )
-                after = _spec_counters(server)
-                spec = {k: after[k] - before[k] for k in after}
-                drafts = spec["spec_decode_num_drafts"]
-                summary = summarize(records, wall)
-                summary.update(
-                    method=method.method, label=method.label, concurrency=c, startup_s=startup_s,
-                    mean_draft_length=spec["spec_decode_num_draft_tokens"] / drafts if drafts else 0.0,
-                    mean_acceptance_length=1 + spec["spec_decode_num_accepted_tokens"] / drafts if drafts else 1.0,
-                )
-                results.append({"summary": summary, "requests": [asdict(r) for r in records]})
+                filename = f"vllm-{method.method}-c{c}.json"
+                result = vllm_bench_serve(server, dataset, concurrency=c, num_requests=n, max_tokens=cfg.max_tokens,
+                                          result_dir=out_dir, result_filename=filename, timeout=cfg.request_timeout)
+                summary = level_summary(method, c, startup_s, result)
+                results.append({"summary": summary, "vllm_result": filename,
+                                "texts": result.get("generated_texts", [])})
                 log(f"[bench-serve]   c={c:<3} n={n:<3} {summary['throughput_tok_s']:7.1f} tok/s  "
                     f"e2e p50 {summary['e2e_p50_s']:.2f} s p99 {summary['e2e_p99_s']:.2f} s  "
                     f"ttft p50 {summary['ttft_p50_s']:.2f} s p99 {summary['ttft_p99_s']:.2f} s  "
@@ -385,7 +337,7 @@ def run_serve_bench(cfg: ServeBenchConfig, out_dir: str | Path, prompts: list[st
             server.stop()
     record = {
         "settings": {**asdict(cfg), "methods": [m.label for m in cfg.methods], "server_overrides": overrides,
-                     "num_prompts_used": len(prompts)},
+                     "num_prompts_used": len(prompts), "client": "vllm bench serve (vllm.benchmarks.serve)"},
         "machine": machine_info(),
         "started_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(started)),
         "duration_s": time.time() - started,
@@ -417,19 +369,20 @@ def markdown_table(record: dict[str, Any]) -> str:
     lines = [
         "# Serving load benchmark",
         "",
-        f"target `{s['target']}`, draft `{s['draft']}`; streaming chat completions, greedy, "
+        f"target `{s['target']}`, draft `{s['draft']}`; vLLM's `vllm bench serve` client (its result JSON: "
+        f"`vllm-<method>-c<concurrency>.json`), streaming chat completions, greedy, "
         f"max_tokens {s['max_tokens']}, {s['requests_per_concurrency']} x concurrency requests per level, "
         f"{s['num_prompts_used']} prompts cycled; started {record['started_utc']}, took {record['duration_s']:.0f} s.",
         "",
-        "| method | concurrency | requests | errors | output tok/s | e2e p50 s | e2e p99 s | TTFT p50 s | TTFT p99 s | mean draft | mean accepted/step |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "| method | concurrency | requests | errors | output tok/s | TTFT p50 s | TTFT p99 s | TPOT p50 ms | e2e p50 s | e2e p99 s | mean draft | accepted/step |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in record["results"]:
         m = r["summary"]
         lines.append(
             f"| {m['label']} | {m['concurrency']} | {m['requests']} | {m['errors']} | {m['throughput_tok_s']:.1f} | "
-            f"{m['e2e_p50_s']:.2f} | {m['e2e_p99_s']:.2f} | {m['ttft_p50_s']:.2f} | {m['ttft_p99_s']:.2f} | "
-            f"{m['mean_draft_length']:.2f} | {m['mean_acceptance_length']:.2f} |"
+            f"{m['ttft_p50_s']:.2f} | {m['ttft_p99_s']:.2f} | {1e3 * m['tpot_p50_s']:.0f} | "
+            f"{m['e2e_p50_s']:.2f} | {m['e2e_p99_s']:.2f} | {m['mean_draft_length']:.2f} | {m['mean_acceptance_length']:.2f} |"
         )
     return "\n".join(lines) + "\n"
 
