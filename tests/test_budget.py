@@ -162,3 +162,19 @@ def test_acceptance_history_predicts_per_request_and_falls_back_to_all():
     assert history.predict("a") > 0.95 and history.predict("b") < 0.05
     assert 0.6 < history.predict("new") < 0.9  # 4 accepted of 5 reached per step overall
     assert "c" not in history.per_request
+
+
+def test_prefill_and_catch_up_tokens_are_priced_over_the_steps_they_serve():
+    """A decode step's first pass is priced whole; a prompt's prefill (or a
+    catch-up) beyond it counts 1/CATCH_UP_HORIZON per token."""
+    from types import SimpleNamespace
+
+    import numpy as np
+
+    from vllm_cmasd.proposer import CATCH_UP_HORIZON, CmasdProposer
+
+    proposer = SimpleNamespace(config=CmasdConfig(k_max=4))
+    decode = np.array([2, 6, 1])  # verified tokens + the new slot, at most k_max + 2 each
+    assert CmasdProposer._priced_tokens(proposer, decode) == 9
+    prefill = np.array([321, 2])
+    assert CmasdProposer._priced_tokens(proposer, prefill) == 6 + 2 + int(np.ceil(315 / CATCH_UP_HORIZON))

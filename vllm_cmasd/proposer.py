@@ -43,6 +43,8 @@ EXPLORE_EVERY = 8
 # ... unless that pass, with its catch-ups, would cost more than this share of
 # the step: after a skipped prefill, exploring means the drafter's whole prefill.
 EXPLORE_MAX_COST = 0.5
+# Steps over which a first pass's prefill or catch-up tokens are priced (_priced_tokens).
+CATCH_UP_HORIZON = 16
 
 
 class _DraftingFinished(Exception):
@@ -277,8 +279,9 @@ class CmasdProposer(DraftModelProposer):
         )
         if self.config.measures_costs and self.costs is None:
             self.costs = MeasuredCosts(self._profile_costs())
-        pass_tokens = int(plan.query_lens(query_lens).sum()) + batch_size  # + one new slot each
-        drafts = self._who_drafts(req_ids, pass_tokens)
+        pass_lens = plan.query_lens(query_lens) + 1  # + one new slot each
+        pass_tokens = int(pass_lens.sum())
+        drafts = self._who_drafts(req_ids, self._priced_tokens(pass_lens))
         if not drafts.any():
             return self._skip_drafter(req_ids, num_computed)
         drafting_start = time.perf_counter()
@@ -338,11 +341,23 @@ class CmasdProposer(DraftModelProposer):
         if drafting is not None and drafting[4]:
             self.costs.observe_drafting(drafting[0], drafting[1], drafting[2], seconds[1])
 
+    def _priced_tokens(self, pass_lens: np.ndarray) -> int:
+        """The first pass's tokens as this step's decision prices them.
+
+        A decode step's tokens (verified tokens and the new slot, at most
+        k_max + 2 per request) are this step's cost. Tokens beyond them (a
+        prompt's prefill, a catch-up) write drafter KV that every later step
+        drafts from: priced per step over ``CATCH_UP_HORIZON`` steps, not on
+        the first one (which, at batch 1, made the prefill's pass never pay,
+        and the request lag for good)."""
+        step = np.minimum(pass_lens, self.config.k_max + 2)
+        return int(step.sum() + np.ceil((pass_lens - step).sum() / CATCH_UP_HORIZON))
+
     def _who_drafts(self, req_ids: list[str], pass_tokens: int) -> np.ndarray:
         """Which requests draft this step (bool per request; none: the step runs
         no drafter pass). Every request without the draft budget; with it, those
-        whose first drafted token pays once the first pass (``pass_tokens``
-        tokens) is paid for, decided before that pass from what is known now:
+        whose first drafted token pays once the first pass (priced as
+        ``pass_tokens`` tokens, :meth:`_priced_tokens`) is paid for, decided before that pass from what is known now:
         each request's recent acceptance as the survival of its first drafted
         token, the batch, the measured costs. A request that does not draft
         on a step that does still runs its first pass (it does not lag).
