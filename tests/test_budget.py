@@ -156,7 +156,7 @@ def test_acceptance_history_predicts_per_request_and_falls_back_to_all():
 
     history = AcceptanceHistory(prior=0.5)
     assert history.predict("new") == pytest.approx(0.5)
-    for _ in range(10):
+    for _ in range(40):
         # "a" accepts all 4 drafted tokens; "b" rejects its first; "c" drafted nothing.
         history.observe(["a", "b", "c"], [4, 4, 0], [4, 0, 0])
     assert history.predict("a") > 0.95 and history.predict("b") < 0.05

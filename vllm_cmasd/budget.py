@@ -253,7 +253,7 @@ class AcceptanceHistory:
     a weak prior of ``prior`` acceptance.
     """
 
-    def __init__(self, prior: float = 0.5, prior_weight: float = 2.0, decay: float = 0.7, max_tracked: int = 1024):
+    def __init__(self, prior: float = 0.5, prior_weight: float = 2.0, decay: float = 0.9, max_tracked: int = 1024):
         self.decay = decay
         self.max_tracked = max_tracked
         self.overall = [prior * prior_weight, prior_weight]
