@@ -286,6 +286,15 @@ def bench_prompts(n: int) -> list[str]:
     return out[:n]
 
 
+CONTROLLER_COUNTERS = ("vllm:cmasd_skipped_drafter_passes_total", "vllm:cmasd_catch_up_tokens_total")
+
+
+def controller_counters(server: VllmServer) -> dict[str, float]:
+    """CM-ASD's own counters on the server's /metrics (what vLLM's client does not read)."""
+    metrics = server.metrics()
+    return {name.split(":")[1].removesuffix("_total"): metric_total(metrics, name) for name in CONTROLLER_COUNTERS}
+
+
 def level_summary(method: MethodSpec, concurrency: int, startup_s: float, result: dict[str, Any]) -> dict[str, Any]:
     """Our table's row, read from vLLM's result JSON."""
     drafts = result.get("spec_decode_num_drafts", 0)
@@ -324,9 +333,11 @@ def run_serve_bench(cfg: ServeBenchConfig, out_dir: str | Path, prompts: list[st
             for c in cfg.concurrencies:
                 n = cfg.requests_per_concurrency * c
                 filename = f"vllm-{method.method}-c{c}.json"
+                before = controller_counters(server)
                 result = vllm_bench_serve(server, dataset, concurrency=c, num_requests=n, max_tokens=cfg.max_tokens,
                                           result_dir=out_dir, result_filename=filename, timeout=cfg.request_timeout)
                 summary = level_summary(method, c, startup_s, result)
+                summary.update({k: v - before[k] for k, v in controller_counters(server).items()})
                 results.append({"summary": summary, "vllm_result": filename,
                                 "texts": result.get("generated_texts", [])})
                 log(f"[bench-serve]   c={c:<3} n={n:<3} {summary['throughput_tok_s']:7.1f} tok/s  "
@@ -374,15 +385,16 @@ def markdown_table(record: dict[str, Any]) -> str:
         f"max_tokens {s['max_tokens']}, {s['requests_per_concurrency']} x concurrency requests per level, "
         f"{s['num_prompts_used']} prompts cycled; started {record['started_utc']}, took {record['duration_s']:.0f} s.",
         "",
-        "| method | concurrency | requests | errors | output tok/s | TTFT p50 s | TTFT p99 s | TPOT p50 ms | e2e p50 s | e2e p99 s | mean draft | accepted/step |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "| method | concurrency | requests | errors | output tok/s | TTFT p50 s | TTFT p99 s | TPOT p50 ms | e2e p50 s | e2e p99 s | mean draft | accepted/step | steps without a drafter pass | catch-up tokens |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in record["results"]:
         m = r["summary"]
         lines.append(
             f"| {m['label']} | {m['concurrency']} | {m['requests']} | {m['errors']} | {m['throughput_tok_s']:.1f} | "
             f"{m['ttft_p50_s']:.2f} | {m['ttft_p99_s']:.2f} | {1e3 * m['tpot_p50_s']:.0f} | "
-            f"{m['e2e_p50_s']:.2f} | {m['e2e_p99_s']:.2f} | {m['mean_draft_length']:.2f} | {m['mean_acceptance_length']:.2f} |"
+            f"{m['e2e_p50_s']:.2f} | {m['e2e_p99_s']:.2f} | {m['mean_draft_length']:.2f} | {m['mean_acceptance_length']:.2f} | "
+            f"{m['cmasd_skipped_drafter_passes']:.0f} | {m['cmasd_catch_up_tokens']:.0f} |"
         )
     return "\n".join(lines) + "\n"
 
