@@ -71,7 +71,7 @@ VARIED_PROMPTS = PROMPTS + [
 
 
 def test_confident_text_drafts_longer_than_uncertain_text(real_pair):
-    """Where the answer is predictable, CM-ASD drafts more tokens per step.
+    """Where the answer is predictable, the paper's window drafts more tokens per step.
 
     "Predictable" is measured on the target alone (plain decoding): the mean
     probability of its own greedy token over the answer. Each request's draft
@@ -90,7 +90,8 @@ def test_confident_text_drafts_longer_than_uncertain_text(real_pair):
     ]
     ours = run_engine(
         prompts, SamplingParams(temperature=0.0, max_tokens=48),
-        **llm_kwargs(target, draft=draft, num_speculative_tokens=8, cmasd={"verification": "exact"},
+        **llm_kwargs(target, draft=draft, num_speculative_tokens=8,
+                     cmasd={"verification": "exact", "draft_length": "window"},
                      per_request_spec_decode_metrics="summary"),
     )
     assert ours.token_ids == plain.token_ids
