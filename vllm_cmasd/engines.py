@@ -129,6 +129,10 @@ def preload_openmp_and_reexec() -> None:
     preload = os.environ.get("LD_PRELOAD", "")
     if not lib.exists() or "libiomp5" in preload or os.environ.get("CMASD_NO_REEXEC"):
         return
+    # An in-process CPU engine of the caller (a test) may have put torch's
+    # libgomp there for its children; two OpenMP runtimes are refused by
+    # vLLM's CPU worker ("assert not (use_iomp and use_gomp)").
+    preload = ":".join(p for p in preload.split(":") if p and "libgomp" not in p)
     env = dict(os.environ, LD_PRELOAD=f"{lib}:{preload}" if preload else str(lib))
     env["CMASD_NO_REEXEC"] = "1"
     os.execve(sys.executable, [sys.executable, *sys.orig_argv[1:]], env)
