@@ -411,10 +411,8 @@ TRAINED_DRAFT = "smollm2-135m-draft-rv"
 def assemble_trained_draft(target_dir: Path, models_dir: Path) -> Path:
     """The committed self-distilled draft (drafts/), assembled next to the target,
     with its calibration warm start (scripts/fit_calibration.py) beside it."""
-    sys.path.insert(0, str(Path(__file__).resolve().parent))
-    from train_draft import assemble_draft
-
     from vllm_cmasd.calibration import CALIBRATION_FILE
+    from vllm_cmasd.training.export import assemble_draft
 
     shipped = Path(__file__).resolve().parent.parent / "drafts" / TRAINED_DRAFT
     out_dir = models_dir / TRAINED_DRAFT

@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 
 import pytest
-from conftest import load_script, run_engine
+from conftest import run_engine
 
 from vllm_cmasd.engines import llm_kwargs
 
@@ -26,7 +26,9 @@ def reduced_draft(tiny_pair, tmp_path_factory):
     from safetensors.torch import load_file, save_file
 
     target, _ = tiny_pair
-    td = load_script("train_draft")
+    from vllm_cmasd.training.common import DRAFT_ARCH
+    from vllm_cmasd.training.export import assemble_draft
+
     tsd = load_file(str(target / "model.safetensors"))
     vocab = tsd["model.embed_tokens.weight"].shape[0]
     g = torch.Generator().manual_seed(0)
@@ -45,10 +47,10 @@ def reduced_draft(tiny_pair, tmp_path_factory):
     small["kept_token_ids"] = kept.to(torch.int64)
     shipped = tmp_path_factory.mktemp("shipped")
     save_file(small, str(shipped / "draft.safetensors"))
-    (shipped / "draft.json").write_text(json.dumps({"layers": LAYERS, "architecture": td.DRAFT_ARCH}))
-    out = td.assemble_draft(target, shipped, tmp_path_factory.mktemp("models") / "draft-rv")
+    (shipped / "draft.json").write_text(json.dumps({"layers": LAYERS, "architecture": DRAFT_ARCH}))
+    out = assemble_draft(target, shipped, tmp_path_factory.mktemp("models") / "draft-rv")
     cfg = json.loads((out / "config.json").read_text())
-    assert cfg["architectures"] == [td.DRAFT_ARCH]
+    assert cfg["architectures"] == [DRAFT_ARCH]
     assert cfg["vocab_size"] == vocab and cfg["draft_vocab_size"] == len(kept)
     return target, out, kept
 

@@ -1,4 +1,5 @@
-"""``vllm-cmasd``: the demo (plain decoding vs CM-ASD on the real pair), the benchmark and the serving load benchmark."""
+"""``vllm-cmasd``: the demo (plain decoding vs CM-ASD on the real pair), the benchmark, the
+serving load benchmark and the draft's training (``train-draft``)."""
 
 from __future__ import annotations
 
@@ -85,6 +86,15 @@ def main(argv: list[str] | None = None) -> int:
 
         preload_openmp_and_reexec()
         return serve(argv[1:])
+    if argv[:1] == ["train-draft"]:
+        # Everything after "train-draft" is the training CLI's (its own --help). Its data
+        # and bench stages run vLLM engines in this process, like "bench".
+        from vllm_cmasd.engines import preload_openmp_and_reexec
+
+        preload_openmp_and_reexec()
+        from vllm_cmasd.training.cli import main as train_draft
+
+        return train_draft(argv[1:], prog="vllm-cmasd train-draft")
     parser = argparse.ArgumentParser(prog="vllm-cmasd", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
     from vllm_cmasd.demo import DEMO_PROMPTS, quiet_environment
@@ -111,6 +121,8 @@ def main(argv: list[str] | None = None) -> int:
 
     serve_load.add_arguments(p)
     p.set_defaults(run=bench_serve)
+    sub.add_parser("train-draft", help="train the draft model: vllm-cmasd train-draft STAGE (see its --help)",
+                   add_help=False)
     args = parser.parse_args(argv)
     if args.command == "demo":
         os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"  # engines in this process, at full speed

@@ -1,6 +1,6 @@
 """Reduced-vocabulary Llama draft for vLLM's ``draft_model`` speculative method.
 
-The trained CM-ASD draft (``scripts/train_draft.py``) is a few Llama decoder layers with
+The trained CM-ASD draft (:mod:`vllm_cmasd.training`) is a few Llama decoder layers with
 the target's full input embedding but a *small* LM head over the ``draft_vocab_size``
 most frequent target tokens (FR-Spec / EAGLE-3 style). At this model size the target's
 49152x576 head costs more than several decoder layers, so the small head is what makes
@@ -12,7 +12,7 @@ the architecture keeps ``config.vocab_size`` (= the target's) for its input embe
 tokens: a ``[N, k]`` matmul followed by an ``index_copy_`` into a ``-inf`` tensor (no big
 matmul). Argmax / softmax over that tensor equal those over the kept tokens.
 
-Checkpoint layout (what :func:`scripts.train_draft.assemble_draft` writes)::
+Checkpoint layout (what :func:`vllm_cmasd.training.export.assemble_draft` writes)::
 
     config.json        LlamaConfig + architectures=["CmasdReducedVocabLlamaForCausalLM"],
                        draft_vocab_size=k, tie_word_embeddings=false

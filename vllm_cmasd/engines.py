@@ -15,7 +15,7 @@ from typing import Any
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_TARGET = REPO_ROOT / "models" / "smollm2-135m-instruct"
-# Self-distilled, reduced output vocabulary: scripts/train_draft.py, drafts/.
+# Self-distilled, reduced output vocabulary: vllm_cmasd/training/ (vllm-cmasd train-draft), drafts/.
 DEFAULT_DRAFT = REPO_ROOT / "models" / "smollm2-135m-draft-rv"
 # The target's own first layers and LM head (SpecBound): scripts/build_self_draft.py.
 DEFAULT_SELF_DRAFT = REPO_ROOT / "models" / "smollm2-135m-selfdraft"

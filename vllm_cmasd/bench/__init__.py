@@ -1,6 +1,8 @@
 """The CM-ASD benchmark: ``vllm-cmasd bench --preset quick --out DIR``.
 
-* :mod:`~vllm_cmasd.bench.prompts`: the fixed, committed prompt set (prompts.json).
+* :mod:`~vllm_cmasd.bench.prompts`: the fixed, committed prompt set (prompts.json),
+  built from :mod:`~vllm_cmasd.bench.sources` (documents on this machine) and
+  :mod:`~vllm_cmasd.bench.templates` (the tasks' wording).
 * :mod:`~vllm_cmasd.bench.runner`: presets, the interleaved run, the measurements.
 * :mod:`~vllm_cmasd.bench.report`: records (bench.json), the table (bench.md), plots.
 

@@ -1,0 +1,171 @@
+"""The draft's training package (vllm_cmasd.training): its command line, the train /
+held-out splits of its prompt sources, the leakage guards and the checkpoint assembly."""
+
+from __future__ import annotations
+
+import functools
+import json
+import subprocess
+import sys
+from argparse import Namespace
+from pathlib import Path
+
+import pytest
+
+from vllm_cmasd.bench.prompts import SUMMARIZATION_TEMPLATE, TASKS, load_prompts
+from vllm_cmasd.training import ALL_STAGES, STAGES, sources, stage_function
+from vllm_cmasd.training.common import DRAFT_ARCH, TOKENIZER_FILES, stable_hash
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+@pytest.mark.parametrize("command", [
+    [sys.executable, "-m", "vllm_cmasd.cli", "train-draft", "--help"],
+    [sys.executable, str(REPO / "scripts" / "train_draft.py"), "--help"],
+], ids=["vllm-cmasd", "script"])
+def test_help_lists_every_stage(command):
+    result = subprocess.run(command, capture_output=True, text=True, timeout=120, check=False)
+    assert result.returncode == 0, result.stderr
+    assert "{" + ",".join([*STAGES, "all"]) + "}" in result.stdout
+    # The details of each stage (its module's docstring) are in the help too.
+    for name in STAGES:
+        assert f"``{name}``" in result.stdout, name
+
+
+def test_every_stage_resolves_to_its_function():
+    assert set(ALL_STAGES) <= set(STAGES)
+    for name in STAGES:
+        assert callable(stage_function(name)), name
+
+
+def test_stdlib_prompts_split_by_source_item(monkeypatch):
+    # A slice of the standard library keeps this fast; the split rule is the same.
+    monkeypatch.setattr(sources, "_stdlib_items", functools.partial(sources._stdlib_items, max_files=40))
+    if not Path("/usr/share/common-licenses").is_dir():
+        monkeypatch.setattr(sources, "_license_items", lambda: iter(()))
+    train, held = sources.build_prompts(seed=1234, n_train=300, n_eval=100)
+    assert (train, held) == sources.build_prompts(seed=1234, n_train=300, n_eval=100)
+    assert train and held
+    train_items, held_items = {p["sid"] for p in train}, {p["sid"] for p in held}
+    # No held-out function or paragraph in training, under any template.
+    assert not train_items & held_items
+    assert all(stable_hash(sid) % 1000 < 100 for sid in held_items)
+    assert all(stable_hash(sid) % 1000 >= 100 for sid in train_items)
+
+
+def test_docs_prompts_split_by_document_and_mixed_by_task(monkeypatch):
+    fake = []
+    for i in range(200):
+        kind = "pydoc" if i % 3 == 0 else "pypi-metadata"
+        for task in TASKS:
+            fake.append({"task": task, "prompt": f"{task} prompt on document {i}",
+                         "source": f"{kind}:pkg{i}==1.0#{task}", "origin": f"pypi:pkg{i}"})
+    origin = {"docs:" + q["source"]: q["origin"] for q in fake}
+    monkeypatch.setattr(sources, "training_prompts", lambda: fake)
+    mix = {"summarization": 2, "translation": 1, "instruction": 0}
+
+    train, held = sources.docs_prompts(seed=1234, mix=mix)
+    assert (train, held) == sources.docs_prompts(seed=1234, mix=mix)
+    assert train and held
+    held_origins = {origin[q["sid"]] for q in held}
+    assert not held_origins & {origin[q["sid"]] for q in train}
+    assert all(stable_hash(o) % 1000 < 100 for o in held_origins)
+    # Asked in the ratio of the mix: two summaries, one translation per round, no instructions.
+    assert [q["kind"] for q in train[:6]] == ["docs:summarization"] * 2 + ["docs:translation"] + \
+        ["docs:summarization"] * 2 + ["docs:translation"]
+    assert {q["kind"] for q in train + held} == {"docs:summarization", "docs:translation"}
+    # Within a task, READMEs (the benchmark's kind of document) before docstrings.
+    for task in ("summarization", "translation"):
+        is_pydoc = [q["sid"].startswith("docs:pydoc:") for q in train if q["kind"] == f"docs:{task}"]
+        assert is_pydoc == sorted(is_pydoc) and any(is_pydoc) and not all(is_pydoc)
+
+
+def summarize(*paragraphs: str) -> str:
+    return SUMMARIZATION_TEMPLATE.format(text="\n\n".join(paragraphs))
+
+
+FRESH = "A paragraph that no document on this machine holds, written for this test alone."
+
+
+def test_unseen_filter_rejects_benchmark_and_heldout_documents_and_paragraphs():
+    from vllm_cmasd.training.data import unseen_filter
+
+    bench = load_prompts()["tasks"]["summarization"][0]
+    bench_paragraph = bench["prompt"].split("\n\n", 1)[1].split("\n\n")[0]
+    heldout_paragraph = "A held-out paragraph, also written for this test."
+    heldout = [{"sid": "docs:manpage:/usr/share/man/man1/cmasd-heldout.1.gz#paragraph0",
+                "prompt": summarize(heldout_paragraph, "Its second paragraph.")}]
+    unseen = unseen_filter(heldout)
+
+    assert unseen("docs:pypi-doc:cmasd-nowhere==1.0:guide.md#paragraph0", summarize(FRESH))
+    # A benchmark document, whatever its text; and any other language of a held-out page.
+    assert not unseen("docs:" + bench["source"], summarize(FRESH))
+    assert not unseen("docs:manpage:/usr/share/man/de/man1/cmasd-heldout.1.gz#paragraph4", summarize(FRESH))
+    # Their paragraphs under names of their own (a file that two packages ship).
+    assert not unseen("docs:pypi-doc:cmasd-nowhere==1.0:guide.md#paragraph1", summarize(FRESH, bench_paragraph))
+    assert not unseen("docs:pypi-doc:cmasd-nowhere==1.0:guide.md#paragraph2", summarize(heldout_paragraph))
+
+
+def test_overlap_finds_benchmark_text_in_training_prompts(tmp_path):
+    import torch
+
+    from vllm_cmasd.training.overlap import stage_overlap
+
+    bench = [q for items in load_prompts()["tasks"].values() for q in items]
+    leaked = bench[5]
+    fresh = [summarize(f"{FRESH} Variant {i} of it, with words of its own: {' '.join(['word%d' % j for j in range(i, i + 12)])}.")
+             for i in range(30)]
+    prompts = {"train_docs": [{"sid": f"docs:t{i}", "kind": "docs", "prompt": p} for i, p in enumerate(fresh)]}
+    prompts["train_docs"].append({"sid": "docs:leak", "kind": "docs", "prompt": "Please answer: " + leaked["prompt"]})
+    prompts["train_docs"].append({"sid": "docs:unanswered", "kind": "docs", "prompt": bench[6]["prompt"]})
+    (tmp_path / "prompts.json").write_text(json.dumps(prompts))
+    answered = [{"sid": q["sid"]} for q in prompts["train_docs"] if q["sid"] != "docs:unanswered"]
+    torch.save({"train": answered}, tmp_path / "data.pt")
+
+    stage_overlap(Namespace(work=str(tmp_path)))
+    result = json.loads((tmp_path / "overlap.json").read_text())
+    shares = {row["id"]: row["share_in_training"] for row in result["prompts"]}
+    assert shares[leaked["id"]] == 1.0
+    assert shares[bench[6]["id"]] < 0.5  # asked but never answered: not training data
+    assert result["summary"]["prompts_with_share"][">=0.5"] == 1
+    assert result["summary"]["training_prompts"] == len(answered)
+
+
+def test_assemble_draft_builds_the_full_checkpoint_from_the_shipped_files(tiny_pair, tmp_path):
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    from vllm_cmasd.training.export import assemble_draft
+
+    target, _ = tiny_pair
+    tsd = load_file(str(target / "model.safetensors"))
+    embed = tsd["model.embed_tokens.weight"]
+    kept = torch.arange(0, embed.shape[0], 3, dtype=torch.int64)
+    # What `export` ships: two trained layers, the norm, a small head and the kept ids.
+    small = {k: v.to(torch.bfloat16) for k, v in tsd.items()
+             if k == "model.norm.weight" or k.startswith(("model.layers.0.", "model.layers.1."))}
+    small["lm_head.weight"] = tsd["lm_head.weight"][kept].to(torch.bfloat16).contiguous()
+    small["kept_token_ids"] = kept
+    shipped = tmp_path / "shipped"
+    shipped.mkdir()
+    save_file(small, str(shipped / "draft.safetensors"))
+    (shipped / "draft.json").write_text(json.dumps({"architecture": DRAFT_ARCH, "layers": 2, "steps": 7}))
+
+    out = assemble_draft(target, shipped, tmp_path / "models" / "draft-rv")
+    cfg = json.loads((out / "config.json").read_text())
+    assert cfg["architectures"] == [DRAFT_ARCH] and cfg["num_hidden_layers"] == 2
+    assert cfg["vocab_size"] == embed.shape[0] and cfg["draft_vocab_size"] == len(kept)
+    assert cfg["tie_word_embeddings"] is False
+    tensors = load_file(str(out / "model.safetensors"))
+    assert torch.equal(tensors["model.embed_tokens.weight"], embed.float())  # the target's, not shipped
+    assert torch.equal(tensors["kept_token_ids"], kept)
+    assert tensors["lm_head.weight"].dtype == torch.float32 and tensors["lm_head.weight"].shape[0] == len(kept)
+    assert not [k for k in tensors if k.startswith("model.layers.2.")]
+    assert all((out / f).exists() for f in TOKENIZER_FILES if (target / f).exists())
+    assert json.loads((out / "cmasd_draft.json").read_text())["record"]["steps"] == 7
+
+    # Again over the first: the same checkpoint, nothing left beside it.
+    before = (out / "model.safetensors").read_bytes()
+    assert assemble_draft(target, shipped, out) == out
+    assert (out / "model.safetensors").read_bytes() == before
+    assert sorted(p.name for p in out.parent.iterdir()) == ["draft-rv"]

@@ -1,0 +1,64 @@
+"""What every stage of the draft training shares: paths, names, the teacher's top-k,
+the log line, the hash that splits train / held-out, and small helpers on records."""
+
+from __future__ import annotations
+
+import hashlib
+import time
+from pathlib import Path
+
+REPO_ROOT = Path(__file__).resolve().parents[2]  # vllm_cmasd/training/common.py
+DRAFT_ARCH = "CmasdReducedVocabLlamaForCausalLM"
+DEFAULT_DRAFT_NAME = "smollm2-135m-draft-rv"
+TOKENIZER_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "chat_template.jinja",
+    "generation_config.json",
+)
+TOPK = 16  # teacher top-k cached per position
+CHAT_KINDS = ("magpie", "task")
+
+
+def log(msg: str) -> None:
+    print(f"[train_draft {time.strftime('%H:%M:%S')}] {msg}", flush=True)
+
+
+def stable_hash(s: str) -> int:
+    """A hash that is the same in every process (unlike ``hash``): the train / held-out
+    split of every source is ``stable_hash(item id) % 1000 < eval_frac * 1000``."""
+    return int(hashlib.sha1(s.encode("utf-8", "replace")).hexdigest()[:8], 16)
+
+
+def is_chat_kind(kind: str) -> bool:
+    return kind.split(":")[0] in CHAT_KINDS
+
+
+def domain(kind: str) -> str:
+    """The domain of a record's prompt kind: ``stdlib`` (stdlib / licence text),
+    ``chat`` (Magpie turns, templated tasks) or ``docs`` (the benchmark's domain)."""
+    return "docs" if kind.startswith("docs:") else "chat" if is_chat_kind(kind) else "stdlib"
+
+
+def chat_ids(tok, prompt: str, max_prompt_tokens: int):
+    """The prompt as a chat-template user turn, token ids; None when longer than
+    ``max_prompt_tokens``."""
+    msgs = [{"role": "user", "content": prompt}]
+    ids = tok.apply_chat_template(msgs, add_generation_prompt=True, tokenize=True)
+    if hasattr(ids, "input_ids"):
+        ids = ids["input_ids"]
+    ids = list(ids)
+    if len(ids) > max_prompt_tokens:
+        return None
+    return ids
+
+
+def load_target_state(target_dir):
+    """Every tensor of the target checkpoint's safetensors files."""
+    from safetensors.torch import load_file
+
+    sd = {}
+    for f in sorted(Path(target_dir).glob("*.safetensors")):
+        sd.update(load_file(str(f)))
+    return sd
