@@ -50,6 +50,19 @@ def test_another_pass_only_when_it_raises_the_rate():
     assert dear_pass.seconds == pytest.approx(before + 5.0)
 
 
+def test_a_request_whose_catch_up_costs_more_than_it_gains_does_not_draft():
+    """Equal survival, but the second request would first have to catch its
+    drafter up: only it is left out; the cheaper one still drafts."""
+    model = costs(lambda n: 1.0 + 0.01 * n, lambda n: 0.05)
+    budget = StepBudget(model, batch_size=2, first_pass_paid=False)
+    assert budget.another_pass([0.8, 0.8], [True, True], extra_seconds=[0.0, 2.0]) == [True, False]
+    budget = StepBudget(model, batch_size=2, first_pass_paid=False)
+    assert budget.another_pass([0.8, 0.8], [True, True], extra_seconds=[0.0, 0.01]) == [True, True]
+    # The cheaper one first, although less likely: its value per second is higher.
+    budget = StepBudget(model, batch_size=2, first_pass_paid=False)
+    assert budget.another_pass([0.5, 0.9], [True, True], extra_seconds=[0.0, 10.0]) == [True, False]
+
+
 def test_window_with_budget_keeps_k_min_and_stops_what_does_not_pay():
     config = CmasdConfig(k_max=6, draft_length="window", k_min=2, threshold=0.0, draft_budget="auto")
     # Compute-bound target, dear drafter passes: after k_min nothing pays.
@@ -178,3 +191,41 @@ def test_prefill_and_catch_up_tokens_are_priced_over_the_steps_they_serve():
     assert CmasdProposer._priced_tokens(proposer, decode) == 9
     prefill = np.array([321, 2])
     assert CmasdProposer._priced_tokens(proposer, prefill) == 6 + 2 + int(np.ceil(315 / CATCH_UP_HORIZON))
+
+
+def test_only_requests_whose_catch_up_pays_draft_and_only_they_catch_up(monkeypatch):
+    """The controller's first-pass decision on hand-made costs: of two
+    requests with the same history, the one lagging by a long prompt does not
+    draft; the catch-up plan then leaves it lagging (blocked, nothing missed
+    run) and gives the room to the one that drafts."""
+    from types import SimpleNamespace
+
+    import numpy as np
+
+    from vllm_cmasd.budget import AcceptanceHistory, MeasuredCosts
+    from vllm_cmasd.catchup import DrafterLag
+    from vllm_cmasd import proposer as proposer_module
+    from vllm_cmasd.proposer import CmasdProposer
+
+    monkeypatch.setattr(proposer_module, "get_tp_group", lambda: SimpleNamespace(world_size=1))  # one rank
+    model = costs(lambda n: 0.1 + 0.002 * n, lambda n: 0.01 + 0.001 * n)
+    proposer = SimpleNamespace(config=CmasdConfig(k_max=4), costs=MeasuredCosts(model),
+                               acceptance=AcceptanceHistory(prior=0.8), _skipped_in_a_row=0)
+    lag = DrafterLag(max_tracked=8)
+    lag.skip(["current", "lagging"], np.array([40, 600]))
+    lag.lag_start.pop("current")  # "current" drafted since
+    num_computed, query_lens = np.array([42, 602]), np.array([2, 2])
+    plan = lag.plan(["current", "lagging"], num_computed, query_lens, room=1000)
+    catch_ups = np.maximum(plan.query_lens(query_lens) - query_lens, 0)
+    assert catch_ups.tolist() == [0, 2]  # it missed two steps' tokens so far
+    drafts = CmasdProposer._who_drafts(proposer, ["current", "lagging"], 6, catch_ups)
+    assert drafts.tolist() == [True, True]  # a short catch-up pays
+    lag.lag_start["lagging"] = 0  # a skipped prefill: the whole prompt missed
+    plan = lag.plan(["current", "lagging"], num_computed, query_lens, room=1000)
+    catch_ups = np.maximum(plan.query_lens(query_lens) - query_lens, 0)
+    drafts = CmasdProposer._who_drafts(proposer, ["current", "lagging"], 6, catch_ups)
+    assert drafts.tolist() == [True, False]
+    plan = lag.plan(["current", "lagging"], num_computed, query_lens, room=1000, wanted=drafts)
+    assert plan.missed.tolist() == [0, 0] and plan.blocked.tolist() == [False, True]
+    lag.ran(["current", "lagging"], plan)
+    assert lag.lag_start == {"lagging": 0}  # still lags from its prompt's start

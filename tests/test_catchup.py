@@ -23,11 +23,16 @@ pytestmark = pytest.mark.engine
 
 def skip_calls(monkeypatch, skipped):
     """Propose calls (counted from 1) in ``skipped`` run no drafter pass."""
+    return decide_calls(monkeypatch, lambda call, batch_size: np.full(batch_size, call not in skipped))
+
+
+def decide_calls(monkeypatch, pattern):
+    """Who drafts on each propose call: ``pattern(call counted from 1, batch size)``."""
     calls = []
 
-    def decide(self, req_ids, pass_tokens):
+    def decide(self, req_ids, pass_tokens, catch_ups):
         calls.append(len(req_ids))
-        return np.full(len(req_ids), len(calls) not in skipped)
+        return pattern(len(calls), len(req_ids))
 
     monkeypatch.setattr(CmasdProposer, "_who_drafts", decide)
     return calls
@@ -59,17 +64,32 @@ def record_first_positions(monkeypatch):
     return seen
 
 
-def test_after_a_catch_up_the_drafter_sees_what_a_drafter_that_never_skipped_sees(tiny_pair, monkeypatch):
-    """Skip the prefill's pass and the next two; at the first pass after them, each
+# Who drafts on propose calls 1-3 (from call 4 on, both requests draft), and
+# which recorded pass is call 4 (passes run on calls where anyone drafts).
+LAGS = {
+    # No drafter pass on the prefill's step and the next two.
+    "skipped_steps": (lambda call: [False, False], 0),
+    # No pass on the prefill's step; on the next two only the first request
+    # drafts: the second one lags, runs its own tokens without catching up (they
+    # write drafter KV over its gap) and catches up on call 4.
+    "lagging_beside_a_drafting_request": (lambda call: [call > 1, False], 2),
+}
+
+
+@pytest.mark.parametrize("lag", list(LAGS))
+def test_after_a_catch_up_the_drafter_sees_what_a_drafter_that_never_skipped_sees(tiny_pair, monkeypatch, lag):
+    """Lag both requests' drafters, then draft for both; at that pass each
     request's drafter logits must equal those of a fresh engine whose prompt is
     the same text up to there (its drafter ran every token from scratch)."""
     target, draft = tiny_pair
     prompts = PROMPTS[1:3]
-    skip_calls(monkeypatch, skipped={1, 2, 3})
+    early, call_4 = LAGS[lag]
+    decide_calls(monkeypatch, lambda call, n: np.array(early(call) if call <= 3 else [True] * n))
     seen = record_first_positions(monkeypatch)
     run = run_engine(prompts, greedy(12), **engine(target, draft=draft, num_speculative_tokens=4, cmasd=CMASD))
-    assert run.drafter.stats.num_skipped_passes == 3 and run.drafter.lag.num_catch_up_tokens > 0
-    req_ids, positions, logits = seen[0]  # the first pass that drafted: call 4
+    assert run.drafter.lag.num_catch_up_tokens > 0
+    assert run.drafter.stats.num_skipped_passes == 3 - call_4
+    req_ids, positions, logits = seen[call_4]
     assert logits.shape[0] == len(prompts)
 
     monkeypatch.undo()
@@ -128,19 +148,16 @@ def test_exact_with_skipped_passes_is_identical_to_plain_decoding(tiny_pair, mon
 
 def test_mixed_batch_where_some_requests_draft_and_others_lag(tiny_pair, monkeypatch):
     """Per request: on each drafting step every other request drafts nothing
-    (alternating which; it still runs the first pass, so it does not lag), and
-    some whole steps skip the drafter, so drafting steps also carry catch-ups;
-    greedy output stays plain decoding's."""
+    (alternating which; it still runs the first pass, and one that lags keeps
+    lagging), and some whole steps skip the drafter, so drafting steps also
+    carry catch-ups; greedy output stays plain decoding's."""
     target, draft = tiny_pair
-    calls = []
+    def pattern(call, batch_size):
+        if call in (2, 5, 6):
+            return np.zeros(batch_size, dtype=bool)
+        return (np.arange(batch_size) + call) % 2 == 0
 
-    def decide(self, req_ids, pass_tokens):
-        calls.append(len(req_ids))
-        if len(calls) in (2, 5, 6):
-            return np.zeros(len(req_ids), dtype=bool)
-        return (np.arange(len(req_ids)) + len(calls)) % 2 == 0
-
-    monkeypatch.setattr(CmasdProposer, "_who_drafts", decide)
+    decide_calls(monkeypatch, pattern)
     plain = run_engine(PROMPTS, greedy(24), **engine(target))
     ours = run_engine(PROMPTS, greedy(24), **engine(target, draft=draft, num_speculative_tokens=4, cmasd=CMASD))
     assert ours.token_ids == plain.token_ids

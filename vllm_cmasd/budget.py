@@ -72,19 +72,27 @@ class StepBudget:
         self.verify_tokens = batch_size
         self.seconds = costs.target(batch_size) + (costs.draft(batch_size) if first_pass_paid else 0.0)
 
-    def _admit(self, survival: list[float], candidates: list[bool], seconds: float, force: bool):
-        """Most likely first, while survival / marginal verify cost beats the
-        average rate (every candidate when ``force``).
+    def _admit(self, survival: list[float], candidates: list[bool], seconds: float, force: bool,
+               extra_seconds: list[float] | None = None):
+        """Best value for its cost first (most likely first where costs are
+        equal), while survival / marginal cost beats
+        the average rate (every candidate when ``force``). A candidate's marginal
+        cost is one more verified token, plus its ``extra_seconds`` if given
+        (the drafter catch-up it needs).
 
         Returns (admitted, expected tokens, seconds, verified tokens) after admitting.
         """
         tokens, verify = self.expected_tokens, self.verify_tokens
+        own = extra_seconds or [0.0] * len(survival)
         admitted = [False] * len(survival)
-        for i in sorted((i for i, c in enumerate(candidates) if c), key=lambda i: -survival[i]):
-            extra = self.costs.target(verify + 1) - self.costs.target(verify)
+        first_extra = self.costs.target(verify + 1) - self.costs.target(verify)
+        order = sorted((i for i, c in enumerate(candidates) if c),
+                       key=lambda i: -survival[i] / max(first_extra + own[i], 1e-12))
+        for i in order:
+            extra = self.costs.target(verify + 1) - self.costs.target(verify) + own[i]
             # s / extra > tokens / seconds, without dividing by a zero cost.
             if not force and survival[i] * seconds <= tokens * extra:
-                break
+                break  # the rest are worth less for their cost
             admitted[i] = True
             tokens, seconds, verify = tokens + survival[i], seconds + extra, verify + 1
         return admitted, tokens, seconds, verify
@@ -102,20 +110,22 @@ class StepBudget:
         candidates: list[bool],
         force: bool = False,
         pass_tokens: int | None = None,
+        extra_seconds: list[float] | None = None,
     ) -> list[bool]:
         """Which requests should draft one more token; all False if the pass does
         not pay (all candidates, and the pass paid, when ``force``).
 
         vLLM's drafting loop runs every row of the batch, so a pass costs
         ``draft(batch_size)`` however few requests still draft; a first pass
-        costs ``draft(pass_tokens)``: the verified tokens, one new slot per
-        request and any catch-up tokens.
+        costs ``draft(pass_tokens)``: the verified tokens and one new slot per
+        request. ``extra_seconds``: what drafting for each request adds to the
+        pass beyond that (a lagging request's catch-up), paid only by those admitted.
         """
         with_pass = self.seconds + self.costs.draft(pass_tokens or self.batch_size)
         if force:
             self.seconds = with_pass
             return list(candidates)
-        admitted, tokens, seconds, _ = self._admit(predicted_survival, candidates, with_pass, False)
+        admitted, tokens, seconds, _ = self._admit(predicted_survival, candidates, with_pass, False, extra_seconds)
         if tokens * self.seconds <= self.expected_tokens * seconds:  # the rate would not rise
             return [False] * len(candidates)
         self.seconds = with_pass

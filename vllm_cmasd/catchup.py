@@ -17,6 +17,9 @@ Where the KV cache could hold drafter garbage:
   have been filled on a skipped step, so it lags from position 0;
 * a request whose computed tokens went backwards (preempted, then resumed
   with recompute): the same, once any step skipped; otherwise nothing lags;
+* a lagging request that does not draft on a step that runs the drafter: it
+  does not catch up (only requests that draft pay for one), runs its own
+  tokens and keeps its lag start;
 * a catch-up that does not fit the drafter's token buffer this step: that
   request runs the next chunk of its missed tokens instead of its own (a split
   catch-up) and drafts nothing; with no room at all it runs its own tokens,
@@ -102,10 +105,16 @@ class DrafterLag:
                 self.num_restarts += 1
             self.lag_start.setdefault(req_id, 0 if req_id in self._cache_hits_now else computed)
 
-    def plan(self, req_ids: list[str], num_computed: np.ndarray, query_lens: np.ndarray, room: int) -> CatchUpPlan:
+    def plan(self, req_ids: list[str], num_computed: np.ndarray, query_lens: np.ndarray, room: int,
+             wanted: np.ndarray | None = None) -> CatchUpPlan:
         """Catch-ups in batch order while they fit in ``room`` more tokens: full
         ones first come, first served; then partial ones in what is left plus
-        the request's own tokens, which a partial catch-up replaces."""
+        the request's own tokens, which a partial catch-up replaces.
+
+        ``wanted`` (bool per request; default all): only those catch up. A
+        lagging request that is not wanted (it drafts nothing this step) is
+        blocked: it runs its own tokens and keeps its lag start, so its catch-up,
+        whenever it drafts again, rewrites what they wrote over its gap."""
         batch_size = len(req_ids)
         start = num_computed.astype(np.int64).copy()
         missed = np.zeros(batch_size, dtype=np.int64)
@@ -114,6 +123,9 @@ class DrafterLag:
         for i, req_id in enumerate(req_ids):
             lag_start = self.lag_start.get(req_id)
             if lag_start is None or lag_start >= num_computed[i]:
+                continue
+            if wanted is not None and not wanted[i]:
+                blocked[i] = True
                 continue
             start[i] = lag_start
             behind = int(num_computed[i] - lag_start)

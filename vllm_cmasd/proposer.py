@@ -274,16 +274,20 @@ class CmasdProposer(DraftModelProposer):
         # The first pass runs the verified tokens plus one slot per request in
         # buffers of max_num_tokens; catch-ups get what is left.
         query_lens = cad.query_start_loc_cpu.diff().numpy()
-        plan = self.lag.plan(
-            req_ids, num_computed, query_lens, room=self.max_num_tokens - cad.num_actual_tokens - batch_size
-        )
+        room = self.max_num_tokens - cad.num_actual_tokens - batch_size
+        plan = self.lag.plan(req_ids, num_computed, query_lens, room=room)
         if self.config.measures_costs and self.costs is None:
             self.costs = MeasuredCosts(self._profile_costs())
-        pass_lens = plan.query_lens(query_lens) + 1  # + one new slot each
-        pass_tokens = int(pass_lens.sum())
-        drafts = self._who_drafts(req_ids, self._priced_tokens(pass_lens))
+        # What each request's catch-up adds to the first pass (a partial one
+        # runs instead of the request's own tokens).
+        catch_ups = np.maximum(plan.query_lens(query_lens) - query_lens, 0)
+        drafts = self._who_drafts(req_ids, self._priced_tokens(query_lens + 1), catch_ups)  # + one new slot each
         if not drafts.any():
             return self._skip_drafter(req_ids, num_computed)
+        if not drafts.all():
+            # Only requests that draft catch up; the room goes to them.
+            plan = self.lag.plan(req_ids, num_computed, query_lens, room=room, wanted=drafts)
+        pass_tokens = int((plan.query_lens(query_lens) + 1).sum())
         drafting_start = time.perf_counter()
         budget = StepBudget(self.costs, batch_size) if self.config.measures_costs else None
         if plan.num_tokens:
@@ -342,25 +346,29 @@ class CmasdProposer(DraftModelProposer):
             self.costs.observe_drafting(drafting[0], drafting[1], drafting[2], seconds[1])
 
     def _priced_tokens(self, pass_lens: np.ndarray) -> int:
-        """The first pass's tokens as this step's decision prices them.
+        """The first pass's own tokens as this step's decision prices them.
 
         A decode step's tokens (verified tokens and the new slot, at most
         k_max + 2 per request) are this step's cost. Tokens beyond them (a
-        prompt's prefill, a catch-up) write drafter KV that every later step
-        drafts from: priced per step over ``CATCH_UP_HORIZON`` steps, not on
-        the first one (which, at batch 1, made the prefill's pass never pay,
-        and the request lag for good)."""
+        prompt's prefill) write drafter KV that every later step drafts from:
+        priced per step over ``CATCH_UP_HORIZON`` steps, not on the first one
+        (which, at batch 1, made the prefill's pass never pay, and the request
+        lag for good). A catch-up is priced the same way, per request
+        (:meth:`_who_drafts`)."""
         step = np.minimum(pass_lens, self.config.k_max + 2)
         return int(step.sum() + np.ceil((pass_lens - step).sum() / CATCH_UP_HORIZON))
 
-    def _who_drafts(self, req_ids: list[str], pass_tokens: int) -> np.ndarray:
+    def _who_drafts(self, req_ids: list[str], pass_tokens: int, catch_ups: np.ndarray) -> np.ndarray:
         """Which requests draft this step (bool per request; none: the step runs
         no drafter pass). Every request without the draft budget; with it, those
         whose first drafted token pays once the first pass (priced as
-        ``pass_tokens`` tokens, :meth:`_priced_tokens`) is paid for, decided before that pass from what is known now:
-        each request's recent acceptance as the survival of its first drafted
-        token, the batch, the measured costs. A request that does not draft
-        on a step that does still runs its first pass (it does not lag).
+        ``pass_tokens`` tokens, :meth:`_priced_tokens`) and the request's own
+        catch-up (``catch_ups`` tokens, priced over ``CATCH_UP_HORIZON`` steps)
+        are paid for, decided before that pass from what is known now: each
+        request's recent acceptance as the survival of its first drafted token,
+        the batch, the measured costs. A request that does not draft on a step
+        that does still runs its first pass (it does not lag, or keeps its lag
+        without catching up).
 
         Rank 0 decides for every tensor-parallel rank (their histories agree,
         but a skip on one rank alone would desynchronise the drafters)."""
@@ -369,9 +377,16 @@ class CmasdProposer(DraftModelProposer):
         assert self.costs is not None
         survival = [self.acceptance.predict(req_id) for req_id in req_ids]
         budget = StepBudget(self.costs, len(req_ids), first_pass_paid=False)
-        drafts = np.array(budget.another_pass(survival, [True] * len(req_ids), pass_tokens=pass_tokens), dtype=bool)
+        base = self.costs.draft(pass_tokens)
+        amortised = catch_ups / CATCH_UP_HORIZON
+        extra = [self.costs.draft(pass_tokens + n) - base for n in amortised.tolist()]
+        drafts = np.array(
+            budget.another_pass(survival, [True] * len(req_ids), pass_tokens=pass_tokens, extra_seconds=extra),
+            dtype=bool,
+        )
+        explore_tokens = pass_tokens + int(np.ceil(amortised.sum()))
         explore = self._skipped_in_a_row >= EXPLORE_EVERY and (
-            self.costs.draft(pass_tokens) <= EXPLORE_MAX_COST * self.costs.target(pass_tokens - len(req_ids))
+            self.costs.draft(explore_tokens) <= EXPLORE_MAX_COST * self.costs.target(explore_tokens - len(req_ids))
         )
         if not drafts.any() and explore:
             drafts[:] = True
