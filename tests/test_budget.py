@@ -50,6 +50,18 @@ def test_another_pass_only_when_it_raises_the_rate():
     assert dear_pass.seconds == pytest.approx(before + 5.0)
 
 
+def test_a_step_that_would_verify_pays_for_verifying_before_it_drafts():
+    """The same pass pays where verifying is free and does not where a step that
+    verifies costs a fixed extra larger than what the drafts are expected to save."""
+    from dataclasses import replace
+
+    model = costs(lambda n: 1.0 + 0.01 * n, lambda n: 0.05)
+    free = StepBudget(model, batch_size=2, first_pass_paid=False)
+    assert free.another_pass([0.8, 0.7], [True, True]) == [True, True]
+    dear = StepBudget(replace(model, verify_s=1.0), batch_size=2, first_pass_paid=False)
+    assert dear.another_pass([0.8, 0.7], [True, True]) == [False, False]
+
+
 def test_a_request_whose_catch_up_costs_more_than_it_gains_does_not_draft():
     """Equal survival, but the second request would first have to catch its
     drafter up: only it is left out; the cheaper one still drafts."""
@@ -144,11 +156,14 @@ def test_measured_costs_learn_what_the_profile_misses():
     assert measured.target(16) == pytest.approx(prior.target(16)) and measured.draft(9) == pytest.approx(prior.draft(9))
     # Real steps: 0.5 s more per step (scheduling, sampling) and attention
     # doubles the slope; measured at 16..40 tokens only.
+    # A step that verifies drafts costs 0.3 s more (rejection sampling, bookkeeping).
     for i in range(200):
-        n = 16 + (i % 4) * 8
-        measured.observe_target_step(n, 1.5 + 0.2 * n)
+        n, verifies = 16 + (i % 4) * 8, i % 3 == 0
+        measured.observe_target_step(n, 1.5 + 0.2 * n + 0.3 * verifies, verified_drafts=verifies)
     assert measured.target(24) == pytest.approx(1.5 + 0.2 * 24, rel=0.02)
     assert measured.target(25) - measured.target(24) == pytest.approx(0.2, rel=0.05)  # the marginal cost
+    assert measured.verify_s == pytest.approx(0.3, rel=0.05)
+    assert measured.coefficients["target_verify_s"] == pytest.approx(0.3, rel=0.05)
     # Drafting costs 25% more per pass and per token than its profiled forwards.
     for i in range(200):
         first, more = 24 + i % 3 * 8, 1 + i % 4

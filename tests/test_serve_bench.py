@@ -20,7 +20,7 @@ def test_bench_serve_smoke(tiny_pair, tmp_path):
         target=str(target), draft=str(draft),
         # Two servers keep it short; vLLM's fixed-k method runs in the real benchmark.
         methods=[MethodSpec("ar"), cmasd_exact(4)],
-        concurrencies=[1, 3], requests_per_concurrency=2, max_tokens=12, max_model_len=512,
+        concurrencies=[1, 3], requests_per_concurrency=2, min_requests=4, max_tokens=12, max_model_len=512,
         kv_cache_gib=0.25, startup_timeout=300, request_timeout=120,
     )
     record = run_serve_bench(cfg, tmp_path, prompts=PROMPTS)
@@ -33,7 +33,7 @@ def test_bench_serve_smoke(tiny_pair, tmp_path):
         assert theirs["backend"] == "openai-chat" and theirs["max_concurrency"] == r["summary"]["concurrency"]
     summaries = [r["summary"] for r in record["results"]]
     assert [(s["method"], s["concurrency"], s["requests"]) for s in summaries] == [
-        ("ar", 1, 2), ("ar", 3, 6), ("cmasd_exact", 1, 2), ("cmasd_exact", 3, 6),
+        ("ar", 1, 4), ("ar", 3, 6), ("cmasd_exact", 1, 4), ("cmasd_exact", 3, 6),  # at least 4 per level
     ]
     for s in summaries:
         assert s["errors"] == 0

@@ -27,6 +27,7 @@ import bisect
 import time
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 
@@ -40,6 +41,9 @@ class CostModel:
     """One target forward over that many tokens, logits included."""
     draft_s: tuple[float, ...]
     """One drafter pass over that many tokens, logits included."""
+    verify_s: float = 0.0
+    """What a target step that verifies drafts costs beyond the same tokens
+    without them (the profile runs forwards only: none)."""
 
     def target(self, num_tokens: int) -> float:
         return _interpolate(self.tokens, self.target_s, num_tokens)
@@ -68,9 +72,14 @@ class StepBudget:
     def __init__(self, costs: CostModel, batch_size: int, first_pass_paid: bool = True):
         self.costs = costs
         self.batch_size = batch_size
+        self.first_pass_paid = first_pass_paid
         self.expected_tokens = float(batch_size)
         self.verify_tokens = batch_size
-        self.seconds = costs.target(batch_size) + (costs.draft(batch_size) if first_pass_paid else 0.0)
+        # A step that drafts also verifies: its fixed extra (rejection sampling,
+        # bookkeeping) comes with the first pass.
+        self.seconds = costs.target(batch_size) + (
+            costs.draft(batch_size) + costs.verify_s if first_pass_paid else 0.0
+        )
 
     def _admit(self, survival: list[float], candidates: list[bool], seconds: float, force: bool,
                extra_seconds: list[float] | None = None):
@@ -118,10 +127,12 @@ class StepBudget:
         vLLM's drafting loop runs every row of the batch, so a pass costs
         ``draft(batch_size)`` however few requests still draft; a first pass
         costs ``draft(pass_tokens)``: the verified tokens and one new slot per
-        request. ``extra_seconds``: what drafting for each request adds to the
+        request, and makes the step one that verifies (``verify_s``). ``extra_seconds``: what drafting for each request adds to the
         pass beyond that (a lagging request's catch-up), paid only by those admitted.
         """
         with_pass = self.seconds + self.costs.draft(pass_tokens or self.batch_size)
+        if not self.first_pass_paid:
+            with_pass += self.costs.verify_s
         if force:
             self.seconds = with_pass
             return list(candidates)
@@ -133,48 +144,35 @@ class StepBudget:
 
 
 class _DecayedLinearFit:
-    """y = w . f for 2 features, least squares over exponentially decayed samples,
-    anchored by fixed pseudo-samples (the prior) so it is defined before data
-    arrive and keeps a slope where the data have no spread."""
+    """y = w . f, least squares over exponentially decayed samples, anchored by
+    fixed pseudo-samples (the prior) so it is defined before data arrive and
+    keeps a slope where the data have no spread."""
 
-    def __init__(self, prior_features: list[tuple[float, float]], prior_y: list[float], prior_weight: float,
+    def __init__(self, prior_features: list[tuple[float, ...]], prior_y: list[float], prior_weight: float,
                  decay: float):
         self.decay = decay
-        self.prior = self._moments(prior_features, prior_y, prior_weight / max(len(prior_y), 1))
-        self.data = [[0.0, 0.0, 0.0], [0.0, 0.0]]  # F^T W F (upper: 00, 01, 11), F^T W y
+        features = np.asarray(prior_features, dtype=np.float64)
+        weight = prior_weight / max(len(prior_y), 1)
+        self.prior = (weight * features.T @ features, weight * features.T @ np.asarray(prior_y, dtype=np.float64))
+        dim = features.shape[1]
+        self.data = (np.zeros((dim, dim)), np.zeros(dim))  # F^T W F, F^T W y
         self.num_samples = 0
         self.weights = self._solve()
 
-    @staticmethod
-    def _moments(features, ys, weight):
-        ff, fy = [0.0, 0.0, 0.0], [0.0, 0.0]
-        for (f0, f1), y in zip(features, ys):
-            ff[0] += weight * f0 * f0
-            ff[1] += weight * f0 * f1
-            ff[2] += weight * f1 * f1
-            fy[0] += weight * f0 * y
-            fy[1] += weight * f1 * y
-        return ff, fy
+    def _solve(self) -> tuple[float, ...]:
+        ff, fy = self.prior[0] + self.data[0], self.prior[1] + self.data[1]
+        try:
+            return tuple(np.linalg.solve(ff, fy).tolist())
+        except np.linalg.LinAlgError:
+            return (0.0,) * len(fy)
 
-    def _solve(self) -> tuple[float, float]:
-        (a, b, c), (u, v) = [[p + d for p, d in zip(x, y)] for x, y in zip(self.prior, self.data)]
-        det = a * c - b * b
-        return ((c * u - b * v) / det, (a * v - b * u) / det) if det > 0 else (0.0, 0.0)
+    def __call__(self, *features: float) -> float:
+        return float(sum(w * f for w, f in zip(self.weights, features)))
 
-    def __call__(self, f0: float, f1: float) -> float:
-        return self.weights[0] * f0 + self.weights[1] * f1
-
-    def update(self, f0: float, f1: float, y: float) -> None:
+    def update(self, *features: float, y: float) -> None:
+        f = np.asarray(features, dtype=np.float64)
         ff, fy = self.data
-        for i in range(3):
-            ff[i] *= self.decay
-        for i in range(2):
-            fy[i] *= self.decay
-        ff[0] += f0 * f0
-        ff[1] += f0 * f1
-        ff[2] += f1 * f1
-        fy[0] += f0 * y
-        fy[1] += f1 * y
+        self.data = (self.decay * ff + np.outer(f, f), self.decay * fy + f * y)
         self.num_samples += 1
         self.weights = self._solve()
 
@@ -182,8 +180,9 @@ class _DecayedLinearFit:
 class MeasuredCosts:
     """Costs measured on the running engine, with the start-up profile as prior.
 
-    The target's step: ``T(n) = a + b n`` seconds for n scheduled tokens, a
-    least-squares line through recent steps (each step's weight decays by
+    The target's step: ``T(n) = a + b n`` seconds for n scheduled tokens, plus
+    ``c`` (``verify_s``) on a step that verifies drafts: a least-squares fit
+    through recent steps (each step's weight decays by
     ``decay`` per step), anchored by the profile's points. The line learns
     what the profile cannot see: per-step work outside the forward
     (scheduling, sampling, bookkeeping) in ``a``, attention over real
@@ -199,7 +198,11 @@ class MeasuredCosts:
         self.prior = prior
         self.outlier_ratio = outlier_ratio
         points = [(1.0, float(n)) for n in prior.tokens]
-        self._target = _DecayedLinearFit(points, list(prior.target_s), prior_weight, decay)
+        # The target's third feature is 1 on a step that verifies drafts; the
+        # profile has none, so one pseudo-sample holds it at the profile's verify_s
+        # until real steps with and without drafts tell them apart.
+        self._target = _DecayedLinearFit([(*p, 0.0) for p in points] + [(0.0, 0.0, 1.0)],
+                                         [*prior.target_s, prior.verify_s], prior_weight, decay)
         self._draft = _DecayedLinearFit(points, list(prior.draft_s), prior_weight, decay)
 
     @property
@@ -211,7 +214,13 @@ class MeasuredCosts:
         return self._draft.num_samples
 
     def target(self, num_tokens: int) -> float:
-        return max(self._target(1.0, num_tokens), 0.0)
+        """A target step over ``num_tokens`` scheduled tokens (without drafts to verify)."""
+        return max(self._target(1.0, num_tokens, 0.0), 0.0)
+
+    @property
+    def verify_s(self) -> float:
+        """What a step that verifies drafts costs beyond the same tokens without them."""
+        return max(self._target.weights[2], 0.0)
 
     def draft(self, num_tokens: int) -> float:
         return max(self._draft(1.0, num_tokens), 0.0)
@@ -219,23 +228,26 @@ class MeasuredCosts:
     def _plausible(self, measured: float, estimate: float) -> bool:
         return measured > 0 and (estimate <= 0 or measured <= self.outlier_ratio * estimate)
 
-    def observe_target_step(self, num_tokens: int, seconds: float) -> None:
-        """One engine step's time outside the drafter, for ``num_tokens`` scheduled tokens."""
-        if self._plausible(seconds, self.target(num_tokens)):
-            self._target.update(1.0, num_tokens, seconds)
+    def observe_target_step(self, num_tokens: int, seconds: float, verified_drafts: bool = False) -> None:
+        """One engine step's time outside the drafter, for ``num_tokens`` scheduled
+        tokens, of which some were drafts to verify or not."""
+        verifies = float(verified_drafts)
+        if self._plausible(seconds, self.target(num_tokens) + verifies * self.verify_s):
+            self._target.update(1.0, num_tokens, verifies, y=seconds)
 
     def observe_drafting(self, first_pass_tokens: int, more_passes: int, batch_size: int, seconds: float) -> None:
         """One step's drafting, everything included: a first pass over
         ``first_pass_tokens`` tokens and ``more_passes`` passes over the batch."""
         passes, tokens = 1 + more_passes, first_pass_tokens + more_passes * batch_size
         if self._plausible(seconds, self._draft(passes, tokens)):
-            self._draft.update(passes, tokens, seconds)
+            self._draft.update(passes, tokens, y=seconds)
 
     @property
     def coefficients(self) -> dict[str, float]:
-        """The fitted lines: target step a + b n, drafting pass d0 + d1 n (seconds)."""
-        (a, b), (d0, d1) = self._target.weights, self._draft.weights
-        return {"target_step_s": a, "target_token_s": b, "draft_pass_s": d0, "draft_token_s": d1}
+        """The fitted lines: target step a + b n (+ c when it verifies drafts),
+        drafting pass d0 + d1 n (seconds)."""
+        (a, b, c), (d0, d1) = self._target.weights, self._draft.weights
+        return {"target_step_s": a, "target_token_s": b, "target_verify_s": c, "draft_pass_s": d0, "draft_token_s": d1}
 
     def summary(self) -> dict:
         """The current fit at the profiled token counts, beside the profile."""

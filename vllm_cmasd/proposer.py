@@ -258,7 +258,8 @@ class CmasdProposer(DraftModelProposer):
             # Decode steps only: a prefill's big batched matmuls cost far less
             # per token than verifying drafts, and would set the slope.
             decoding = cad.max_query_len <= self.config.k_max + 1
-            self._observe_costs(cad.num_actual_tokens, start - self._step_end, target_sample=decoding)
+            self._observe_costs(cad.num_actual_tokens, start - self._step_end, target_sample=decoding,
+                                verified_drafts=cad.num_actual_tokens > cad.batch_size())
         drafts = self._propose(num_speculative_tokens, kwargs)
         self._step_end = time.perf_counter()
         return drafts
@@ -325,7 +326,7 @@ class CmasdProposer(DraftModelProposer):
         self.stats.record_drafts(lengths)
         return [row[:n] for row, n in zip(tokens, lengths)]
 
-    def _observe_costs(self, num_tokens: int, step_seconds: float, target_sample: bool) -> None:
+    def _observe_costs(self, num_tokens: int, step_seconds: float, target_sample: bool, verified_drafts: bool) -> None:
         """Feed the measured costs: the time since the last return (the rest of
         that step, scheduling this one, the target's forward and verification,
         synced since the verifier's outcome reached the host) for this step's
@@ -341,7 +342,7 @@ class CmasdProposer(DraftModelProposer):
         if tp_group.world_size > 1:
             seconds = tp_group.broadcast(torch.tensor(seconds, dtype=torch.float64, device=self.device), src=0).tolist()
         if target_sample:
-            self.costs.observe_target_step(num_tokens, seconds[0])
+            self.costs.observe_target_step(num_tokens, seconds[0], verified_drafts=verified_drafts)
         if drafting is not None and drafting[4]:
             self.costs.observe_drafting(drafting[0], drafting[1], drafting[2], seconds[1])
 

@@ -264,7 +264,10 @@ class ServeBenchConfig:
     draft: str
     methods: list[MethodSpec]
     concurrencies: list[int] = field(default_factory=lambda: [1, 8, 32])
-    requests_per_concurrency: int = 2  # requests at level c = this * c
+    requests_per_concurrency: int = 2  # requests at level c = this * c ...
+    # ... and at least this many: at one stream, 2 requests made a level's figure
+    # one prompt's (a translation the draft does badly weighed half).
+    min_requests: int = 8
     max_tokens: int = 64
     num_prompts: int = 24
     max_model_len: int = 2048
@@ -293,6 +296,13 @@ def controller_counters(server: VllmServer) -> dict[str, float]:
     """CM-ASD's own counters on the server's /metrics (what vLLM's client does not read)."""
     metrics = server.metrics()
     return {name.split(":")[1].removesuffix("_total"): metric_total(metrics, name) for name in CONTROLLER_COUNTERS}
+
+
+def cost_fit(server: VllmServer) -> dict[str, float]:
+    """The controller's measured cost fit at the end of a level ({} without a controller)."""
+    prefix = 'vllm:cmasd_cost_seconds{'
+    return {key.split('term="')[1].split('"')[0]: value for key, value in server.metrics().items()
+            if key.startswith(prefix) and 'term="' in key}
 
 
 def level_summary(method: MethodSpec, concurrency: int, startup_s: float, result: dict[str, Any]) -> dict[str, Any]:
@@ -331,13 +341,14 @@ def run_serve_bench(cfg: ServeBenchConfig, out_dir: str | Path, prompts: list[st
             server.wait_ready(cfg.startup_timeout)
             startup_s = time.perf_counter() - t0
             for c in cfg.concurrencies:
-                n = cfg.requests_per_concurrency * c
+                n = max(cfg.requests_per_concurrency * c, cfg.min_requests)
                 filename = f"vllm-{method.method}-c{c}.json"
                 before = controller_counters(server)
                 result = vllm_bench_serve(server, dataset, concurrency=c, num_requests=n, max_tokens=cfg.max_tokens,
                                           result_dir=out_dir, result_filename=filename, timeout=cfg.request_timeout)
                 summary = level_summary(method, c, startup_s, result)
                 summary.update({k: v - before[k] for k, v in controller_counters(server).items()})
+                summary["cost_fit"] = cost_fit(server)
                 results.append({"summary": summary, "vllm_result": filename,
                                 "texts": result.get("generated_texts", [])})
                 log(f"[bench-serve]   c={c:<3} n={n:<3} {summary['throughput_tok_s']:7.1f} tok/s  "
@@ -382,7 +393,8 @@ def markdown_table(record: dict[str, Any]) -> str:
         "",
         f"target `{s['target']}`, draft `{s['draft']}`; vLLM's `vllm bench serve` client (its result JSON: "
         f"`vllm-<method>-c<concurrency>.json`), streaming chat completions, greedy, "
-        f"max_tokens {s['max_tokens']}, {s['requests_per_concurrency']} x concurrency requests per level, "
+        f"max_tokens {s['max_tokens']}, {s['requests_per_concurrency']} x concurrency requests per level "
+        f"(at least {s.get('min_requests', 0)}), "
         f"{s['num_prompts_used']} prompts cycled; started {record['started_utc']}, took {record['duration_s']:.0f} s.",
         "",
         "| method | concurrency | requests | errors | output tok/s | TTFT p50 s | TTFT p99 s | TPOT p50 ms | e2e p50 s | e2e p99 s | mean draft | accepted/step | steps without a drafter pass | catch-up tokens |",
@@ -415,6 +427,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--draft", default=str(DEFAULT_DRAFT))
     p.add_argument("--concurrency", type=_int_list, default=[1, 8, 32], help="levels, e.g. 1,8,32")
     p.add_argument("--requests-per-concurrency", type=int, default=2, help="requests per level = this x concurrency")
+    p.add_argument("--min-requests", type=int, default=8, help="... and at least this many per level")
     p.add_argument("--max-tokens", type=int, default=64)
     p.add_argument("--num-prompts", type=int, default=24, help="the benchmark's first N prompts, cycled")
     p.add_argument("--k", type=int, default=4, help="vLLM draft-model speculation's fixed k")
@@ -435,6 +448,7 @@ def main_from_args(args: argparse.Namespace) -> int:
     cfg = ServeBenchConfig(
         target=args.target, draft=args.draft, methods=[offered[n] for n in names],
         concurrencies=args.concurrency, requests_per_concurrency=args.requests_per_concurrency,
+        min_requests=args.min_requests,
         max_tokens=args.max_tokens, num_prompts=args.num_prompts, max_model_len=args.max_model_len,
         kv_cache_gib=args.kv_cache_gib,
     )
