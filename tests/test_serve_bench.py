@@ -47,11 +47,11 @@ def test_bench_serve_smoke(tiny_pair, tmp_path):
     assert all(1 <= s["mean_draft_length"] <= 4 for s in summaries if s["method"] == "cmasd_exact")
     # Same prompts, greedy: CM-ASD's answers are plain decoding's.
     texts = {(r["summary"]["method"], r["summary"]["concurrency"]): r["texts"] for r in record["results"]}
-    assert all(len(t) == n and all(t) for t, n in zip(texts.values(), (2, 6, 2, 6)))
+    assert all(len(t) == n and all(t) for t, n in zip(texts.values(), (4, 6, 4, 6)))
     assert texts[("cmasd_exact", 1)] == texts[("ar", 1)]
     assert texts[("cmasd_exact", 3)] == texts[("ar", 3)]
     table = (tmp_path / "serve.md").read_text()
-    assert "| ar | 1 | 2 | 0 |" in table and "| cmasd_exact k_max=4 | 3 | 6 | 0 |" in table
+    assert "| ar | 1 | 4 | 0 |" in table and "| cmasd_exact k_max=4 | 3 | 6 | 0 |" in table
     assert not list(tmp_path.glob("logs/*.stderr.log")) or all(
         "Traceback" not in p.read_text() for p in tmp_path.glob("logs/*.stderr.log")
     )
