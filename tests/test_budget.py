@@ -195,17 +195,14 @@ def test_acceptance_history_predicts_per_request_and_falls_back_to_all():
 def test_prefill_and_catch_up_tokens_are_priced_over_the_steps_they_serve():
     """A decode step's first pass is priced whole; a prompt's prefill (or a
     catch-up) beyond it counts 1/CATCH_UP_HORIZON per token."""
-    from types import SimpleNamespace
-
     import numpy as np
 
     from vllm_cmasd.proposer import CATCH_UP_HORIZON, CmasdProposer
 
-    proposer = SimpleNamespace(config=CmasdConfig(k_max=4))
     decode = np.array([2, 6, 1])  # verified tokens + the new slot, at most k_max + 2 each
-    assert CmasdProposer._priced_tokens(proposer, decode) == 9
+    assert CmasdProposer._priced_tokens(decode, k_max=4) == 9
     prefill = np.array([321, 2])
-    assert CmasdProposer._priced_tokens(proposer, prefill) == 6 + 2 + int(np.ceil(315 / CATCH_UP_HORIZON))
+    assert CmasdProposer._priced_tokens(prefill, k_max=4) == 6 + 2 + int(np.ceil(315 / CATCH_UP_HORIZON))
 
 
 def test_only_requests_whose_catch_up_pays_draft_and_only_they_catch_up(monkeypatch):
@@ -233,14 +230,44 @@ def test_only_requests_whose_catch_up_pays_draft_and_only_they_catch_up(monkeypa
     plan = lag.plan(["current", "lagging"], num_computed, query_lens, room=1000)
     catch_ups = np.maximum(plan.query_lens(query_lens) - query_lens, 0)
     assert catch_ups.tolist() == [0, 2]  # it missed two steps' tokens so far
-    drafts = CmasdProposer._who_drafts(proposer, ["current", "lagging"], 6, catch_ups)
+    drafts = CmasdProposer._who_drafts(proposer, ["current", "lagging"], query_lens, catch_ups)
     assert drafts.tolist() == [True, True]  # a short catch-up pays
     lag.lag_start["lagging"] = 0  # a skipped prefill: the whole prompt missed
     plan = lag.plan(["current", "lagging"], num_computed, query_lens, room=1000)
     catch_ups = np.maximum(plan.query_lens(query_lens) - query_lens, 0)
-    drafts = CmasdProposer._who_drafts(proposer, ["current", "lagging"], 6, catch_ups)
+    drafts = CmasdProposer._who_drafts(proposer, ["current", "lagging"], query_lens, catch_ups)
     assert drafts.tolist() == [True, False]
     plan = lag.plan(["current", "lagging"], num_computed, query_lens, room=1000, wanted=drafts)
     assert plan.missed.tolist() == [0, 0] and plan.blocked.tolist() == [False, True]
     lag.ran(["current", "lagging"], plan)
     assert lag.lag_start == {"lagging": 0}  # still lags from its prompt's start
+
+
+def test_exploring_pays_its_catch_ups_in_full(monkeypatch):
+    """After EXPLORE_EVERY steps without a drafter pass every request drafts
+    once, unless that pass would cost more than EXPLORE_MAX_COST of the
+    target's step. Its catch-ups count in full: at 32 streams, pricing them
+    per step let 32 whole-prompt catch-ups pass as cheap (bench-serve, 2026-12-02)."""
+    from types import SimpleNamespace
+
+    import numpy as np
+
+    from vllm_cmasd.budget import AcceptanceHistory, MeasuredCosts
+    from vllm_cmasd import proposer as proposer_module
+    from vllm_cmasd.proposer import EXPLORE_EVERY, CmasdProposer
+
+    monkeypatch.setattr(proposer_module, "get_tp_group", lambda: SimpleNamespace(world_size=1))  # one rank
+    model = costs(lambda n: 0.1 + 0.002 * n, lambda n: 0.01 + 0.001 * n)
+    ids = ["a", "b", "c", "d"]
+    query_lens = np.ones(4, dtype=np.int64)  # a decode step
+
+    def decide(skipped_in_a_row: int, catch_ups: list[int]) -> list[bool]:
+        # Acceptance so low that no draft pays by the rule: only exploring drafts.
+        proposer = SimpleNamespace(config=CmasdConfig(k_max=4), costs=MeasuredCosts(model),
+                                   acceptance=AcceptanceHistory(prior=0.01), _skipped_in_a_row=skipped_in_a_row)
+        return CmasdProposer._who_drafts(proposer, ids, query_lens, np.array(catch_ups)).tolist()
+
+    assert decide(EXPLORE_EVERY - 1, [0, 0, 0, 0]) == [False] * 4
+    assert decide(EXPLORE_EVERY, [0, 0, 0, 0]) == [True] * 4  # 18 ms of drafter against a 108 ms step
+    # Two requests lag their 120-token prompts: 248 drafter tokens (0.26 s), more than half the step.
+    assert decide(EXPLORE_EVERY, [0, 120, 0, 120]) == [False] * 4

@@ -30,7 +30,7 @@ def decide_calls(monkeypatch, pattern):
     """Who drafts on each propose call: ``pattern(call counted from 1, batch size)``."""
     calls = []
 
-    def decide(self, req_ids, pass_tokens, catch_ups):
+    def decide(self, req_ids, query_lens, catch_ups):
         calls.append(len(req_ids))
         return pattern(len(calls), len(req_ids))
 

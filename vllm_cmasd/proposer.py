@@ -41,7 +41,9 @@ logger = init_logger(__name__)
 # verified, and a history that stops updating would keep the drafter off ...
 EXPLORE_EVERY = 8
 # ... unless that pass, with its catch-ups, would cost more than this share of
-# the step: after a skipped prefill, exploring means the drafter's whole prefill.
+# the target's step: after a skipped prefill, exploring means the drafter's
+# whole prefill. Priced in full: an exploring request drafts one token and may
+# stop again, so nothing amortises its catch-up.
 EXPLORE_MAX_COST = 0.5
 # Steps over which a first pass's prefill or catch-up tokens are priced (_priced_tokens).
 CATCH_UP_HORIZON = 16
@@ -282,7 +284,7 @@ class CmasdProposer(DraftModelProposer):
         # What each request's catch-up adds to the first pass (a partial one
         # runs instead of the request's own tokens).
         catch_ups = np.maximum(plan.query_lens(query_lens) - query_lens, 0)
-        drafts = self._who_drafts(req_ids, self._priced_tokens(query_lens + 1), catch_ups)  # + one new slot each
+        drafts = self._who_drafts(req_ids, query_lens, catch_ups)
         if not drafts.any():
             return self._skip_drafter(req_ids, num_computed)
         if not drafts.all():
@@ -346,7 +348,8 @@ class CmasdProposer(DraftModelProposer):
         if drafting is not None and drafting[4]:
             self.costs.observe_drafting(drafting[0], drafting[1], drafting[2], seconds[1])
 
-    def _priced_tokens(self, pass_lens: np.ndarray) -> int:
+    @staticmethod
+    def _priced_tokens(pass_lens: np.ndarray, k_max: int) -> int:
         """The first pass's own tokens as this step's decision prices them.
 
         A decode step's tokens (verified tokens and the new slot, at most
@@ -356,14 +359,14 @@ class CmasdProposer(DraftModelProposer):
         (which, at batch 1, made the prefill's pass never pay, and the request
         lag for good). A catch-up is priced the same way, per request
         (:meth:`_who_drafts`)."""
-        step = np.minimum(pass_lens, self.config.k_max + 2)
+        step = np.minimum(pass_lens, k_max + 2)
         return int(step.sum() + np.ceil((pass_lens - step).sum() / CATCH_UP_HORIZON))
 
-    def _who_drafts(self, req_ids: list[str], pass_tokens: int, catch_ups: np.ndarray) -> np.ndarray:
+    def _who_drafts(self, req_ids: list[str], query_lens: np.ndarray, catch_ups: np.ndarray) -> np.ndarray:
         """Which requests draft this step (bool per request; none: the step runs
         no drafter pass). Every request without the draft budget; with it, those
-        whose first drafted token pays once the first pass (priced as
-        ``pass_tokens`` tokens, :meth:`_priced_tokens`) and the request's own
+        whose first drafted token pays once the first pass (its ``query_lens``
+        tokens plus one new slot each, priced by :meth:`_priced_tokens`) and the request's own
         catch-up (``catch_ups`` tokens, priced over ``CATCH_UP_HORIZON`` steps)
         are paid for, decided before that pass from what is known now: each
         request's recent acceptance as the survival of its first drafted token,
@@ -376,6 +379,8 @@ class CmasdProposer(DraftModelProposer):
         if not self.config.measures_costs:
             return np.ones(len(req_ids), dtype=bool)
         assert self.costs is not None
+        pass_lens = query_lens + 1
+        pass_tokens = CmasdProposer._priced_tokens(pass_lens, self.config.k_max)
         survival = [self.acceptance.predict(req_id) for req_id in req_ids]
         budget = StepBudget(self.costs, len(req_ids), first_pass_paid=False)
         base = self.costs.draft(pass_tokens)
@@ -385,9 +390,9 @@ class CmasdProposer(DraftModelProposer):
             budget.another_pass(survival, [True] * len(req_ids), pass_tokens=pass_tokens, extra_seconds=extra),
             dtype=bool,
         )
-        explore_tokens = pass_tokens + int(np.ceil(amortised.sum()))
         explore = self._skipped_in_a_row >= EXPLORE_EVERY and (
-            self.costs.draft(explore_tokens) <= EXPLORE_MAX_COST * self.costs.target(explore_tokens - len(req_ids))
+            self.costs.draft(int(pass_lens.sum() + catch_ups.sum()))
+            <= EXPLORE_MAX_COST * self.costs.target(int(query_lens.sum()))
         )
         if not drafts.any() and explore:
             drafts[:] = True
