@@ -57,14 +57,6 @@ DRAFT_NAME_FMT = "smollm2-135m-draft-l{n}"
 PREPARED_MARKER = "cmasd_prepared.json"
 FORMAT_VERSION = 1
 
-# Files copied from the target into the draft (tokenizer + generation defaults).
-TOKENIZER_FILES = (
-    "tokenizer.json",
-    "tokenizer_config.json",
-    "special_tokens_map.json",
-    "chat_template.jinja",
-    "generation_config.json",
-)
 
 CHECK_MESSAGES = [{"role": "user", "content": "What is the capital of France?"}]
 CHECK_MAX_TOKENS = 16
@@ -344,6 +336,8 @@ def make_truncated_draft(target_dir: Path, draft_dir: Path, n_layers: int) -> Pa
             return draft_dir
     from safetensors import safe_open
     from safetensors.torch import save_file
+
+    from vllm_cmasd.training.common import TOKENIZER_FILES  # copied from the target into a draft
 
     config = json.loads((target_dir / "config.json").read_text())
     total = config["num_hidden_layers"]
