@@ -243,11 +243,12 @@ def test_only_requests_whose_catch_up_pays_draft_and_only_they_catch_up(monkeypa
     assert lag.lag_start == {"lagging": 0}  # still lags from its prompt's start
 
 
-def test_exploring_pays_its_catch_ups_in_full(monkeypatch):
+def test_exploring_is_priced_against_the_target_step_it_rides_on(monkeypatch):
     """After EXPLORE_EVERY steps without a drafter pass every request drafts
-    once, unless that pass would cost more than EXPLORE_MAX_COST of the
-    target's step. Its catch-ups count in full: at 32 streams, pricing them
-    per step let 32 whole-prompt catch-ups pass as cheap (bench-serve, 2026-12-02)."""
+    once, unless that pass, with its catch-ups priced as the rule prices them,
+    would cost more than EXPLORE_MAX_COST of the target's step for the tokens
+    it schedules. Counting the catch-ups into the target's step as well let 32
+    whole-prompt catch-ups pass as cheap at 32 streams (bench-serve, 2026-12-02)."""
     from types import SimpleNamespace
 
     import numpy as np
@@ -259,7 +260,7 @@ def test_exploring_pays_its_catch_ups_in_full(monkeypatch):
     monkeypatch.setattr(proposer_module, "get_tp_group", lambda: SimpleNamespace(world_size=1))  # one rank
     model = costs(lambda n: 0.1 + 0.002 * n, lambda n: 0.01 + 0.001 * n)
     ids = ["a", "b", "c", "d"]
-    query_lens = np.ones(4, dtype=np.int64)  # a decode step
+    query_lens = np.ones(4, dtype=np.int64)  # a decode step: 0.108 s of target
 
     def decide(skipped_in_a_row: int, catch_ups: list[int]) -> list[bool]:
         # Acceptance so low that no draft pays by the rule: only exploring drafts.
@@ -268,6 +269,8 @@ def test_exploring_pays_its_catch_ups_in_full(monkeypatch):
         return CmasdProposer._who_drafts(proposer, ids, query_lens, np.array(catch_ups)).tolist()
 
     assert decide(EXPLORE_EVERY - 1, [0, 0, 0, 0]) == [False] * 4
-    assert decide(EXPLORE_EVERY, [0, 0, 0, 0]) == [True] * 4  # 18 ms of drafter against a 108 ms step
-    # Two requests lag their 120-token prompts: 248 drafter tokens (0.26 s), more than half the step.
-    assert decide(EXPLORE_EVERY, [0, 120, 0, 120]) == [False] * 4
+    assert decide(EXPLORE_EVERY, [0, 0, 0, 0]) == [True] * 4  # 18 ms of drafter
+    # Two requests lag 120-token prompts: priced 8 + 240 / 16 tokens, 33 ms.
+    assert decide(EXPLORE_EVERY, [0, 120, 0, 120]) == [True] * 4
+    # Two lag 600-token prompts: 83 tokens, 93 ms, more than half the 108 ms step.
+    assert decide(EXPLORE_EVERY, [0, 600, 0, 600]) == [False] * 4

@@ -40,10 +40,9 @@ logger = init_logger(__name__)
 # without a drafter pass: acceptance is only measured where drafts are
 # verified, and a history that stops updating would keep the drafter off ...
 EXPLORE_EVERY = 8
-# ... unless that pass, with its catch-ups, would cost more than this share of
-# the target's step: after a skipped prefill, exploring means the drafter's
-# whole prefill. Priced in full: an exploring request drafts one token and may
-# stop again, so nothing amortises its catch-up.
+# ... unless that pass, with its catch-ups (priced as the rule prices them),
+# would cost more than this share of the target's step for the tokens it
+# schedules: after a skipped prefill, exploring means the drafter's whole prefill.
 EXPLORE_MAX_COST = 0.5
 # Steps over which a first pass's prefill or catch-up tokens are priced (_priced_tokens).
 CATCH_UP_HORIZON = 16
@@ -391,7 +390,7 @@ class CmasdProposer(DraftModelProposer):
             dtype=bool,
         )
         explore = self._skipped_in_a_row >= EXPLORE_EVERY and (
-            self.costs.draft(int(pass_lens.sum() + catch_ups.sum()))
+            self.costs.draft(pass_tokens + int(np.ceil(amortised.sum())))
             <= EXPLORE_MAX_COST * self.costs.target(int(query_lens.sum()))
         )
         if not drafts.any() and explore:
