@@ -378,8 +378,7 @@ class CmasdProposer(DraftModelProposer):
         if not self.config.measures_costs:
             return np.ones(len(req_ids), dtype=bool)
         assert self.costs is not None
-        pass_lens = query_lens + 1
-        pass_tokens = CmasdProposer._priced_tokens(pass_lens, self.config.k_max)
+        pass_tokens = CmasdProposer._priced_tokens(query_lens + 1, self.config.k_max)  # + one new slot each
         survival = [self.acceptance.predict(req_id) for req_id in req_ids]
         budget = StepBudget(self.costs, len(req_ids), first_pass_paid=False)
         base = self.costs.draft(pass_tokens)
