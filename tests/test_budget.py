@@ -221,7 +221,7 @@ def test_only_requests_whose_catch_up_pays_draft_and_only_they_catch_up(monkeypa
 
     monkeypatch.setattr(proposer_module, "get_tp_group", lambda: SimpleNamespace(world_size=1))  # one rank
     model = costs(lambda n: 0.1 + 0.002 * n, lambda n: 0.01 + 0.001 * n)
-    proposer = SimpleNamespace(config=CmasdConfig(k_max=4), costs=MeasuredCosts(model),
+    proposer = SimpleNamespace(config=CmasdConfig(k_max=4), costs=MeasuredCosts(model), FIRST_PASS_SKIPPABLE=True,
                                acceptance=AcceptanceHistory(prior=0.8), _skipped_in_a_row=0)
     lag = DrafterLag(max_tracked=8)
     lag.skip(["current", "lagging"], np.array([40, 600]))
@@ -230,12 +230,12 @@ def test_only_requests_whose_catch_up_pays_draft_and_only_they_catch_up(monkeypa
     plan = lag.plan(["current", "lagging"], num_computed, query_lens, room=1000)
     catch_ups = np.maximum(plan.query_lens(query_lens) - query_lens, 0)
     assert catch_ups.tolist() == [0, 2]  # it missed two steps' tokens so far
-    drafts = CmasdProposer._who_drafts(proposer, ["current", "lagging"], query_lens, catch_ups)
-    assert drafts.tolist() == [True, True]  # a short catch-up pays
+    drafts, explore_room = CmasdProposer._who_drafts(proposer, ["current", "lagging"], query_lens, catch_ups)
+    assert drafts.tolist() == [True, True] and explore_room is None  # a short catch-up pays
     lag.lag_start["lagging"] = 0  # a skipped prefill: the whole prompt missed
     plan = lag.plan(["current", "lagging"], num_computed, query_lens, room=1000)
     catch_ups = np.maximum(plan.query_lens(query_lens) - query_lens, 0)
-    drafts = CmasdProposer._who_drafts(proposer, ["current", "lagging"], query_lens, catch_ups)
+    drafts, _ = CmasdProposer._who_drafts(proposer, ["current", "lagging"], query_lens, catch_ups)
     assert drafts.tolist() == [True, False]
     plan = lag.plan(["current", "lagging"], num_computed, query_lens, room=1000, wanted=drafts)
     assert plan.missed.tolist() == [0, 0] and plan.blocked.tolist() == [False, True]
@@ -243,34 +243,48 @@ def test_only_requests_whose_catch_up_pays_draft_and_only_they_catch_up(monkeypa
     assert lag.lag_start == {"lagging": 0}  # still lags from its prompt's start
 
 
-def test_exploring_is_priced_against_the_target_step_it_rides_on(monkeypatch):
-    """After EXPLORE_EVERY steps without a drafter pass every request drafts
-    once, unless that pass, with its catch-ups priced as the rule prices them,
-    would cost more than EXPLORE_MAX_COST of the target's step for the tokens
-    it schedules. Counting the catch-ups into the target's step as well let 32
-    whole-prompt catch-ups pass as cheap at 32 streams (bench-serve, 2026-12-02)."""
+def test_an_exploring_pass_spends_at_most_its_share_of_the_step(monkeypatch):
+    """After EXPLORE_EVERY steps without a drafter pass every request explores,
+    in a pass that costs at most EXPLORE_MAX_COST of the target's step for the
+    tokens it schedules, every token at full price: the catch-ups that fit run,
+    cheapest first, the next one is split, the rest wait. Priced per step over
+    the catch-up horizon instead, one exploring pass at 32 streams ran a
+    handful of whole-prompt catch-ups to draft a token each (bench-serve,
+    2026-12-02: 13093 catch-up tokens for 64 requests)."""
     from types import SimpleNamespace
 
     import numpy as np
 
     from vllm_cmasd.budget import AcceptanceHistory, MeasuredCosts
+    from vllm_cmasd.catchup import DrafterLag
     from vllm_cmasd import proposer as proposer_module
     from vllm_cmasd.proposer import EXPLORE_EVERY, CmasdProposer
 
     monkeypatch.setattr(proposer_module, "get_tp_group", lambda: SimpleNamespace(world_size=1))  # one rank
-    model = costs(lambda n: 0.1 + 0.002 * n, lambda n: 0.01 + 0.001 * n)
     ids = ["a", "b", "c", "d"]
-    query_lens = np.ones(4, dtype=np.int64)  # a decode step: 0.108 s of target
+    query_lens = np.ones(4, dtype=np.int64)  # a decode step: 0.108 s of target, half of it 54 ms
 
-    def decide(skipped_in_a_row: int, catch_ups: list[int]) -> list[bool]:
+    def decide(skipped_in_a_row: int, catch_ups: list[int], draft_pass_s: float = 0.0105):
         # Acceptance so low that no draft pays by the rule: only exploring drafts.
-        proposer = SimpleNamespace(config=CmasdConfig(k_max=4), costs=MeasuredCosts(model),
+        model = costs(lambda n: 0.1 + 0.002 * n, lambda n: draft_pass_s + 0.001 * n)
+        proposer = SimpleNamespace(config=CmasdConfig(k_max=4), costs=MeasuredCosts(model), FIRST_PASS_SKIPPABLE=True,
                                    acceptance=AcceptanceHistory(prior=0.01), _skipped_in_a_row=skipped_in_a_row)
-        return CmasdProposer._who_drafts(proposer, ids, query_lens, np.array(catch_ups)).tolist()
+        drafts, explore_room = CmasdProposer._who_drafts(proposer, ids, query_lens, np.array(catch_ups))
+        return drafts.tolist(), explore_room
 
-    assert decide(EXPLORE_EVERY - 1, [0, 0, 0, 0]) == [False] * 4
-    assert decide(EXPLORE_EVERY, [0, 0, 0, 0]) == [True] * 4  # 18 ms of drafter
-    # Two requests lag 120-token prompts: priced 8 + 240 / 16 tokens, 33 ms.
-    assert decide(EXPLORE_EVERY, [0, 120, 0, 120]) == [True] * 4
-    # Two lag 600-token prompts: 83 tokens, 93 ms, more than half the 108 ms step.
-    assert decide(EXPLORE_EVERY, [0, 600, 0, 600]) == [False] * 4
+    assert decide(EXPLORE_EVERY - 1, [0, 0, 0, 0]) == ([False] * 4, None)
+    assert decide(EXPLORE_EVERY, [0, 0, 0, 0]) == ([True] * 4, 0)  # 18.5 ms of drafter
+    # 8 own tokens and 35 catch-up tokens cost 53.5 ms; lags of 8 and 20 tokens fit whole.
+    assert decide(EXPLORE_EVERY, [8, 0, 20, 0]) == ([True] * 4, 28)
+    drafts, room = decide(EXPLORE_EVERY, [8, 600, 20, 600])
+    assert drafts == [True] * 4 and room == 35
+    # The plan runs the two short catch-ups, splits the next, and the last runs
+    # one missed token in place of its own.
+    lag = DrafterLag(max_tracked=8)
+    num_computed = np.array([100, 600, 200, 600])
+    lag.lag_start.update(a=92, b=0, c=180, d=0)
+    plan = lag.plan(ids, num_computed, query_lens, room=room, cheapest_first=True)
+    assert plan.missed.tolist() == [8, 8, 20, 1] and plan.partial.tolist() == [False, True, False, True]
+    assert plan.blocked.tolist() == [False, True, False, True]
+    # A drafter pass that alone costs more than half the step does not explore.
+    assert decide(EXPLORE_EVERY, [0, 0, 0, 0], draft_pass_s=0.06) == ([False] * 4, None)

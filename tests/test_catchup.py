@@ -26,23 +26,23 @@ def skip_calls(monkeypatch, skipped):
     return decide_calls(monkeypatch, lambda call, batch_size: np.full(batch_size, call not in skipped))
 
 
-def decide_calls(monkeypatch, pattern):
+def decide_calls(monkeypatch, pattern, proposer_class=CmasdProposer):
     """Who drafts on each propose call: ``pattern(call counted from 1, batch size)``."""
     calls = []
 
     def decide(self, req_ids, query_lens, catch_ups):
         calls.append(len(req_ids))
-        return pattern(len(calls), len(req_ids))
+        return pattern(len(calls), len(req_ids)), None
 
-    monkeypatch.setattr(CmasdProposer, "_who_drafts", decide)
+    monkeypatch.setattr(proposer_class, "_who_drafts", decide)
     return calls
 
 
-def record_first_positions(monkeypatch):
+def record_first_positions(monkeypatch, proposer_class=CmasdProposer):
     """Per propose call that drafts: the drafter's logits at the first drafted
     position of each request, and the position of the token they follow."""
     seen = []
-    real_propose, real_confidence = CmasdProposer.propose, proposer.unified_confidence
+    real_propose, real_confidence = proposer_class.propose, proposer.unified_confidence
     first = {}
 
     def confidence(logits, config, vocab_size=None):
@@ -51,16 +51,16 @@ def record_first_positions(monkeypatch):
 
     def propose(self, num_speculative_tokens, **kwargs):
         first.clear()
+        # Before drafting: EAGLE's loop advances the metadata's seq_lens in place.
+        rejected = kwargs["num_rejected_tokens_gpu"]
+        new_token_positions = (kwargs["common_attn_metadata"].seq_lens - (0 if rejected is None else rejected)).tolist()
         out = real_propose(self, num_speculative_tokens=num_speculative_tokens, **kwargs)
         if "logits" in first:
-            cad = kwargs["common_attn_metadata"]
-            rejected = kwargs["num_rejected_tokens_gpu"]
-            new_token_positions = (cad.seq_lens - (0 if rejected is None else rejected)).tolist()
             seen.append((list(self.runner.input_batch.req_ids), new_token_positions, first["logits"]))
         return out
 
     monkeypatch.setattr(proposer, "unified_confidence", confidence)
-    monkeypatch.setattr(CmasdProposer, "propose", propose)
+    monkeypatch.setattr(proposer_class, "propose", propose)
     return seen
 
 

@@ -109,7 +109,7 @@ def test_exact_verification_keeps_the_target_distribution(tiny_pair, plain_sampl
 
         from vllm_cmasd.proposer import CmasdProposer
 
-        monkeypatch.setattr(CmasdProposer, "_who_drafts", lambda self, ids, query_lens, catch_ups: np.ones(len(ids), dtype=bool))
+        monkeypatch.setattr(CmasdProposer, "_who_drafts", lambda self, ids, query_lens, catch_ups: (np.ones(len(ids), dtype=bool), None))
     target, draft = tiny_pair
     kwargs = engine(target, draft=draft, num_speculative_tokens=4, cmasd=cmasd)
     kwargs["speculative_config"]["draft_sample_method"] = draft_sample_method

@@ -63,7 +63,7 @@ def test_budget_is_lossless_and_measures_its_costs(tiny_pair, monkeypatch):
 
     from vllm_cmasd.proposer import CmasdProposer
 
-    monkeypatch.setattr(CmasdProposer, "_who_drafts", lambda self, req_ids, query_lens, catch_ups: np.ones(len(req_ids), dtype=bool))
+    monkeypatch.setattr(CmasdProposer, "_who_drafts", lambda self, req_ids, query_lens, catch_ups: (np.ones(len(req_ids), dtype=bool), None))
     target, draft = tiny_pair
     plain = run_engine(PROMPTS, greedy(), **engine(target))
     ours = run_engine(

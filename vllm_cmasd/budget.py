@@ -332,7 +332,7 @@ def profile_costs(runner, drafter, max_tokens: int, repeats: int = 3) -> CostMod
     from vllm.distributed import get_tp_group
     from vllm.forward_context import set_forward_context
 
-    def seconds(model, n: int) -> float:
+    def seconds(model, n: int, **inputs) -> float:
         ids = torch.zeros(n, dtype=torch.long, device=drafter.device)
         positions = torch.arange(n, dtype=torch.long, device=drafter.device)
         times = []
@@ -340,7 +340,7 @@ def profile_costs(runner, drafter, max_tokens: int, repeats: int = 3) -> CostMod
             runner._sync_device()
             start = time.perf_counter()
             with set_forward_context(None, drafter.vllm_config, num_tokens=n, slot_mapping={}):
-                hidden = model(input_ids=ids, positions=positions)
+                hidden = model(input_ids=ids, positions=positions, **inputs)
             if isinstance(hidden, tuple):
                 hidden = hidden[0]
             model.compute_logits(hidden)
@@ -349,9 +349,15 @@ def profile_costs(runner, drafter, max_tokens: int, repeats: int = 3) -> CostMod
                 times.append(time.perf_counter() - start)
         return sorted(times)[len(times) // 2]
 
+    def drafter_inputs(n: int) -> dict:
+        # An EAGLE head also takes the target's (combined) hidden states.
+        if not drafter.pass_hidden_states_to_model:
+            return {}
+        return {"hidden_states": torch.zeros(n, drafter.hidden_size, dtype=drafter.dtype, device=drafter.device)}
+
     points = _profile_points(max_tokens)
     measured = torch.tensor(
-        [[seconds(runner.model, n) for n in points], [seconds(drafter.model, n) for n in points]],
+        [[seconds(runner.model, n) for n in points], [seconds(drafter.model, n, **drafter_inputs(n)) for n in points]],
         dtype=torch.float64,
         device=drafter.device,
     )

@@ -106,10 +106,11 @@ class DrafterLag:
             self.lag_start.setdefault(req_id, 0 if req_id in self._cache_hits_now else computed)
 
     def plan(self, req_ids: list[str], num_computed: np.ndarray, query_lens: np.ndarray, room: int,
-             wanted: np.ndarray | None = None) -> CatchUpPlan:
-        """Catch-ups in batch order while they fit in ``room`` more tokens: full
-        ones first come, first served; then partial ones in what is left plus
-        the request's own tokens, which a partial catch-up replaces.
+             wanted: np.ndarray | None = None, cheapest_first: bool = False) -> CatchUpPlan:
+        """Catch-ups in batch order (``cheapest_first``: shortest first) while
+        they fit in ``room`` more tokens: full ones first come, first served;
+        then partial ones in what is left plus the request's own tokens, which
+        a partial catch-up replaces.
 
         ``wanted`` (bool per request; default all): only those catch up. A
         lagging request that is not wanted (it drafts nothing this step) is
@@ -120,9 +121,11 @@ class DrafterLag:
         missed = np.zeros(batch_size, dtype=np.int64)
         partial = np.zeros(batch_size, dtype=bool)
         blocked = np.zeros(batch_size, dtype=bool)
-        for i, req_id in enumerate(req_ids):
-            lag_start = self.lag_start.get(req_id)
-            if lag_start is None or lag_start >= num_computed[i]:
+        lag_starts = np.array([self.lag_start.get(req_id, n) for req_id, n in zip(req_ids, num_computed.tolist())])
+        order = np.argsort(num_computed - lag_starts, kind="stable") if cheapest_first else range(batch_size)
+        for i in order:
+            req_id, lag_start = req_ids[i], int(lag_starts[i])
+            if lag_start >= num_computed[i]:
                 continue
             if wanted is not None and not wanted[i]:
                 blocked[i] = True

@@ -68,6 +68,7 @@ def llm_kwargs(
     target: str | Path,
     *,
     draft: str | Path | None = None,
+    draft_method: str = "draft_model",
     num_speculative_tokens: int = 8,
     cmasd: dict[str, Any] | None = None,
     ngram: bool = False,
@@ -77,8 +78,9 @@ def llm_kwargs(
 ) -> dict[str, Any]:
     """Keyword arguments for ``vllm.LLM``.
 
-    ``draft`` alone: vLLM's draft-model speculation at fixed k; ``draft`` and
-    ``cmasd``: CM-ASD with k_max = ``num_speculative_tokens``; ``ngram``:
+    ``draft`` alone: vLLM's speculation at fixed k with that draft, by
+    ``draft_method`` (``draft_model``, or ``eagle3`` for an EAGLE-3 head);
+    ``draft`` and ``cmasd``: CM-ASD on it with k_max = ``num_speculative_tokens``; ``ngram``:
     vLLM's n-gram speculation; none of them: plain decoding.
 
     On CPU the KV cache gets an explicit size (:func:`cpu_kv_cache_bytes`)
@@ -108,7 +110,7 @@ def llm_kwargs(
         }
     elif draft is not None:
         kwargs["speculative_config"] = {
-            "method": "draft_model",
+            "method": draft_method,
             "model": str(draft),
             "num_speculative_tokens": num_speculative_tokens,
         }

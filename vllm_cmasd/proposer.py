@@ -25,6 +25,7 @@ import torch
 from vllm.distributed import get_tp_group
 from vllm.logger import init_logger
 from vllm.v1.spec_decode.draft_model import DraftModelProposer
+from vllm.v1.spec_decode.eagle import EagleProposer
 
 from vllm_cmasd.budget import AcceptanceHistory, CostModel, MeasuredCosts, StepBudget, profile_costs
 from vllm_cmasd.calibration import CALIBRATION_FILE, AcceptanceCalibration
@@ -40,9 +41,9 @@ logger = init_logger(__name__)
 # without a drafter pass: acceptance is only measured where drafts are
 # verified, and a history that stops updating would keep the drafter off ...
 EXPLORE_EVERY = 8
-# ... unless that pass, with its catch-ups (priced as the rule prices them),
-# would cost more than this share of the target's step for the tokens it
-# schedules: after a skipped prefill, exploring means the drafter's whole prefill.
+# ... but that exploring pass may cost at most this share of the target's step
+# for the tokens it schedules, every token it runs at full price: it runs the
+# catch-ups that fit in what is left, cheapest first, and splits the next one.
 EXPLORE_MAX_COST = 0.5
 # Steps over which a first pass's prefill or catch-up tokens are priced (_priced_tokens).
 CATCH_UP_HORIZON = 16
@@ -147,8 +148,18 @@ class DraftWindow:
         goes_on &= torch.tensor(more, device=device)
 
 
-class CmasdProposer(DraftModelProposer):
-    """Draft-model proposer whose drafts stop where the drafter's confidence does."""
+class CmasdProposerMixin:
+    """vLLM's drafting loop with CM-ASD's window, signals and controller; one
+    implementation for both proposer families (:class:`CmasdProposer`,
+    :class:`CmasdEagleProposer`), which differ only in ``FIRST_PASS_SKIPPABLE``."""
+
+    # Whether a step where no request drafts may skip the drafter's first pass
+    # and catch it up later (catchup.py). A draft model's catch-up needs only
+    # the committed tokens. An EAGLE head's KV at position p is a function of
+    # the target's hidden states at p, which the runner drops after each step
+    # (and a prefix-cache hit never computed): its first pass always runs, and
+    # the head's KV never lags.
+    FIRST_PASS_SKIPPABLE: bool
 
     def __init__(self, vllm_config, device: torch.device, runner, config: CmasdConfig):
         super().__init__(vllm_config=vllm_config, device=device, runner=runner)
@@ -273,23 +284,26 @@ class CmasdProposer(DraftModelProposer):
         # Tokens whose KV the target holds before this step (not yet advanced by it).
         num_computed = batch.num_computed_tokens_cpu[:batch_size].copy()
         self.lag.observe(req_ids, num_computed)
-        # The first pass runs the verified tokens plus one slot per request in
-        # buffers of max_num_tokens; catch-ups get what is left.
+        # The first pass runs the verified tokens (plus, for a draft model, one
+        # slot per request) in buffers of max_num_tokens; catch-ups get what is left.
         query_lens = cad.query_start_loc_cpu.diff().numpy()
-        room = self.max_num_tokens - cad.num_actual_tokens - batch_size
+        room = self.max_num_tokens - cad.num_actual_tokens - batch_size * self.net_num_new_slots_per_request
         plan = self.lag.plan(req_ids, num_computed, query_lens, room=room)
         if self.config.measures_costs and self.costs is None:
             self.costs = MeasuredCosts(self._profile_costs())
         # What each request's catch-up adds to the first pass (a partial one
         # runs instead of the request's own tokens).
         catch_ups = np.maximum(plan.query_lens(query_lens) - query_lens, 0)
-        drafts = self._who_drafts(req_ids, query_lens, catch_ups)
-        if not drafts.any():
+        drafts, explore_room = self._who_drafts(req_ids, query_lens, catch_ups)
+        if not drafts.any() and self.FIRST_PASS_SKIPPABLE:
             return self._skip_drafter(req_ids, num_computed)
-        if not drafts.all():
+        if explore_room is not None:
+            # An exploring pass: the catch-ups that fit its share of the step.
+            plan = self.lag.plan(req_ids, num_computed, query_lens, room=min(room, explore_room), cheapest_first=True)
+        elif not drafts.all():
             # Only requests that draft catch up; the room goes to them.
             plan = self.lag.plan(req_ids, num_computed, query_lens, room=room, wanted=drafts)
-        pass_tokens = int((plan.query_lens(query_lens) + 1).sum())
+        pass_tokens = int((plan.query_lens(query_lens) + self.net_num_new_slots_per_request).sum())
         drafting_start = time.perf_counter()
         budget = StepBudget(self.costs, batch_size) if self.config.measures_costs else None
         if plan.num_tokens:
@@ -361,44 +375,72 @@ class CmasdProposer(DraftModelProposer):
         step = np.minimum(pass_lens, k_max + 2)
         return int(step.sum() + np.ceil((pass_lens - step).sum() / CATCH_UP_HORIZON))
 
-    def _who_drafts(self, req_ids: list[str], query_lens: np.ndarray, catch_ups: np.ndarray) -> np.ndarray:
+    def _who_drafts(
+        self, req_ids: list[str], query_lens: np.ndarray, catch_ups: np.ndarray
+    ) -> tuple[np.ndarray, int | None]:
         """Which requests draft this step (bool per request; none: the step runs
-        no drafter pass). Every request without the draft budget; with it, those
-        whose first drafted token pays once the first pass (its ``query_lens``
+        no drafter pass), and on an exploring step the catch-up tokens its pass
+        may run (None on any other step).
+
+        Every request drafts without the draft budget. With it, those whose
+        first drafted token pays once the first pass (its ``query_lens``
         tokens plus one new slot each, priced by :meth:`_priced_tokens`) and the request's own
         catch-up (``catch_ups`` tokens, priced over ``CATCH_UP_HORIZON`` steps)
         are paid for, decided before that pass from what is known now: each
         request's recent acceptance as the survival of its first drafted token,
         the batch, the measured costs. A request that does not draft on a step
         that does still runs its first pass (it does not lag, or keeps its lag
-        without catching up).
+        without catching up). If none pays after ``EXPLORE_EVERY`` skipped
+        steps, every request explores (:meth:`_explore_room`).
 
         Rank 0 decides for every tensor-parallel rank (their histories agree,
-        but a skip on one rank alone would desynchronise the drafters)."""
+        but a skip on one rank alone would desynchronise the drafters); the
+        explore room follows from the costs and lags, which the ranks share."""
         if not self.config.measures_costs:
-            return np.ones(len(req_ids), dtype=bool)
+            return np.ones(len(req_ids), dtype=bool), None
         assert self.costs is not None
-        pass_tokens = CmasdProposer._priced_tokens(query_lens + 1, self.config.k_max)  # + one new slot each
+        if self.FIRST_PASS_SKIPPABLE:  # + one new slot each
+            pass_tokens = CmasdProposerMixin._priced_tokens(query_lens + 1, self.config.k_max)
+        else:  # the first pass runs anyway: drafting adds its logits and bookkeeping, like a pass over the batch
+            pass_tokens = len(req_ids)
         survival = [self.acceptance.predict(req_id) for req_id in req_ids]
         budget = StepBudget(self.costs, len(req_ids), first_pass_paid=False)
         base = self.costs.draft(pass_tokens)
-        amortised = catch_ups / CATCH_UP_HORIZON
-        extra = [self.costs.draft(pass_tokens + n) - base for n in amortised.tolist()]
+        extra = [self.costs.draft(pass_tokens + n) - base for n in (catch_ups / CATCH_UP_HORIZON).tolist()]
         drafts = np.array(
             budget.another_pass(survival, [True] * len(req_ids), pass_tokens=pass_tokens, extra_seconds=extra),
             dtype=bool,
         )
-        explore = self._skipped_in_a_row >= EXPLORE_EVERY and (
-            self.costs.draft(pass_tokens + int(np.ceil(amortised.sum())))
-            <= EXPLORE_MAX_COST * self.costs.target(int(query_lens.sum()))
-        )
-        if not drafts.any() and explore:
-            drafts[:] = True
+        explore_room = None
+        if not drafts.any() and self._skipped_in_a_row >= EXPLORE_EVERY:
+            explore_room = CmasdProposerMixin._explore_room(self.costs, query_lens, max_room=int(catch_ups.sum()))
+            drafts[:] = explore_room is not None
         tp_group = get_tp_group()
         if tp_group.world_size > 1:
             drafts = tp_group.broadcast(torch.from_numpy(drafts).to(self.device), src=0).cpu().numpy()
         self._skipped_in_a_row = 0 if drafts.any() else self._skipped_in_a_row + 1
-        return drafts
+        return drafts, explore_room
+
+    @staticmethod
+    def _explore_room(costs: CostModel | MeasuredCosts, query_lens: np.ndarray, max_room: int) -> int | None:
+        """Catch-up tokens (at most ``max_room``) an exploring pass may run: the
+        pass, its own tokens and the catch-ups at full price, costs at most
+        ``EXPLORE_MAX_COST`` of the target's step for the tokens it schedules.
+        Full price, because an exploring request drafts a token and may stop
+        again, so nothing amortises what it ran; a share of the step, so a
+        batch of whole-prompt catch-ups (32 streams, bench-serve 2026-12-02)
+        cannot make one exploring pass cost many steps, while a small batch
+        after a skipped prefill still explores and its catch-up proceeds in
+        chunks. None: the pass alone costs more than that."""
+        limit = EXPLORE_MAX_COST * costs.target(int(query_lens.sum()))
+        own = int((query_lens + 1).sum())
+        if costs.draft(own) > limit:
+            return None
+        low, high = 0, max_room  # the largest room whose pass fits: draft() grows with tokens
+        while low < high:
+            mid = (low + high + 1) // 2
+            low, high = (mid, high) if costs.draft(own + mid) <= limit else (low, mid - 1)
+        return low
 
     def _skip_drafter(self, req_ids: list[str], num_computed) -> list[list[int]]:
         """No drafter pass this step: every request lags and drafts nothing."""
@@ -467,3 +509,16 @@ class CmasdProposer(DraftModelProposer):
                 parts.append(row[:n])
                 found = True
         return torch.cat(parts) if found else None
+
+
+class CmasdProposer(CmasdProposerMixin, DraftModelProposer):
+    """Draft-model proposer (``method: draft_model``) whose drafts stop where the drafter's confidence does."""
+
+    FIRST_PASS_SKIPPABLE = True
+
+
+class CmasdEagleProposer(CmasdProposerMixin, EagleProposer):
+    """EAGLE-3 head proposer (``method: eagle3``) with the same window, signals and
+    controller; the head's first pass always runs (``FIRST_PASS_SKIPPABLE``)."""
+
+    FIRST_PASS_SKIPPABLE = False

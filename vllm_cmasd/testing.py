@@ -276,6 +276,28 @@ def _vocab_size(tokenizer_dir: Path) -> int:
     return Tokenizer.from_file(str(tokenizer_dir / "tokenizer.json")).get_vocab_size(with_added_tokens=True)
 
 
+def _build_once(final: Path, marker: str, build) -> Path:
+    """``final``, built by ``build(tmp_dir)`` (which writes ``marker`` last) unless
+    there already: written atomically (a tmp dir, then rename), so repeated or
+    concurrent calls reuse one copy."""
+    if (final / marker).is_file():
+        return final
+    tmp = final.parent / f".{final.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+    try:
+        tmp.mkdir(parents=True)
+        build(tmp)
+        try:
+            os.rename(tmp, final)
+        except OSError:
+            # Someone else finished first (or a stale unfinished dir is in the way).
+            if not (final / marker).is_file():
+                shutil.rmtree(final, ignore_errors=True)
+                os.rename(tmp, final)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return final
+
+
 def make_tiny_pair(root: str | os.PathLike, seed: int = 0, draft_layers: int = DRAFT_LAYERS) -> tuple[Path, Path]:
     """Build (or reuse) the tiny target and draft under ``root``; return ``(target, draft)``.
 
@@ -284,15 +306,8 @@ def make_tiny_pair(root: str | os.PathLike, seed: int = 0, draft_layers: int = D
     """
     texts = corpus_texts()
     key = f"tiny-v{TINY_VERSION}-s{seed}-d{draft_layers}-{_corpus_hash(texts)}"
-    root = Path(root)
-    final = root / key
-    if (final / MARKER).is_file():
-        return final / "target", final / "draft"
 
-    root.mkdir(parents=True, exist_ok=True)
-    tmp = root / f".{key}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
-    try:
-        tmp.mkdir()
+    def build(tmp: Path) -> None:
         target = make_tiny_model(tmp / "target", seed=seed, texts=texts)
         make_draft_from(target, tmp / "draft", draft_layers)
         for d in (tmp, target, tmp / "draft"):
@@ -304,16 +319,84 @@ def make_tiny_pair(root: str | os.PathLike, seed: int = 0, draft_layers: int = D
             "tiny_version": TINY_VERSION, "seed": seed, "draft_layers": draft_layers,
             "corpus_sha256_12": _corpus_hash(texts), "corpus_modules": list(CORPUS_MODULES),
         }, indent=2) + "\n")
-        try:
-            os.rename(tmp, final)
-        except OSError:
-            # Someone else finished first (or a stale unfinished dir is in the way).
-            if not (final / MARKER).is_file():
-                shutil.rmtree(final, ignore_errors=True)
-                os.rename(tmp, final)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+
+    final = _build_once(Path(root) / key, MARKER, build)
     return final / "target", final / "draft"
+
+
+EAGLE3_MARKER = "tiny_eagle3.json"
+# The tiny target's 4 layers would give vLLM's default aux ids (2, 2, 1), two
+# states after deduplication: name three distinct ones (id L is the residual
+# stream entering layer L).
+EAGLE3_AUX_LAYER_IDS = (1, 2, 3)
+EAGLE3_DRAFT_VOCAB = 512
+
+
+def make_tiny_eagle3_head(target_dir: str | os.PathLike, root: str | os.PathLike, seed: int = 0) -> Path:
+    """Build (or reuse) a random-weight EAGLE-3 head for the tiny target, in the
+    layout vLLM's ``eagle3`` method loads unmodified (``LlamaForCausalLMEagle3``):
+    one decoder layer over [embedding ; fc(three aux hidden states)], a reduced
+    LM head of ``EAGLE3_DRAFT_VOCAB`` rows with its ``d2t`` offsets (target id =
+    draft id + d2t[draft id]) to a seeded subset of the vocabulary that keeps the
+    special tokens, and no embedding (vLLM shares the target's).
+
+    Cached under ``root/tiny-eagle3-v<TINY_VERSION>-s<seed>-<target's weights hash>/``."""
+    target_dir = Path(target_dir)
+    digest = hashlib.sha256((target_dir / "model.safetensors").read_bytes()).hexdigest()[:12]
+    key = f"tiny-eagle3-v{TINY_VERSION}-s{seed}-{digest}"
+    return _build_once(Path(root) / key, EAGLE3_MARKER, lambda tmp: _write_tiny_eagle3_head(target_dir, tmp, seed, digest))
+
+
+def _write_tiny_eagle3_head(target_dir: Path, out_dir: Path, seed: int, digest: str) -> None:
+    import math
+
+    import torch
+    from safetensors.torch import save_file
+
+    config = json.loads((target_dir / "config.json").read_text())
+    hidden, inter, vocab = config["hidden_size"], config["intermediate_size"], config["vocab_size"]
+    head_dim = config["head_dim"]
+    q_out, kv_out = config["num_attention_heads"] * head_dim, config["num_key_value_heads"] * head_dim
+    g = torch.Generator().manual_seed(seed)
+
+    def linear(out_features: int, in_features: int, scale: float = 1.0) -> torch.Tensor:
+        return torch.randn(out_features, in_features, generator=g) * (scale / math.sqrt(in_features))
+
+    aux = len(EAGLE3_AUX_LAYER_IDS)
+    specials = torch.arange(len(SPECIAL_TOKENS))
+    rest = torch.randperm(vocab - len(specials), generator=g)[: EAGLE3_DRAFT_VOCAB - len(specials)] + len(specials)
+    kept = torch.cat([specials, rest]).sort().values
+    tensors = {
+        "fc.weight": linear(hidden, aux * hidden),
+        "midlayer.self_attn.q_proj.weight": linear(q_out, 2 * hidden),
+        "midlayer.self_attn.k_proj.weight": linear(kv_out, 2 * hidden),
+        "midlayer.self_attn.v_proj.weight": linear(kv_out, 2 * hidden),
+        "midlayer.self_attn.o_proj.weight": linear(hidden, q_out, _RESID_STD),
+        "midlayer.mlp.gate_proj.weight": linear(inter, hidden),
+        "midlayer.mlp.up_proj.weight": linear(inter, hidden),
+        "midlayer.mlp.down_proj.weight": linear(hidden, inter, _RESID_STD),
+        "midlayer.input_layernorm.weight": torch.ones(hidden),
+        "midlayer.hidden_norm.weight": torch.ones(hidden),
+        "midlayer.post_attention_layernorm.weight": torch.ones(hidden),
+        "norm.weight": torch.ones(hidden),
+        "lm_head.weight": torch.randn(EAGLE3_DRAFT_VOCAB, hidden, generator=g) * _HEAD_STD,
+    }
+    tensors = {name: t.to(torch.float32).contiguous() for name, t in tensors.items()}
+    tensors["d2t"] = (kept - torch.arange(EAGLE3_DRAFT_VOCAB)).to(torch.int64)
+    config.update(
+        architectures=["LlamaForCausalLMEagle3"],
+        num_hidden_layers=1,
+        draft_vocab_size=EAGLE3_DRAFT_VOCAB,
+        target_hidden_size=hidden,
+        tie_word_embeddings=False,
+        eagle_config={"eagle_aux_hidden_state_layer_ids": list(EAGLE3_AUX_LAYER_IDS), "use_aux_hidden_state": True},
+    )
+    config.pop("layer_types", None)
+    save_file(tensors, str(out_dir / "model.safetensors"), metadata={"format": "pt"})
+    (out_dir / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+    _copy_tokenizer(target_dir, out_dir)
+    (out_dir / EAGLE3_MARKER).write_text(json.dumps({"tiny_version": TINY_VERSION, "seed": seed,
+                                                      "target_sha256_12": digest}, indent=2) + "\n")
 
 
 # --------------------------------------------------------------------------- measurement

@@ -47,6 +47,9 @@ from vllm_cmasd.config import CONFIG_KEY, CmasdConfig, CmasdConfigError
 
 _installed = False
 
+# speculative_config.method -> the CM-ASD proposer (vllm_cmasd.proposer) that replaces vLLM's.
+PROPOSER_METHODS = {"draft_model": "CmasdProposer", "eagle3": "CmasdEagleProposer"}
+
 
 def cmasd_config_of(vllm_config) -> CmasdConfig | None:
     """The validated CM-ASD config of an engine, or None if CM-ASD is off."""
@@ -57,11 +60,11 @@ def cmasd_config_of(vllm_config) -> CmasdConfig | None:
     if spec is None:
         raise CmasdConfigError(
             f"additional_config.{CONFIG_KEY}: CM-ASD needs --speculative-config with "
-            "method 'draft_model', a draft 'model' and num_speculative_tokens (= k_max)"
+            f"a method in {list(PROPOSER_METHODS)}, a draft 'model' and num_speculative_tokens (= k_max)"
         )
-    if spec.method != "draft_model":
+    if spec.method not in PROPOSER_METHODS:
         raise CmasdConfigError(
-            f"speculative_config.method: CM-ASD supports ['draft_model']; got {spec.method!r}"
+            f"speculative_config.method: CM-ASD supports {list(PROPOSER_METHODS)}; got {spec.method!r}"
         )
     if spec.draft_model_config is None:
         raise CmasdConfigError("speculative_config.model: CM-ASD needs a draft model path")
@@ -116,12 +119,13 @@ def _swap_in_cmasd(original_init):
         # Only the last pipeline stage owns a drafter.
         if config is None or not hasattr(self, "drafter"):
             return
-        from vllm_cmasd.proposer import CmasdProposer
+        from vllm_cmasd import proposer
         from vllm_cmasd.verification import CmasdRejectionSampler
 
-        # vLLM already built a DraftModelProposer (buffers only, no weights
-        # yet); replacing it here keeps vLLM's own construction order intact.
-        drafter = CmasdProposer(vllm_config, device, self, config)
+        # vLLM already built its proposer for the method (buffers only, no
+        # weights yet); replacing it here keeps vLLM's own construction order intact.
+        proposer_class = getattr(proposer, PROPOSER_METHODS[vllm_config.speculative_config.method])
+        drafter = proposer_class(vllm_config, device, self, config)
         self.drafter = drafter
         self.rejection_sampler = CmasdRejectionSampler(
             self.sampler,
