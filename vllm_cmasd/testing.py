@@ -35,6 +35,9 @@ real tokenizer with a chat template). Why it is built this way:
   seeds 1 / 2); about 0.8 where the draft's top-1 probability is > 0.5 and about 0.35
   where it is < 0.3, so drafter confidence predicts acceptance.
 
+:func:`make_tiny_eagle3_head` adds a random-weight EAGLE-3 head for the tiny target, in
+the layout vLLM's ``eagle3`` method loads unmodified (reduced vocabulary with ``d2t``).
+
 Directories are cached under ``root`` by (seed, ``TINY_VERSION``, corpus hash) and written
 atomically (tmp dir, then rename), so repeated or concurrent calls reuse one copy. Bump
 ``TINY_VERSION`` whenever what is built changes.
