@@ -138,3 +138,15 @@ def test_lenient_verification_is_detected_as_a_different_distribution(tiny_pair,
     lenient = sample(kwargs, first_seed=NUM_SAMPLES)
     p = p_values(plain_samples("top_k"), lenient)
     assert min(p) < P_VALUE, p
+
+
+def test_exact_verification_on_an_eagle3_head_keeps_the_target_distribution(tiny_pair, tiny_eagle3, plain_samples):
+    """The same test on vLLM's EAGLE-3 proposer path (CmasdEagleProposer), drafts
+    sampled from a random head's reduced-vocabulary distribution."""
+    target, _ = tiny_pair
+    kwargs = engine(target, draft=tiny_eagle3, draft_method="eagle3", num_speculative_tokens=4,
+                    cmasd={"verification": "exact", "draft_length": "window"})
+    kwargs["speculative_config"]["draft_sample_method"] = "probabilistic"
+    ours = sample(kwargs, first_seed=NUM_SAMPLES)
+    p = p_values(plain_samples("top_k"), ours)
+    assert min(p) > P_VALUE, p

@@ -38,7 +38,7 @@ CHATS = [
 ]
 
 
-def tiny_flags(target, draft=None, cmasd=None, **overrides):
+def tiny_flags(target, draft=None, cmasd=None, draft_method="draft_model", **overrides):
     from vllm_cmasd.engines import llm_kwargs, on_cpu
 
     settings = dict(max_model_len=MAX_MODEL_LEN, **overrides)
@@ -48,7 +48,8 @@ def tiny_flags(target, draft=None, cmasd=None, **overrides):
         settings.setdefault("kv_cache_memory_bytes", 256 * 2**20)
     if draft is None:
         return engine_flags(llm_kwargs(target, **settings))
-    return engine_flags(llm_kwargs(target, draft=draft, num_speculative_tokens=K_MAX, cmasd=cmasd, **settings))
+    return engine_flags(llm_kwargs(target, draft=draft, draft_method=draft_method, num_speculative_tokens=K_MAX,
+                                   cmasd=cmasd, **settings))
 
 
 def start_all(servers: list[VllmServer]) -> None:
@@ -97,7 +98,7 @@ RSTITCH_ALL = {"verification": "rstitch", "rstitch_entropy": 8.0, "threshold": 0
 
 
 @pytest.fixture(scope="module")
-def option_servers(tiny_pair, tiny_self_draft, tmp_path_factory):
+def option_servers(tiny_pair, tiny_self_draft, tiny_eagle3, tmp_path_factory):
     target, draft = tiny_pair
     logs = tmp_path_factory.mktemp("serve-logs")
     started = {
@@ -107,6 +108,9 @@ def option_servers(tiny_pair, tiny_self_draft, tmp_path_factory):
             target, tiny_flags(target, draft, {"verification": "exact"}), name="controller", log_dir=logs
         ),
         "specbound": VllmServer(target, tiny_flags(target, tiny_self_draft, CMASD), name="specbound", log_dir=logs),
+        "eagle3": VllmServer(
+            target, tiny_flags(target, tiny_eagle3, CMASD, draft_method="eagle3"), name="eagle3", log_dir=logs
+        ),
     }
     start_all(list(started.values()))
     try:
@@ -333,12 +337,16 @@ def test_metrics_report_cmasd_series(servers):
 
 
 def test_options_through_vllm_serve(servers, option_servers):
-    """The controller and the self-draft stay lossless; R-Stitch keeps drafts the
-    target did not check, which /metrics shows as every drafted token accepted."""
+    """The controller, the self-draft and an EAGLE-3 head stay lossless; R-Stitch
+    keeps drafts the target did not check, which /metrics shows as every
+    drafted token accepted."""
     plain, _ = servers
     reference = greedy_texts(plain, PROMPTS, 32)
-    for name in ("controller", "specbound"):
+    for name in ("controller", "specbound", "eagle3"):
         assert greedy_texts(option_servers[name], PROMPTS, 32) == reference, name
+    m = option_servers["eagle3"].metrics()
+    assert metric_total(m, "vllm:spec_decode_num_draft_tokens_total") > 0
+    assert metric_total(m, "vllm:cmasd_skipped_drafter_passes_total") == 0  # a head's first pass always runs
     # The controller decides by measured times (on the tiny pair it may skip
     # every drafter pass): what it did and learnt reaches /metrics from the
     # engine core (tests/test_catchup.py checks the values in-process).
