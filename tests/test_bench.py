@@ -128,8 +128,12 @@ def test_micro_bench_records(micro_bench):
             continue
         if r["method"] in CONTROLLED and r["num_drafts"] == 0:
             # On the tiny pair the drafter costs what the target does: the
-            # controller, deciding by measured times, may find that no draft ever pays.
-            assert r["identical_to_ar"] is True and set(map(int, r["draft_length_histogram"])) <= {0}, r
+            # controller, deciding by measured times, may find that no draft ever
+            # pays. Nothing was verified, so a draft it did make (an exploring
+            # pass) came on a request's last step, which the scheduler drops as
+            # the request ends: at most one per request.
+            made = sum(count for n, count in r["draft_length_histogram"].items() if int(n) > 0)
+            assert r["identical_to_ar"] is True and made <= r["num_prompts"], r
             continue
         # Speculative methods proposed drafts, and their counters are consistent.
         assert sum(r["draft_length_histogram"].values()) > 0, r["setting"]

@@ -1,4 +1,4 @@
-"""The CM-ASD proposer: vLLM's draft-model proposer with a confidence window.
+"""The CM-ASD proposers: vLLM's draft-model and EAGLE-3 proposers with a confidence window.
 
 vLLM's drafting loop (``SpecDecodeBaseProposer.propose``) runs the drafter on
 vLLM's paged KV cache and batch, one position at a time, and asks
@@ -413,7 +413,11 @@ class CmasdProposerMixin:
         )
         explore_room = None
         if not drafts.any() and self._skipped_in_a_row >= EXPLORE_EVERY:
-            explore_room = CmasdProposerMixin._explore_room(self.costs, query_lens, max_room=int(catch_ups.sum()))
+            # At full price: the first pass's own tokens, or on a head (whose first pass runs anyway) the same as above.
+            own = int((query_lens + 1).sum()) if self.FIRST_PASS_SKIPPABLE else pass_tokens
+            explore_room = CmasdProposerMixin._explore_room(
+                self.costs, own_tokens=own, target_tokens=int(query_lens.sum()), max_room=int(catch_ups.sum())
+            )
             drafts[:] = explore_room is not None
         tp_group = get_tp_group()
         if tp_group.world_size > 1:
@@ -422,24 +426,25 @@ class CmasdProposerMixin:
         return drafts, explore_room
 
     @staticmethod
-    def _explore_room(costs: CostModel | MeasuredCosts, query_lens: np.ndarray, max_room: int) -> int | None:
+    def _explore_room(
+        costs: CostModel | MeasuredCosts, own_tokens: int, target_tokens: int, max_room: int
+    ) -> int | None:
         """Catch-up tokens (at most ``max_room``) an exploring pass may run: the
-        pass, its own tokens and the catch-ups at full price, costs at most
-        ``EXPLORE_MAX_COST`` of the target's step for the tokens it schedules.
+        pass, its ``own_tokens`` and the catch-ups at full price, costs at most
+        ``EXPLORE_MAX_COST`` of the target's step for the ``target_tokens`` it schedules.
         Full price, because an exploring request drafts a token and may stop
         again, so nothing amortises what it ran; a share of the step, so a
         batch of whole-prompt catch-ups (32 streams, bench-serve 2026-12-02)
         cannot make one exploring pass cost many steps, while a small batch
         after a skipped prefill still explores and its catch-up proceeds in
         chunks. None: the pass alone costs more than that."""
-        limit = EXPLORE_MAX_COST * costs.target(int(query_lens.sum()))
-        own = int((query_lens + 1).sum())
-        if costs.draft(own) > limit:
+        limit = EXPLORE_MAX_COST * costs.target(target_tokens)
+        if costs.draft(own_tokens) > limit:
             return None
         low, high = 0, max_room  # the largest room whose pass fits: draft() grows with tokens
         while low < high:
             mid = (low + high + 1) // 2
-            low, high = (mid, high) if costs.draft(own + mid) <= limit else (low, mid - 1)
+            low, high = (mid, high) if costs.draft(own_tokens + mid) <= limit else (low, mid - 1)
         return low
 
     def _skip_drafter(self, req_ids: list[str], num_computed) -> list[list[int]]:

@@ -8,8 +8,9 @@ The hooks are inert unless the engine's ``additional_config`` has a
    starts) and turn off async scheduling, whose fixed-shape draft buffers
    cannot carry per-request draft lengths.
 2. ``GPUModelRunner.__init__`` (the CPU runner inherits it): after vLLM built
-   its draft-model proposer and rejection sampler, swap in CM-ASD's proposer
-   and verifier. vLLM's runner then drives them unchanged.
+   its proposer (draft_model or eagle3: ``PROPOSER_METHODS``) and rejection
+   sampler, swap in CM-ASD's proposer for that method and its verifier.
+   vLLM's runner then drives them unchanged.
 3. ``PrometheusStatLogger.__init__``: add CM-ASD's series (draft-length
    histogram, early stops, drafts per position, policy) beside vLLM's
    speculative-decoding counters, fed from the same scheduler stats, and the
