@@ -183,6 +183,12 @@ def test_controller_reports_what_it_did_and_learnt_on_the_metrics(tiny_pair, mon
 
     assert total("vllm:cmasd_skipped_drafter_passes") == drafter.stats.num_skipped_passes > 0
     assert total("vllm:cmasd_catch_up_tokens") == drafter.lag.num_catch_up_tokens > 0
+    assert total("vllm:cmasd_exploring_passes") == drafter.stats.num_exploring_passes
+    assert total("vllm:cmasd_exploring_catch_up_tokens") == drafter.stats.num_exploring_catch_up_tokens
+    assert drafter.stats.drafter_seconds > 0
+    # LLM.get_metrics() reads counters as whole numbers (test_serve_bench reads
+    # the seconds off /metrics); the report may lag the last step.
+    assert 0 <= total("vllm:cmasd_drafter_seconds") <= drafter.stats.drafter_seconds
     curve = {m.labels["confidence_bin"]: m.value for m in series("vllm:cmasd_calibration_acceptance")}
     assert [curve[f"{b / 20:.2f}"] for b in range(20)] == pytest.approx(drafter.calibration.curve)
     assert drafter.calibration.num_observed > 0

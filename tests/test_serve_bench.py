@@ -41,6 +41,8 @@ def test_bench_serve_smoke(tiny_pair, tmp_path):
         assert s["tpot_p50_s"] > 0
         # CM-ASD's own counters, read from /metrics: the window never skips the drafter.
         assert s["cmasd_skipped_drafter_passes"] == 0 and s["cmasd_catch_up_tokens"] == 0
+        assert s["cmasd_exploring_passes"] == 0
+        assert (s["cmasd_drafter_seconds"] > 0) == (s["method"] == "cmasd_exact")  # time in the proposer
         assert 0 < s["mean_output_tokens"] <= 12
     # Speculation happened only where it was asked for.
     assert all(s["mean_draft_length"] == 0 for s in summaries if s["method"] == "ar")

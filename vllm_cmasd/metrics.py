@@ -18,6 +18,12 @@ class DraftStats:
     """length_histogram[n] = number of drafts with n tokens."""
     num_skipped_passes: int = 0
     """Steps that ran no drafter pass at all (draft_budget="auto")."""
+    num_exploring_passes: int = 0
+    """Drafter passes run only to explore (after EXPLORE_EVERY skipped steps)."""
+    num_exploring_catch_up_tokens: int = 0
+    """Catch-up tokens those exploring passes ran."""
+    drafter_seconds: float = 0.0
+    """Wall time inside the proposer: decisions, catch-ups, drafter passes."""
 
     def __post_init__(self):
         self.length_histogram = [0] * (self.k_max + 1)
@@ -38,9 +44,25 @@ class DraftStats:
         self.num_drafts += batch_size
         self.num_early_stops += batch_size
 
+    def record_exploring_pass(self, catch_up_tokens: int) -> None:
+        self.num_exploring_passes += 1
+        self.num_exploring_catch_up_tokens += catch_up_tokens
+
     @property
     def mean_draft_length(self) -> float:
         return self.num_draft_tokens / self.num_drafts if self.num_drafts else 0.0
+
+
+# The controller's running totals (proposer.CmasdProposerMixin.report), each a
+# /metrics counter ``vllm:cmasd_<name>`` and a field of the benchmarks' records.
+CONTROLLER_TOTALS = {
+    "skipped_drafter_passes": "CM-ASD steps that ran no drafter pass (nothing paid).",
+    "catch_up_tokens": "Tokens CM-ASD's drafter ran to catch up after skipped passes.",
+    "split_catch_ups": "CM-ASD catch-ups too long for one pass, run in parts.",
+    "exploring_passes": "CM-ASD drafter passes run only to explore (nothing paid).",
+    "exploring_catch_up_tokens": "Catch-up tokens CM-ASD's exploring passes ran.",
+    "drafter_seconds": "Wall time in CM-ASD's proposer (decisions, catch-ups, drafter passes), seconds.",
+}
 
 
 class CmasdPrometheus:
@@ -101,14 +123,7 @@ class CmasdPrometheus:
             g = prometheus_client.Gauge(name, doc, labelnames=labelnames + [extra])
             return {idx: (lambda value, lv=lv: g.labels(*lv, value)) for idx, lv in per_engine_labelvalues.items()}
 
-        self.totals = {
-            "skipped_drafter_passes": counter(
-                "vllm:cmasd_skipped_drafter_passes", "CM-ASD steps that ran no drafter pass (nothing paid)."),
-            "catch_up_tokens": counter(
-                "vllm:cmasd_catch_up_tokens", "Tokens CM-ASD's drafter ran to catch up after skipped passes."),
-            "split_catch_ups": counter(
-                "vllm:cmasd_split_catch_ups", "CM-ASD catch-ups too long for one pass, run in parts."),
-        }
+        self.totals = {name: counter(f"vllm:cmasd_{name}", doc) for name, doc in CONTROLLER_TOTALS.items()}
         self.seen = {idx: dict.fromkeys(self.totals, 0) for idx in per_engine_labelvalues}
         self.curve = gauge("vllm:cmasd_calibration_acceptance",
                            "CM-ASD's calibrated P(accepted | drafter confidence in bin [lower, lower + 1/bins)).",

@@ -274,6 +274,7 @@ class CmasdProposerMixin:
                                 verified_drafts=cad.num_actual_tokens > cad.batch_size())
         drafts = self._propose(num_speculative_tokens, kwargs)
         self._step_end = time.perf_counter()
+        self.stats.drafter_seconds += self._step_end - start
         return drafts
 
     def _propose(self, num_speculative_tokens, kwargs) -> list[list[int]]:
@@ -300,6 +301,7 @@ class CmasdProposerMixin:
         if explore_room is not None:
             # An exploring pass: the catch-ups that fit its share of the step.
             plan = self.lag.plan(req_ids, num_computed, query_lens, room=min(room, explore_room), cheapest_first=True)
+            self.stats.record_exploring_pass(plan.num_tokens)
         elif not drafts.all():
             # Only requests that draft catch up; the room goes to them.
             plan = self.lag.plan(req_ids, num_computed, query_lens, room=room, wanted=drafts)
@@ -485,6 +487,9 @@ class CmasdProposerMixin:
             "skipped_drafter_passes": self.stats.num_skipped_passes,
             "catch_up_tokens": self.lag.num_catch_up_tokens,
             "split_catch_ups": self.lag.num_split_passes,
+            "exploring_passes": self.stats.num_exploring_passes,
+            "exploring_catch_up_tokens": self.stats.num_exploring_catch_up_tokens,
+            "drafter_seconds": self.stats.drafter_seconds,
             "calibration": self.calibration.summary(),
         }
         if self.costs is not None:

@@ -33,6 +33,7 @@ from pathlib import Path
 from typing import Any
 
 from vllm_cmasd.bench.runner import CMASD_METHODS, LOSSY_METHODS, METHODS
+from vllm_cmasd.metrics import CONTROLLER_TOTALS
 
 LOSSLESS = frozenset(METHODS) - LOSSY_METHODS
 SPECULATIVE = frozenset(METHODS) - {"ar"}
@@ -229,7 +230,7 @@ def build(raw: dict[str, Any]) -> dict[str, Any]:
                 [_list_hist(c.get("cmasd_length_histogram", [])) for c in g.calls]
             )
             # Steps the draft budget ran without a drafter pass, and what catching up cost.
-            for name in ("skipped_drafter_passes", "catch_up_tokens", "split_catch_ups"):
+            for name in CONTROLLER_TOTALS:
                 rec[name] = sum(c.get(name, 0) for c in g.calls)
         elif method in SPECULATIVE:
             rec["draft_length_histogram"] = _sum_hist([c["proposed_lengths"] for c in g.calls]) or (

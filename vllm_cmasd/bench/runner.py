@@ -28,6 +28,7 @@ from typing import Any, Callable
 from unittest import mock
 
 from vllm_cmasd.bench.prompts import TASKS, load_prompts
+from vllm_cmasd.metrics import CONTROLLER_TOTALS
 from vllm_cmasd.vllm_patch import install_dispatcher_scan_fix
 
 METHODS: tuple[str, ...] = (
@@ -323,16 +324,14 @@ def _cmasd_stats(llm):
     return getattr(drafter, "stats", None)
 
 
-def _skip_counters(llm) -> dict[str, int]:
-    """Steps without a drafter pass and catch-up tokens run (catchup.py), so far."""
+def _skip_counters(llm) -> dict[str, float]:
+    """The controller's running totals so far (metrics.CONTROLLER_TOTALS): steps
+    without a drafter pass, catch-ups (catchup.py), exploring, drafter time."""
     drafter = getattr(_model_runner(llm), "drafter", None)
     if not hasattr(drafter, "lag"):
         return {}
-    return {
-        "skipped_drafter_passes": drafter.stats.num_skipped_passes,
-        "catch_up_tokens": drafter.lag.num_catch_up_tokens,
-        "split_catch_ups": drafter.lag.num_split_passes,
-    }
+    report = drafter.report()
+    return {name: report[name] for name in CONTROLLER_TOTALS}
 
 
 def _controller_state(llm) -> dict:

@@ -35,6 +35,7 @@ from pathlib import Path
 from typing import Any
 
 from vllm_cmasd.bench.runner import MethodSpec, cmasd, cmasd_budget, cmasd_exact, rstitch
+from vllm_cmasd.metrics import CONTROLLER_TOTALS
 
 HOST = "127.0.0.1"
 
@@ -289,7 +290,7 @@ def bench_prompts(n: int) -> list[str]:
     return out[:n]
 
 
-CONTROLLER_COUNTERS = ("vllm:cmasd_skipped_drafter_passes_total", "vllm:cmasd_catch_up_tokens_total")
+CONTROLLER_COUNTERS = tuple(f"vllm:cmasd_{name}_total" for name in CONTROLLER_TOTALS)
 
 
 def controller_counters(server: VllmServer) -> dict[str, float]:
@@ -397,8 +398,8 @@ def markdown_table(record: dict[str, Any]) -> str:
         f"(at least {s.get('min_requests', 0)}), "
         f"{s['num_prompts_used']} prompts cycled; started {record['started_utc']}, took {record['duration_s']:.0f} s.",
         "",
-        "| method | concurrency | requests | errors | output tok/s | TTFT p50 s | TTFT p99 s | TPOT p50 ms | e2e p50 s | e2e p99 s | mean draft | accepted/step | steps without a drafter pass | catch-up tokens |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "| method | concurrency | requests | errors | output tok/s | TTFT p50 s | TTFT p99 s | TPOT p50 ms | e2e p50 s | e2e p99 s | mean draft | accepted/step | steps without a drafter pass | catch-up tokens | of which exploring | drafter s |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in record["results"]:
         m = r["summary"]
@@ -406,7 +407,8 @@ def markdown_table(record: dict[str, Any]) -> str:
             f"| {m['label']} | {m['concurrency']} | {m['requests']} | {m['errors']} | {m['throughput_tok_s']:.1f} | "
             f"{m['ttft_p50_s']:.2f} | {m['ttft_p99_s']:.2f} | {1e3 * m['tpot_p50_s']:.0f} | "
             f"{m['e2e_p50_s']:.2f} | {m['e2e_p99_s']:.2f} | {m['mean_draft_length']:.2f} | {m['mean_acceptance_length']:.2f} | "
-            f"{m['cmasd_skipped_drafter_passes']:.0f} | {m['cmasd_catch_up_tokens']:.0f} |"
+            f"{m['cmasd_skipped_drafter_passes']:.0f} | {m['cmasd_catch_up_tokens']:.0f} | "
+            f"{m['cmasd_exploring_catch_up_tokens']:.0f} | {m['cmasd_drafter_seconds']:.1f} |"
         )
     return "\n".join(lines) + "\n"
 
