@@ -324,7 +324,7 @@ def _cmasd_stats(llm):
     return getattr(drafter, "stats", None)
 
 
-def _skip_counters(llm) -> dict[str, float]:
+def _controller_totals(llm) -> dict[str, float]:
     """The controller's running totals so far (metrics.CONTROLLER_TOTALS): steps
     without a drafter pass, catch-ups (catchup.py), exploring, drafter time."""
     drafter = getattr(_model_runner(llm), "drafter", None)
@@ -507,7 +507,7 @@ def run(
                         before_counters = spec_decode_counters(llm)
                         before_probe = probe.snapshot()
                         before_hist = list(stats.length_histogram) if stats is not None else None
-                        before_skips = _skip_counters(llm)
+                        before_totals = _controller_totals(llm)
                         batch = [{"prompt_token_ids": token_ids[pid]} for pid in unit.prompt_ids]
                         start = time.perf_counter()
                         outputs = llm.generate(batch, params, use_tqdm=False)
@@ -537,7 +537,7 @@ def run(
                         if stats is not None:
                             call["cmasd_length_histogram"] = _diff_list(before_hist, list(stats.length_histogram))
                             call.update(
-                                {name: value - before_skips[name] for name, value in _skip_counters(llm).items()}
+                                {name: value - before_totals[name] for name, value in _controller_totals(llm).items()}
                             )
                         calls.append(call)
                         bar.update(1)
