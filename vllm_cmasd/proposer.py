@@ -479,19 +479,22 @@ class CmasdProposerMixin:
         if confidences:
             self.calibration.observe(torch.cat(confidences), torch.cat(outcomes))
 
-    def report(self) -> dict:
-        """What the controller has done and learnt so far, for ``/metrics``
-        (vllm_patch.py carries it to the front end with the scheduler's stats):
-        running totals, the calibration, the cost fit."""
-        out = {
+    def totals(self) -> dict[str, float]:
+        """The controller's running totals (metrics.CONTROLLER_TOTALS)."""
+        return {
             "skipped_drafter_passes": self.stats.num_skipped_passes,
             "catch_up_tokens": self.lag.num_catch_up_tokens,
             "split_catch_ups": self.lag.num_split_passes,
             "exploring_passes": self.stats.num_exploring_passes,
             "exploring_catch_up_tokens": self.stats.num_exploring_catch_up_tokens,
             "drafter_seconds": self.stats.drafter_seconds,
-            "calibration": self.calibration.summary(),
         }
+
+    def report(self) -> dict:
+        """What the controller has done and learnt so far, for ``/metrics``
+        (vllm_patch.py carries it to the front end with the scheduler's stats):
+        running totals, the calibration, the cost fit."""
+        out = {**self.totals(), "calibration": self.calibration.summary()}
         if self.costs is not None:
             out["costs"] = self.costs.coefficients
         return out

@@ -28,7 +28,6 @@ from typing import Any, Callable
 from unittest import mock
 
 from vllm_cmasd.bench.prompts import TASKS, load_prompts
-from vllm_cmasd.metrics import CONTROLLER_TOTALS
 from vllm_cmasd.vllm_patch import install_dispatcher_scan_fix
 
 METHODS: tuple[str, ...] = (
@@ -330,8 +329,7 @@ def _controller_totals(llm) -> dict[str, float]:
     drafter = getattr(_model_runner(llm), "drafter", None)
     if not hasattr(drafter, "lag"):
         return {}
-    report = drafter.report()
-    return {name: report[name] for name in CONTROLLER_TOTALS}
+    return drafter.totals()
 
 
 def _controller_state(llm) -> dict:
