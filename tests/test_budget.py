@@ -187,22 +187,68 @@ def test_acceptance_history_predicts_per_request_and_falls_back_to_all():
     for _ in range(40):
         # "a" accepts all 4 drafted tokens; "b" rejects its first; "c" drafted nothing.
         history.observe(["a", "b", "c"], [4, 4, 0], [4, 0, 0])
-    assert history.predict("a") > 0.95 and history.predict("b") < 0.05
+    # Each shrunk toward the overall rate by two pseudo-tokens.
+    assert history.predict("a") > 0.95 and history.predict("b") < 0.15
     assert 0.6 < history.predict("new") < 0.9  # 4 accepted of 5 reached per step overall
     assert "c" not in history.per_request
+    # "b" stops drafting: on the steps it drafts nothing it returns to the
+    # overall rate (and so drafts again), rather than keeping its bad stretch.
+    for _ in range(40):
+        history.forget(["b"])
+    assert history.predict("b") == pytest.approx(history.predict("new"), abs=0.01)
 
 
-def test_prefill_and_catch_up_tokens_are_priced_over_the_steps_they_serve():
-    """A decode step's first pass is priced whole; a prompt's prefill (or a
-    catch-up) beyond it counts 1/CATCH_UP_HORIZON per token."""
-    import numpy as np
+def test_the_overall_rate_outlives_one_request_s_tail():
+    """A new request borrows the rate over all requests; one request's bad tail
+    does not become it (AMD, 2026-12-03: it did, at 0.28, and at batch 1 no new
+    request drafted again)."""
+    from vllm_cmasd.budget import AcceptanceHistory
 
-    from vllm_cmasd.proposer import CATCH_UP_HORIZON, CmasdProposer
+    history = AcceptanceHistory(prior=0.5)
+    for _ in range(100):  # a long run at 0.75: 3 accepted of 4 reached
+        history.observe(["good"], [4], [3])
+    for _ in range(10):  # then one request whose drafts are all rejected
+        history.observe(["tail"], [2], [0])
+    assert history.predict("tail") < 0.3
+    assert history.predict("new") > 0.6
 
-    decode = np.array([2, 6, 1])  # verified tokens + the new slot, at most k_max + 2 each
-    assert CmasdProposer._priced_tokens(decode, k_max=4) == 9
-    prefill = np.array([321, 2])
-    assert CmasdProposer._priced_tokens(prefill, k_max=4) == 6 + 2 + int(np.ceil(315 / CATCH_UP_HORIZON))
+
+def test_a_draft_is_worth_its_expected_accepted_tokens():
+    """Before the first pass a request's draft is valued as the draft the rule
+    would make at its acceptance: positions while a^j beats a plain step's
+    rate for their cost (a share of a pass and one verified token)."""
+    from vllm_cmasd.budget import expected_draft
+
+    model = costs(lambda n: 0.1, lambda n: 0.01)  # verifying is free: a position costs its pass
+    tokens, seconds = expected_draft(model, 0.8, batch_size=1, k_max=8)
+    # A plain step makes 10 tokens/s, a position costs 0.01 s: a^j > 0.1 up to j = 10, k_max stops at 8.
+    assert tokens == pytest.approx(sum(0.8**j for j in range(1, 9)))
+    assert seconds == pytest.approx(7 * 0.01)  # the first position is the caller's
+    tokens, seconds = expected_draft(model, 0.3, batch_size=1, k_max=8)
+    assert (tokens, seconds) == (pytest.approx(0.3), 0.0)  # 0.09 < 0.1: the first position only
+    # Where verifying costs 0.01 s a token, a larger batch drafts shorter: at
+    # batch 1 a position must beat 0.02 s x 9.1 tokens/s = 0.18, at batch 4
+    # (a quarter of the pass each) 0.0125 s x 28.6 tokens/s = 0.36.
+    model = costs(lambda n: 0.1 + 0.01 * n, lambda n: 0.01)
+    assert expected_draft(model, 0.5, batch_size=1, k_max=8)[0] == pytest.approx(0.75)
+    assert expected_draft(model, 0.5, batch_size=4, k_max=8)[0] == pytest.approx(0.5)
+
+
+def test_a_long_pass_s_extra_tokens_are_priced_at_their_own_measured_rate():
+    """Tokens a first pass runs beyond a decode step's (a prefill, a catch-up)
+    cost less each than the short passes' slope: their own rate, from the
+    profile's long passes first, then from such passes on the running engine."""
+    from vllm_cmasd.budget import MeasuredCosts
+
+    prior = costs(lambda n: 0.1 + 0.002 * n, lambda n: 0.01 + 0.001 * n if n < 16 else 0.02 + 0.0002 * n)
+    measured = MeasuredCosts(prior)
+    assert measured.warm_up(100) == pytest.approx(0.02)  # the profile's slope from 16 tokens
+    for _ in range(50):
+        measured.observe_warm_up(300, 300 * 0.0004)
+    assert measured.warm_up(100) == pytest.approx(0.04, rel=0.01)
+    assert measured.coefficients["warm_up_token_s"] == pytest.approx(0.0004, rel=0.01)
+    measured.observe_warm_up(300, 100.0)  # a stall, not a cost
+    assert measured.warm_up(100) == pytest.approx(0.04, rel=0.01)
 
 
 def test_only_requests_whose_catch_up_pays_draft_and_only_they_catch_up(monkeypatch):
@@ -221,8 +267,10 @@ def test_only_requests_whose_catch_up_pays_draft_and_only_they_catch_up(monkeypa
 
     monkeypatch.setattr(proposer_module, "get_tp_group", lambda: SimpleNamespace(world_size=1))  # one rank
     model = costs(lambda n: 0.1 + 0.002 * n, lambda n: 0.01 + 0.001 * n)
+    remaining = {"current": 1000, "lagging": 1000}
     proposer = SimpleNamespace(config=CmasdConfig(k_max=4), costs=MeasuredCosts(model), FIRST_PASS_SKIPPABLE=True,
-                               acceptance=AcceptanceHistory(prior=0.8), _skipped_in_a_row=0)
+                               acceptance=AcceptanceHistory(prior=0.8), _skipped_in_a_row=0,
+                               _remaining_tokens=lambda ids: np.array([remaining[i] for i in ids], dtype=float))
     lag = DrafterLag(max_tracked=8)
     lag.skip(["current", "lagging"], np.array([40, 600]))
     lag.lag_start.pop("current")  # "current" drafted since
@@ -235,6 +283,10 @@ def test_only_requests_whose_catch_up_pays_draft_and_only_they_catch_up(monkeypa
     lag.lag_start["lagging"] = 0  # a skipped prefill: the whole prompt missed
     plan = lag.plan(["current", "lagging"], num_computed, query_lens, room=1000)
     catch_ups = np.maximum(plan.query_lens(query_lens) - query_lens, 0)
+    # Its prompt's drafter KV would serve the ~300 steps it may still run: it pays ...
+    drafts, _ = CmasdProposer._who_drafts(proposer, ["current", "lagging"], query_lens, catch_ups)
+    assert drafts.tolist() == [True, True]
+    remaining["lagging"] = 20  # ... but not the few steps of a request near its end
     drafts, _ = CmasdProposer._who_drafts(proposer, ["current", "lagging"], query_lens, catch_ups)
     assert drafts.tolist() == [True, False]
     plan = lag.plan(["current", "lagging"], num_computed, query_lens, room=1000, wanted=drafts)
@@ -268,7 +320,8 @@ def test_an_exploring_pass_spends_at_most_its_share_of_the_step(monkeypatch):
         # Acceptance so low that no draft pays by the rule: only exploring drafts.
         model = costs(lambda n: 0.1 + 0.002 * n, lambda n: draft_pass_s + 0.001 * n)
         proposer = SimpleNamespace(config=CmasdConfig(k_max=4), costs=MeasuredCosts(model), FIRST_PASS_SKIPPABLE=True,
-                                   acceptance=AcceptanceHistory(prior=0.01), _skipped_in_a_row=skipped_in_a_row)
+                                   acceptance=AcceptanceHistory(prior=0.01), _skipped_in_a_row=skipped_in_a_row,
+                                   _remaining_tokens=lambda ids: np.full(len(ids), 1000.0))
         drafts, explore_room = CmasdProposer._who_drafts(proposer, ids, query_lens, np.array(catch_ups))
         return drafts.tolist(), explore_room
 

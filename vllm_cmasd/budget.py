@@ -143,6 +143,30 @@ class StepBudget:
         return admitted
 
 
+def expected_draft(costs: CostModel | MeasuredCosts, acceptance: float, batch_size: int, k_max: int) -> tuple[float, float]:
+    """What one request expects from drafting this step, known before the first
+    pass: ``(tokens, seconds)``, the expected accepted tokens of the draft the
+    rule would make and what its positions after the first cost.
+
+    With per-token acceptance ``a``, position j survives with ``a^j``; it is
+    drafted while ``a^j`` per its cost beats a plain step's rate, its cost being
+    its share of a drafter pass over the batch and one more verified token.
+    The first position's cost is not here: the caller prices the first pass
+    (shared by the batch) and the first verified token. Valuing a first pass by
+    its first token alone undervalues it (at batch 1 a request whose drafts
+    average 0.96 accepted tokens was priced at 0.6) and kept it from paying for
+    its prefill (docs/notes/controller.md, Step 10)."""
+    rate = batch_size / max(costs.target(batch_size), 1e-12)  # tokens per second without drafting
+    per_position = costs.draft(batch_size) / batch_size + costs.target(batch_size + 1) - costs.target(batch_size)
+    tokens, seconds, survival = acceptance, 0.0, acceptance
+    for _ in range(1, k_max):
+        survival *= acceptance
+        if survival <= rate * per_position:
+            break
+        tokens, seconds = tokens + survival, seconds + per_position
+    return tokens, seconds
+
+
 class _DecayedLinearFit:
     """y = w . f, least squares over exponentially decayed samples, anchored by
     fixed pseudo-samples (the prior) so it is defined before data arrive and
@@ -204,6 +228,11 @@ class MeasuredCosts:
         self._target = _DecayedLinearFit([(*p, 0.0) for p in points] + [(0.0, 0.0, 1.0)],
                                          [*prior.target_s, prior.verify_s], prior_weight, decay)
         self._draft = _DecayedLinearFit(points, list(prior.draft_s), prior_weight, decay)
+        # A pass's tokens beyond a decode step's (a prompt's prefill, a
+        # catch-up) are priced per token on their own: a long pass costs far
+        # less per token than the short decode passes D(n) is fitted to (AMD,
+        # 2026-12-03: 0.25 ms a prompt token against a fitted 0.6 ms).
+        self._warm_up = _DecayedLinearFit([(1.0,)], [_long_pass_slope(prior)], prior_weight, decay)
 
     @property
     def num_target_samples(self) -> int:
@@ -225,6 +254,10 @@ class MeasuredCosts:
     def draft(self, num_tokens: int) -> float:
         return max(self._draft(1.0, num_tokens), 0.0)
 
+    def warm_up(self, num_tokens: float) -> float:
+        """What ``num_tokens`` more tokens add to a drafter pass beyond its decode step's tokens."""
+        return max(self._warm_up.weights[0], 0.0) * num_tokens
+
     def _plausible(self, measured: float, estimate: float) -> bool:
         return measured > 0 and (estimate <= 0 or measured <= self.outlier_ratio * estimate)
 
@@ -242,12 +275,19 @@ class MeasuredCosts:
         if self._plausible(seconds, self._draft(passes, tokens)):
             self._draft.update(passes, tokens, y=seconds)
 
+    def observe_warm_up(self, num_tokens: int, seconds: float) -> None:
+        """A drafter pass that ran ``num_tokens`` beyond its decode step's tokens,
+        and the ``seconds`` it took beyond what its decode tokens cost."""
+        if num_tokens > 0 and self._plausible(seconds, self.warm_up(num_tokens)):
+            self._warm_up.update(float(num_tokens), y=seconds)
+
     @property
     def coefficients(self) -> dict[str, float]:
         """The fitted lines: target step a + b n (+ c when it verifies drafts),
-        drafting pass d0 + d1 n (seconds)."""
+        drafting pass d0 + d1 n, and a pass's tokens beyond a decode step's (seconds)."""
         (a, b, c), (d0, d1) = self._target.weights, self._draft.weights
-        return {"target_step_s": a, "target_token_s": b, "target_verify_s": c, "draft_pass_s": d0, "draft_token_s": d1}
+        return {"target_step_s": a, "target_token_s": b, "target_verify_s": c, "draft_pass_s": d0, "draft_token_s": d1,
+                "warm_up_token_s": self._warm_up.weights[0]}
 
     def summary(self) -> dict:
         """The current fit at the profiled token counts, beside the profile."""
@@ -264,19 +304,43 @@ class MeasuredCosts:
         }
 
 
+def _long_pass_slope(profile: CostModel, from_tokens: int = 16) -> float:
+    """The profile's seconds per drafter token in long passes: the median slope
+    between its points from ``from_tokens`` on (one noisy point moves a median
+    little), the prior of :meth:`MeasuredCosts.warm_up`."""
+    points = [(n, s) for n, s in zip(profile.tokens, profile.draft_s) if n >= from_tokens]
+    if len(points) < 2:
+        points = list(zip(profile.tokens, profile.draft_s))
+    if len(points) < 2:
+        return profile.draft_s[0] / max(profile.tokens[0], 1)
+    slopes = sorted(max((s1 - s0) / (n1 - n0), 0.0) for (n0, s0), (n1, s1) in zip(points, points[1:]))
+    return slopes[len(slopes) // 2]
+
+
 class AcceptanceHistory:
     """Each request's recent acceptance rate per drafted token, known before its
     next drafter pass (what the budget predicts the first drafted position by).
 
-    Per request, exponentially decayed counts of accepted drafted tokens and
-    of drafted tokens the verifier reached (the token after the last accepted
-    one was reached and rejected; later ones were not reached); a request
-    without history borrows the same counts over all requests, whose start is
-    a weak prior of ``prior`` acceptance.
+    Per request, exponentially decayed counts (``decay`` per verification) of
+    accepted drafted tokens and of drafted tokens the verifier reached (the
+    token after the last accepted one was reached and rejected; later ones were
+    not reached). The prediction shrinks them toward the rate over all requests
+    with ``prior_weight`` pseudo-tokens, ``(accepted + w p) / (reached + w)``;
+    that rate decays slower (``overall_decay``), from a weak prior of ``prior``.
+    A request's counts also fade (``idle_decay``) on every step it drafts
+    nothing (:meth:`forget`): a request that stopped drafting after a bad
+    stretch learns nothing more, and kept its bad rate to its end (at batch 1,
+    2026-12-03, the drafter then stayed off for most of a request; so did the
+    rate over all requests, which decayed as fast as a request's and took the
+    last request's tail: new requests borrowed it and never drafted).
     """
 
-    def __init__(self, prior: float = 0.5, prior_weight: float = 2.0, decay: float = 0.9, max_tracked: int = 1024):
+    def __init__(self, prior: float = 0.5, prior_weight: float = 2.0, decay: float = 0.9,
+                 overall_decay: float = 0.99, idle_decay: float = 0.8, max_tracked: int = 1024):
+        self.prior_weight = prior_weight
         self.decay = decay
+        self.overall_decay = overall_decay
+        self.idle_decay = idle_decay
         self.max_tracked = max_tracked
         self.overall = [prior * prior_weight, prior_weight]
         self.per_request: dict[str, list[float]] = {}
@@ -286,17 +350,30 @@ class AcceptanceHistory:
             if drafted == 0:
                 continue
             reached = accepted + (accepted < drafted)
-            counts = self.per_request.pop(req_id, None) or list(self.overall)
-            for c in (counts, self.overall):
-                c[0] = self.decay * c[0] + accepted
-                c[1] = self.decay * c[1] + reached
+            counts = self.per_request.pop(req_id, None) or [0.0, 0.0]
+            for c, decay in ((counts, self.decay), (self.overall, self.overall_decay)):
+                c[0] = decay * c[0] + accepted
+                c[1] = decay * c[1] + reached
             self.per_request[req_id] = counts  # most recent last
         while len(self.per_request) > self.max_tracked:
             self.per_request.pop(next(iter(self.per_request)))
 
-    def predict(self, req_id: str) -> float:
-        accepted, reached = self.per_request.get(req_id, self.overall)
+    def forget(self, req_ids: list[str]) -> None:
+        """These requests draft nothing this step: their own counts fade toward the overall rate."""
+        for req_id in req_ids:
+            counts = self.per_request.get(req_id)
+            if counts is not None:
+                counts[0] *= self.idle_decay
+                counts[1] *= self.idle_decay
+
+    @property
+    def overall_rate(self) -> float:
+        accepted, reached = self.overall
         return accepted / reached if reached > 0 else 0.0
+
+    def predict(self, req_id: str) -> float:
+        accepted, reached = self.per_request.get(req_id, (0.0, 0.0))
+        return (accepted + self.prior_weight * self.overall_rate) / (reached + self.prior_weight)
 
 
 # The largest batch profiled; the cost model extends linearly past it. By

@@ -27,7 +27,14 @@ from vllm.logger import init_logger
 from vllm.v1.spec_decode.draft_model import DraftModelProposer
 from vllm.v1.spec_decode.eagle import EagleProposer
 
-from vllm_cmasd.budget import AcceptanceHistory, CostModel, MeasuredCosts, StepBudget, profile_costs
+from vllm_cmasd.budget import (
+    AcceptanceHistory,
+    CostModel,
+    MeasuredCosts,
+    StepBudget,
+    expected_draft,
+    profile_costs,
+)
 from vllm_cmasd.calibration import CALIBRATION_FILE, AcceptanceCalibration
 from vllm_cmasd.catchup import DrafterLag, with_catch_up
 from vllm_cmasd.config import CmasdConfig, CmasdConfigError
@@ -45,8 +52,10 @@ EXPLORE_EVERY = 8
 # for the tokens it schedules, every token it runs at full price: it runs the
 # catch-ups that fit in what is left, cheapest first, and splits the next one.
 EXPLORE_MAX_COST = 0.5
-# Steps over which a first pass's prefill or catch-up tokens are priced (_priced_tokens).
-CATCH_UP_HORIZON = 16
+# A first pass's tokens beyond a decode step's (a prefill, a catch-up) write
+# drafter KV for the request's later steps: priced per step over the steps it
+# may still run, at most this many (a request may stop early at its EOS).
+MAX_HORIZON = 64
 
 
 class _DraftingFinished(Exception):
@@ -169,8 +178,9 @@ class CmasdProposerMixin:
         # The draft budget's costs: profiled on the first step, then measured.
         self.costs: MeasuredCosts | None = None
         self._step_end: float | None = None  # when this proposer last returned
-        # The last step's drafting (tokens, passes, batch, seconds, a decode step?), not yet observed.
-        self._drafting_measured: tuple[int, int, int, float, bool] | None = None
+        # The last step's drafting (tokens, more passes, batch, seconds, a decode
+        # step?, tokens beyond a decode step's), not yet observed.
+        self._drafting_measured: tuple[int, int, int, float, bool, int] | None = None
         self._window: DraftWindow | None = None
         # For verification of the drafts: per request id, each drafted
         # position's confidence (and entropy), from its latest propose(). Kept
@@ -305,7 +315,8 @@ class CmasdProposerMixin:
         elif not drafts.all():
             # Only requests that draft catch up; the room goes to them.
             plan = self.lag.plan(req_ids, num_computed, query_lens, room=room, wanted=drafts)
-        pass_tokens = int((plan.query_lens(query_lens) + self.net_num_new_slots_per_request).sum())
+        pass_lens = plan.query_lens(query_lens) + self.net_num_new_slots_per_request
+        pass_tokens = int(pass_lens.sum())
         drafting_start = time.perf_counter()
         budget = StepBudget(self.costs, batch_size) if self.config.measures_costs else None
         if plan.num_tokens:
@@ -328,8 +339,9 @@ class CmasdProposerMixin:
             # A prefill's (or a long catch-up's) pass is not what drafting costs when decoding.
             decode_tokens = batch_size * (self.config.k_max + 1)
             decoding = cad.max_query_len <= self.config.k_max + 1 and plan.num_tokens <= decode_tokens
+            warm_up = int((pass_lens - np.minimum(pass_lens, self.config.k_max + 2)).sum())
             self._drafting_measured = (
-                pass_tokens, len(window.tokens) - 1, batch_size, time.perf_counter() - drafting_start, decoding
+                pass_tokens, len(window.tokens) - 1, batch_size, time.perf_counter() - drafting_start, decoding, warm_up
             )
         self._last_draft_probs = torch.stack(window.probs, dim=1) if window.probs else None
         rows = {"confidence": torch.stack(window.confidences, dim=1)}
@@ -360,22 +372,14 @@ class CmasdProposerMixin:
             seconds = tp_group.broadcast(torch.tensor(seconds, dtype=torch.float64, device=self.device), src=0).tolist()
         if target_sample:
             self.costs.observe_target_step(num_tokens, seconds[0], verified_drafts=verified_drafts)
-        if drafting is not None and drafting[4]:
-            self.costs.observe_drafting(drafting[0], drafting[1], drafting[2], seconds[1])
-
-    @staticmethod
-    def _priced_tokens(pass_lens: np.ndarray, k_max: int) -> int:
-        """The first pass's own tokens as this step's decision prices them.
-
-        A decode step's tokens (verified tokens and the new slot, at most
-        k_max + 2 per request) are this step's cost. Tokens beyond them (a
-        prompt's prefill) write drafter KV that every later step drafts from:
-        priced per step over ``CATCH_UP_HORIZON`` steps, not on the first one
-        (which, at batch 1, made the prefill's pass never pay, and the request
-        lag for good). A catch-up is priced the same way, per request
-        (:meth:`_who_drafts`)."""
-        step = np.minimum(pass_lens, k_max + 2)
-        return int(step.sum() + np.ceil((pass_lens - step).sum() / CATCH_UP_HORIZON))
+        if drafting is None:
+            return
+        pass_tokens, more_passes, batch_size, _, decoding, warm_up = drafting
+        if decoding:
+            self.costs.observe_drafting(pass_tokens, more_passes, batch_size, seconds[1])
+        elif warm_up:
+            decode_part = self.costs.draft(pass_tokens - warm_up) + more_passes * self.costs.draft(batch_size)
+            self.costs.observe_warm_up(warm_up, seconds[1] - decode_part)
 
     def _who_drafts(
         self, req_ids: list[str], query_lens: np.ndarray, catch_ups: np.ndarray
@@ -385,13 +389,18 @@ class CmasdProposerMixin:
         may run (None on any other step).
 
         Every request drafts without the draft budget. With it, those whose
-        first drafted token pays once the first pass (its ``query_lens``
-        tokens plus one new slot each, priced by :meth:`_priced_tokens`) and the request's own
-        catch-up (``catch_ups`` tokens, priced over ``CATCH_UP_HORIZON`` steps)
-        are paid for, decided before that pass from what is known now: each
-        request's recent acceptance as the survival of its first drafted token,
-        the batch, the measured costs. A request that does not draft on a step
-        that does still runs its first pass (it does not lag, or keeps its lag
+        draft pays once the first pass is paid for, decided before that pass
+        from what is known now: each request's recent acceptance per drafted
+        token ``a``, the batch, the measured costs. A request's draft is worth
+        the expected accepted tokens of the draft the rule would make at ``a``
+        (:func:`~vllm_cmasd.budget.expected_draft`), and costs, beyond the
+        first pass (its decode tokens, at most k_max + 2 per request, shared by
+        the batch) and the first verified token, its later positions and its
+        warm-up: prefill tokens beyond a decode step's and its catch-up
+        (``catch_ups`` tokens), whose drafter KV serves the steps it may still
+        run, so priced per step over them (``remaining tokens / (1 + draft)``,
+        at most ``MAX_HORIZON``). A request that does not draft on a step that
+        does still runs its first pass (it does not lag, or keeps its lag
         without catching up). If none pays after ``EXPLORE_EVERY`` skipped
         steps, every request explores (:meth:`_explore_room`).
 
@@ -401,16 +410,22 @@ class CmasdProposerMixin:
         if not self.config.measures_costs:
             return np.ones(len(req_ids), dtype=bool), None
         assert self.costs is not None
-        if self.FIRST_PASS_SKIPPABLE:  # + one new slot each
-            pass_tokens = CmasdProposerMixin._priced_tokens(query_lens + 1, self.config.k_max)
+        batch_size, k_max = len(req_ids), self.config.k_max
+        if self.FIRST_PASS_SKIPPABLE:
+            own = query_lens + 1  # + one new slot each
+            step_tokens = np.minimum(own, k_max + 2)
+            pass_tokens = int(step_tokens.sum())
+            warm_ups = own - step_tokens + catch_ups
         else:  # the first pass runs anyway: drafting adds its logits and bookkeeping, like a pass over the batch
-            pass_tokens = len(req_ids)
-        survival = [self.acceptance.predict(req_id) for req_id in req_ids]
-        budget = StepBudget(self.costs, len(req_ids), first_pass_paid=False)
-        base = self.costs.draft(pass_tokens)
-        extra = [self.costs.draft(pass_tokens + n) - base for n in (catch_ups / CATCH_UP_HORIZON).tolist()]
+            pass_tokens = batch_size
+            warm_ups = np.zeros(batch_size)
+        expected = [expected_draft(self.costs, self.acceptance.predict(r), batch_size, k_max) for r in req_ids]
+        values = np.array([tokens for tokens, _ in expected])
+        horizons = np.clip(self._remaining_tokens(req_ids) / (1.0 + values), 1.0, MAX_HORIZON)
+        extra = [seconds + self.costs.warm_up(w / h) for (_, seconds), w, h in zip(expected, warm_ups, horizons)]
+        budget = StepBudget(self.costs, batch_size, first_pass_paid=False)
         drafts = np.array(
-            budget.another_pass(survival, [True] * len(req_ids), pass_tokens=pass_tokens, extra_seconds=extra),
+            budget.another_pass(values.tolist(), [True] * batch_size, pass_tokens=pass_tokens, extra_seconds=extra),
             dtype=bool,
         )
         explore_room = None
@@ -425,7 +440,25 @@ class CmasdProposerMixin:
         if tp_group.world_size > 1:
             drafts = tp_group.broadcast(torch.from_numpy(drafts).to(self.device), src=0).cpu().numpy()
         self._skipped_in_a_row = 0 if drafts.any() else self._skipped_in_a_row + 1
+        self.acceptance.forget([r for r, d in zip(req_ids, drafts.tolist()) if not d])
         return drafts, explore_room
+
+    def _remaining_tokens(self, req_ids: list[str]) -> np.ndarray:
+        """Tokens each request may still generate: up to its ``max_tokens``, or
+        to the model's length (it may stop sooner, at its EOS)."""
+        max_len = self.runner.max_model_len
+        remaining = []
+        for req_id in req_ids:
+            state = self.runner.requests.get(req_id)
+            if state is None:
+                remaining.append(max_len)
+                continue
+            left = max_len - state.num_tokens
+            params = state.sampling_params
+            if params is not None and params.max_tokens is not None:
+                left = min(left, params.max_tokens - len(state.output_token_ids))
+            remaining.append(max(left, 1))
+        return np.array(remaining, dtype=np.float64)
 
     @staticmethod
     def _explore_room(
