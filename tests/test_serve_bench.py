@@ -53,7 +53,41 @@ def test_bench_serve_smoke(tiny_pair, tmp_path):
     assert texts[("cmasd_exact", 1)] == texts[("ar", 1)]
     assert texts[("cmasd_exact", 3)] == texts[("ar", 3)]
     table = (tmp_path / "serve.md").read_text()
-    assert "| ar | 1 | 4 | 0 |" in table and "| cmasd_exact k_max=4 | 3 | 6 | 0 |" in table
+    assert "| ar | 0 | 1 | 4 | 0 |" in table and "| cmasd_exact k_max=4 | 0 | 3 | 6 | 0 |" in table
+    # The method against plain decoding, per level (one round: one ratio each).
+    ratios = {(r["label"], r["concurrency"]): r for r in saved["speedup_vs_ar"]}
+    assert set(ratios) == {("cmasd_exact k_max=4", 1), ("cmasd_exact k_max=4", 3)}
+    plain = {s["concurrency"]: s["throughput_tok_s"] for s in summaries if s["method"] == "ar"}
+    for s in summaries:
+        if s["method"] != "ar":
+            assert ratios[(s["label"], s["concurrency"])]["ratios"] == [
+                pytest.approx(s["throughput_tok_s"] / plain[s["concurrency"]])
+            ]
     assert not list(tmp_path.glob("logs/*.stderr.log")) or all(
         "Traceback" not in p.read_text() for p in tmp_path.glob("logs/*.stderr.log")
     )
+
+
+def test_rounds_alternate_the_servers_and_ratios_pair_within_a_round():
+    """With --rounds, each method's server runs once a round, the order
+    reversed every other round; a method is compared with plain decoding's
+    server of the same round, and the rounds' median is reported."""
+    from vllm_cmasd.bench.runner import MethodSpec, cmasd
+    from vllm_cmasd.bench.serve_load import round_order, speedups_vs_ar
+
+    ar, ctl = MethodSpec("ar"), cmasd(8)
+    assert [(r, m.method) for r, m in round_order([ar, ctl], 3)] == [
+        (0, "ar"), (0, "cmasd"), (1, "cmasd"), (1, "ar"), (2, "ar"), (2, "cmasd"),
+    ]
+
+    def row(method, label, round_, tok_s, c=8):
+        return {"method": method, "label": label, "round": round_, "concurrency": c, "throughput_tok_s": tok_s}
+
+    summaries = [row("ar", "ar", 0, 100.0), row("cmasd", ctl.label, 0, 90.0),
+                 row("cmasd", ctl.label, 1, 120.0), row("ar", "ar", 1, 100.0),
+                 row("ar", "ar", 2, 50.0), row("cmasd", ctl.label, 2, 50.0)]
+    (only,) = speedups_vs_ar(summaries)
+    assert (only["label"], only["concurrency"]) == (ctl.label, 8)
+    assert only["ratios"] == [0.9, 1.2, 1.0] and only["median"] == 1.0
+    assert (only["min"], only["max"]) == (0.9, 1.2)
+    assert speedups_vs_ar([row("cmasd", ctl.label, 0, 90.0)]) == []  # no plain decoding to compare with

@@ -26,6 +26,7 @@ import os
 import platform
 import signal
 import socket
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -275,6 +276,10 @@ class ServeBenchConfig:
     kv_cache_gib: float | None = 2.0
     startup_timeout: float = 600.0
     request_timeout: float = 600.0
+    # Every method's server runs once a round, in turn (reversed every other
+    # round, so a drift of the machine's speed favours no method): one level
+    # run once per method moved 10-20% between runs on the 2-core machines.
+    rounds: int = 1
 
 
 def bench_prompts(n: int) -> list[str]:
@@ -331,11 +336,11 @@ def run_serve_bench(cfg: ServeBenchConfig, out_dir: str | Path, prompts: list[st
     overrides = server_overrides(cfg.max_model_len, cfg.kv_cache_gib)
     results: list[dict[str, Any]] = []
     started = time.time()
-    for method in cfg.methods:
+    for round_, method in round_order(cfg.methods, cfg.rounds):
         # Every method here drafts with cfg.draft: the self-draft (specbound) is not offered.
         flags = engine_flags(method.engine_kwargs(cfg.target, cfg.draft, cfg.draft, overrides))
         server = VllmServer(cfg.target, flags, name=method.method, log_dir=out_dir / "logs")
-        log(f"[bench-serve] {method.label}: starting vllm serve on {server.url}", flush=True)
+        log(f"[bench-serve] round {round_}, {method.label}: starting vllm serve on {server.url}", flush=True)
         t0 = time.perf_counter()
         server.start()
         try:
@@ -343,11 +348,11 @@ def run_serve_bench(cfg: ServeBenchConfig, out_dir: str | Path, prompts: list[st
             startup_s = time.perf_counter() - t0
             for c in cfg.concurrencies:
                 n = max(cfg.requests_per_concurrency * c, cfg.min_requests)
-                filename = f"vllm-{method.method}-c{c}.json"
+                filename = f"vllm-{method.method}-c{c}" + (f"-r{round_}" if cfg.rounds > 1 else "") + ".json"
                 before = controller_counters(server)
                 result = vllm_bench_serve(server, dataset, concurrency=c, num_requests=n, max_tokens=cfg.max_tokens,
                                           result_dir=out_dir, result_filename=filename, timeout=cfg.request_timeout)
-                summary = level_summary(method, c, startup_s, result)
+                summary = {**level_summary(method, c, startup_s, result), "round": round_}
                 summary.update({k: v - before[k] for k, v in controller_counters(server).items()})
                 summary["cost_fit"] = cost_fit(server)
                 results.append({"summary": summary, "vllm_result": filename,
@@ -365,10 +370,31 @@ def run_serve_bench(cfg: ServeBenchConfig, out_dir: str | Path, prompts: list[st
         "started_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(started)),
         "duration_s": time.time() - started,
         "results": results,
+        "speedup_vs_ar": speedups_vs_ar([r["summary"] for r in results]),
     }
     (out_dir / "serve.json").write_text(json.dumps(record, indent=1) + "\n")
     (out_dir / "serve.md").write_text(markdown_table(record))
     return record
+
+
+def round_order(methods: list[MethodSpec], rounds: int) -> list[tuple[int, MethodSpec]]:
+    """(round, method) in the order their servers run: every method once a
+    round, the order reversed every other round."""
+    return [(r, m) for r in range(rounds) for m in (methods if r % 2 == 0 else methods[::-1])]
+
+
+def speedups_vs_ar(summaries: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Per method and level, output tok/s over plain decoding's in the same
+    round (servers that ran minutes apart, not a whole run apart): each
+    round's ratio, their median and range. Empty without plain decoding."""
+    plain = {(s["round"], s["concurrency"]): s["throughput_tok_s"] for s in summaries if s["method"] == "ar"}
+    ratios: dict[tuple[str, int], list[float]] = {}
+    for s in summaries:
+        base = plain.get((s["round"], s["concurrency"]))
+        if s["method"] != "ar" and base:
+            ratios.setdefault((s["label"], s["concurrency"]), []).append(s["throughput_tok_s"] / base)
+    return [{"label": label, "concurrency": c, "ratios": values, "median": statistics.median(values),
+             "min": min(values), "max": max(values)} for (label, c), values in ratios.items()]
 
 
 def machine_info() -> dict[str, Any]:
@@ -398,18 +424,25 @@ def markdown_table(record: dict[str, Any]) -> str:
         f"(at least {s.get('min_requests', 0)}), "
         f"{s['num_prompts_used']} prompts cycled; started {record['started_utc']}, took {record['duration_s']:.0f} s.",
         "",
-        "| method | concurrency | requests | errors | output tok/s | TTFT p50 s | TTFT p99 s | TPOT p50 ms | e2e p50 s | e2e p99 s | mean draft | accepted/step | steps without a drafter pass | catch-up tokens | of which exploring | drafter s |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "| method | round | concurrency | requests | errors | output tok/s | TTFT p50 s | TTFT p99 s | TPOT p50 ms | e2e p50 s | e2e p99 s | mean draft | accepted/step | steps without a drafter pass | catch-up tokens | of which exploring | drafter s |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in record["results"]:
         m = r["summary"]
         lines.append(
-            f"| {m['label']} | {m['concurrency']} | {m['requests']} | {m['errors']} | {m['throughput_tok_s']:.1f} | "
+            f"| {m['label']} | {m.get('round', 0)} | {m['concurrency']} | {m['requests']} | {m['errors']} | {m['throughput_tok_s']:.1f} | "
             f"{m['ttft_p50_s']:.2f} | {m['ttft_p99_s']:.2f} | {1e3 * m['tpot_p50_s']:.0f} | "
             f"{m['e2e_p50_s']:.2f} | {m['e2e_p99_s']:.2f} | {m['mean_draft_length']:.2f} | {m['mean_acceptance_length']:.2f} | "
             f"{m['cmasd_skipped_drafter_passes']:.0f} | {m['cmasd_catch_up_tokens']:.0f} | "
             f"{m['cmasd_exploring_catch_up_tokens']:.0f} | {m['cmasd_drafter_seconds']:.1f} |"
         )
+    speedups = record.get("speedup_vs_ar") or []
+    if speedups:
+        lines += ["", "Output tok/s over plain decoding's in the same round: median over rounds (range; each round's).", "",
+                  "| method | concurrency | vs plain, median | range | per round |", "|---|---:|---:|---:|---|"]
+        for row in speedups:
+            lines.append(f"| {row['label']} | {row['concurrency']} | {row['median']:.3f}x | "
+                         f"{row['min']:.3f}-{row['max']:.3f} | {', '.join(f'{x:.3f}' for x in row['ratios'])} |")
     return "\n".join(lines) + "\n"
 
 
@@ -439,6 +472,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--rstitch-entropy", type=float, default=1.0, help="rstitch: entropy (nats) below which drafts stand")
     p.add_argument("--max-model-len", type=int, default=2048)
     p.add_argument("--kv-cache-gib", type=float, default=2.0, help="CPU only: KV-cache pool per server")
+    p.add_argument("--rounds", type=int, default=1,
+                   help="each method's server once a round, in turn (order reversed every other round)")
 
 
 def main_from_args(args: argparse.Namespace) -> int:
@@ -452,7 +487,7 @@ def main_from_args(args: argparse.Namespace) -> int:
         concurrencies=args.concurrency, requests_per_concurrency=args.requests_per_concurrency,
         min_requests=args.min_requests,
         max_tokens=args.max_tokens, num_prompts=args.num_prompts, max_model_len=args.max_model_len,
-        kv_cache_gib=args.kv_cache_gib,
+        kv_cache_gib=args.kv_cache_gib, rounds=args.rounds,
     )
     record = run_serve_bench(cfg, args.out)
     print(markdown_table(record))
