@@ -269,7 +269,7 @@ def test_only_requests_whose_catch_up_pays_draft_and_only_they_catch_up(monkeypa
     model = costs(lambda n: 0.1 + 0.002 * n, lambda n: 0.01 + 0.001 * n)
     remaining = {"current": 1000, "lagging": 1000}
     proposer = SimpleNamespace(config=CmasdConfig(k_max=4), costs=MeasuredCosts(model), FIRST_PASS_SKIPPABLE=True,
-                               acceptance=AcceptanceHistory(prior=0.8), _skipped_in_a_row=0,
+                               acceptance=AcceptanceHistory(prior=0.8), _skipped_in_a_row=0, _explore_every=8,
                                _remaining_tokens=lambda ids: np.array([remaining[i] for i in ids], dtype=float))
     lag = DrafterLag(max_tracked=8)
     lag.skip(["current", "lagging"], np.array([40, 600]))
@@ -321,7 +321,7 @@ def test_an_exploring_pass_spends_at_most_its_share_of_the_step(monkeypatch):
         model = costs(lambda n: 0.1 + 0.002 * n, lambda n: draft_pass_s + 0.001 * n)
         proposer = SimpleNamespace(config=CmasdConfig(k_max=4), costs=MeasuredCosts(model), FIRST_PASS_SKIPPABLE=True,
                                    acceptance=AcceptanceHistory(prior=0.01), _skipped_in_a_row=skipped_in_a_row,
-                                   _remaining_tokens=lambda ids: np.full(len(ids), 1000.0))
+                                   _explore_every=EXPLORE_EVERY, _remaining_tokens=lambda ids: np.full(len(ids), 1000.0))
         drafts, explore_room = CmasdProposer._who_drafts(proposer, ids, query_lens, np.array(catch_ups))
         return drafts.tolist(), explore_room
 
@@ -341,3 +341,42 @@ def test_an_exploring_pass_spends_at_most_its_share_of_the_step(monkeypatch):
     assert plan.blocked.tolist() == [False, True, False, True]
     # A drafter pass that alone costs more than half the step does not explore.
     assert decide(EXPLORE_EVERY, [0, 0, 0, 0], draft_pass_s=0.06) == ([False] * 4, None)
+
+
+def test_exploring_backs_off_while_it_finds_nothing_and_resets_once_the_rule_drafts(monkeypatch):
+    """Exploring that leads to no drafting by the rule comes half as often each
+    time (8, 16, 32, 64 steps apart, then 64); once the rule drafts by itself,
+    the next exploring pass comes EXPLORE_EVERY steps after it stops."""
+    from types import SimpleNamespace
+
+    import numpy as np
+
+    from vllm_cmasd.budget import AcceptanceHistory, MeasuredCosts
+    from vllm_cmasd import proposer as proposer_module
+    from vllm_cmasd.proposer import EXPLORE_EVERY, MAX_EXPLORE_EVERY, CmasdProposer
+
+    monkeypatch.setattr(proposer_module, "get_tp_group", lambda: SimpleNamespace(world_size=1))  # one rank
+    model = costs(lambda n: 0.1 + 0.002 * n, lambda n: 0.0105 + 0.001 * n)
+    proposer = SimpleNamespace(config=CmasdConfig(k_max=4), costs=MeasuredCosts(model), FIRST_PASS_SKIPPABLE=True,
+                               acceptance=AcceptanceHistory(prior=0.01), _skipped_in_a_row=0,
+                               _explore_every=EXPLORE_EVERY, _remaining_tokens=lambda ids: np.full(len(ids), 1000.0))
+    ids, query_lens, catch_ups = ["a", "b"], np.ones(2, dtype=np.int64), np.zeros(2, dtype=np.int64)
+
+    def exploring_steps(num_steps: int) -> list[int]:
+        steps = []
+        for step in range(num_steps):
+            drafts, explore_room = CmasdProposer._who_drafts(proposer, ids, query_lens, catch_ups)
+            if explore_room is not None:
+                assert drafts.all()
+                steps.append(step)
+            else:
+                assert not drafts.any()  # nothing pays by the rule
+        return steps
+
+    gaps = np.diff([-1, *exploring_steps(400)]).tolist()
+    assert gaps[:5] == [EXPLORE_EVERY + 1, 17, 33, MAX_EXPLORE_EVERY + 1, MAX_EXPLORE_EVERY + 1]
+    # The acceptance turns good: the rule drafts by itself, and resets the interval.
+    for _ in range(30):
+        proposer.acceptance.observe(ids, [4, 4], [4, 4])
+    drafts, explore_room = CmasdProposer._who_drafts(proposer, ids, query_lens, catch_ups)
+    assert drafts.all() and explore_room is None and proposer._explore_every == EXPLORE_EVERY
