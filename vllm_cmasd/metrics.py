@@ -137,7 +137,8 @@ class CmasdPrometheus:
         self.verified = gauge("vllm:cmasd_calibration_tokens",
                               "Reliability diagram: drafted tokens verified, by bin of prediction.", "predicted_bin")
         self.cost = gauge("vllm:cmasd_cost_seconds",
-                          "CM-ASD's measured cost fit: target step a + b n, drafter pass d0 + d1 n (seconds).",
+                          "CM-ASD's measured cost fit: target step a + b n (+ V verifying), drafter pass d0 + d1 n, "
+                          "a pass's tokens beyond a decode step's w each (seconds).",
                           "term")
 
     def observe_controller(self, report: dict, engine_idx: int = 0) -> None:
