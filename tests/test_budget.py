@@ -179,6 +179,23 @@ def test_measured_costs_learn_what_the_profile_misses():
     assert fit["draft_samples"] == 200 and len(fit["target_s"]) == len(TOKENS)
 
 
+def test_measured_costs_learn_from_a_prior_several_times_too_low():
+    """A profile that misses most of a step (a tiny model: 0.7 ms of forward in
+    a 3-4 ms step) must not make every real step look like a stall: a sample
+    is an outlier only against what recent samples measured, and an idle gap
+    still is one."""
+    from vllm_cmasd.budget import MeasuredCosts
+
+    measured = MeasuredCosts(costs(lambda n: 0.0007, lambda n: 0.0002))
+    for i in range(30):
+        measured.observe_target_step(2, 0.0035 + 0.0001 * (i % 5))
+    assert measured.num_target_samples >= 25
+    assert measured.target(2) == pytest.approx(0.0037, rel=0.1)
+    samples = measured.num_target_samples
+    measured.observe_target_step(2, 1.0)  # an idle gap between two generate calls
+    assert measured.num_target_samples == samples
+
+
 def test_acceptance_history_predicts_per_request_and_falls_back_to_all():
     from vllm_cmasd.budget import AcceptanceHistory
 
