@@ -418,10 +418,10 @@ class CmasdProposerMixin:
         assert self.costs is not None
         batch_size, k_max = len(req_ids), self.config.k_max
         if self.FIRST_PASS_SKIPPABLE:
-            own = query_lens + 1  # + one new slot each
-            step_tokens = np.minimum(own, k_max + 2)
+            own_lens = query_lens + 1  # + one new slot each
+            step_tokens = np.minimum(own_lens, k_max + 2)
             pass_tokens = int(step_tokens.sum())
-            warm_ups = own - step_tokens + catch_ups
+            warm_ups = own_lens - step_tokens + catch_ups
         else:  # the first pass runs anyway: drafting adds its logits and bookkeeping, like a pass over the batch
             pass_tokens = batch_size
             warm_ups = np.zeros(batch_size)
