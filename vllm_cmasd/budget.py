@@ -227,7 +227,6 @@ class MeasuredCosts:
 
     OUTLIER_WINDOW = 9
 
-
     def __init__(self, prior: CostModel, decay: float = 0.95, prior_weight: float = 0.05, outlier_ratio: float = 4.0):
         self.prior = prior
         self.outlier_ratio = outlier_ratio
@@ -245,7 +244,8 @@ class MeasuredCosts:
         # A pass's tokens beyond a decode step's (a prompt's prefill, a
         # catch-up) are priced per token on their own: a long pass costs far
         # less per token than the short decode passes D(n) is fitted to (AMD,
-        # 2026-12-03: 0.25 ms a prompt token against a fitted 0.6 ms).
+        # 2026-12-03: 0.15 ms a prompt token measured, against the decode
+        # fit's 0.4-0.6 ms).
         self._warm_up = _DecayedLinearFit([(1.0,)], [_long_pass_slope(prior)], prior_weight, decay)
 
     @property
