@@ -344,7 +344,7 @@ class CmasdProposerMixin:
             # A prefill's (or a long catch-up's) pass is not what drafting costs when decoding.
             decode_tokens = batch_size * (self.config.k_max + 1)
             decoding = cad.max_query_len <= self.config.k_max + 1 and plan.num_tokens <= decode_tokens
-            warm_up = int((pass_lens - np.minimum(pass_lens, self.config.k_max + 2)).sum())
+            warm_up = int(CmasdProposerMixin._warm_up_tokens(pass_lens, self.config.k_max).sum())
             self._drafting_measured = (
                 pass_tokens, len(window.tokens) - 1, batch_size, time.perf_counter() - drafting_start, decoding, warm_up
             )
@@ -386,6 +386,14 @@ class CmasdProposerMixin:
             decode_part = self.costs.draft(pass_tokens - warm_up) + more_passes * self.costs.draft(batch_size)
             self.costs.observe_warm_up(warm_up, seconds[1] - decode_part)
 
+    @staticmethod
+    def _warm_up_tokens(pass_lens: np.ndarray, k_max: int) -> np.ndarray:
+        """Per request, a first pass's tokens beyond a decode step's (verified
+        tokens and the new slot, at most k_max + 2): a prefill's, whose drafter
+        KV serves the request's later steps. What the decision prices per step
+        (:meth:`_who_drafts`) and the warm-up fit learns from (:meth:`_propose`)."""
+        return pass_lens - np.minimum(pass_lens, k_max + 2)
+
     def _who_drafts(
         self, req_ids: list[str], query_lens: np.ndarray, catch_ups: np.ndarray
     ) -> tuple[np.ndarray, int | None]:
@@ -419,9 +427,9 @@ class CmasdProposerMixin:
         batch_size, k_max = len(req_ids), self.config.k_max
         if self.FIRST_PASS_SKIPPABLE:
             own_lens = query_lens + 1  # + one new slot each
-            step_tokens = np.minimum(own_lens, k_max + 2)
-            pass_tokens = int(step_tokens.sum())
-            warm_ups = own_lens - step_tokens + catch_ups
+            beyond = CmasdProposerMixin._warm_up_tokens(own_lens, k_max)
+            pass_tokens = int((own_lens - beyond).sum())
+            warm_ups = beyond + catch_ups
         else:  # the first pass runs anyway: drafting adds its logits and bookkeeping, like a pass over the batch
             pass_tokens = batch_size
             warm_ups = np.zeros(batch_size)
