@@ -91,3 +91,68 @@ def test_a_step_without_drafts_keeps_the_heads_kv_current(tiny_pair, tiny_eagle3
         finite = logits[i].isfinite()
         assert torch.equal(finite, fresh_logits.isfinite())  # the same kept vocabulary
         assert torch.allclose(logits[i][finite], fresh_logits[finite], atol=1e-4, rtol=1e-4)
+
+
+def test_the_training_head_computes_what_vllms_eagle3_head_computes(tiny_pair, tmp_path, monkeypatch):
+    """``eagle-train``'s torch head, exported by ``eagle-export``'s writer, gives
+    vLLM's own ``eagle3`` drafting loop the same logits at every drafting step: the
+    aux layer ids, the token the head reads at each position, RoPE positions, the
+    layer's norms and residuals, the keys a later step attends to (the training-time
+    test's mask) and the ``d2t`` offsets all agree between training and serving."""
+    from safetensors.torch import load_file
+    from transformers import LlamaConfig
+    from vllm.model_executor.models.llama_eagle3 import Eagle3LlamaForCausalLM
+    from vllm.v1.spec_decode.eagle import EagleProposer
+
+    from vllm_cmasd.training import eagle3 as e3
+    from vllm_cmasd.training.common import load_target_state
+
+    target, _ = tiny_pair
+    g = torch.Generator().manual_seed(0)
+    kept = torch.cat([torch.arange(3), torch.randperm(1021, generator=g)[:253] + 3]).sort().values
+    head = e3.build_head(LlamaConfig.from_pretrained(target), len(kept))
+    e3._init_head(head, load_target_state(target), kept, seed=0)
+    with torch.no_grad():  # the residual branches at full scale, so attention and MLP shape the logits
+        head.midlayer.self_attn.o_proj.weight.mul_(10)
+        head.midlayer.mlp.down_proj.weight.mul_(10)
+    e3.write_head(head.state_dict(), kept, target, tmp_path / "head")
+    head_dir = e3.assemble_eagle3_head(target, tmp_path / "head", tmp_path / "assembled")
+    shipped = load_file(str(head_dir / "model.safetensors"))
+    head.load_state_dict({k: v.float() for k, v in shipped.items() if k not in ("d2t", "t2d")}, strict=False)
+
+    # vLLM's logits at each drafting step of its first propose call (after the prefill).
+    steps, calls, anchor = [], [], []
+    real_propose, real_logits = EagleProposer.propose, Eagle3LlamaForCausalLM.compute_logits
+
+    def propose(self, num_speculative_tokens, **kwargs):
+        calls.append(True)
+        anchor.append(int(kwargs["common_attn_metadata"].seq_lens[0]) - 1)  # the sampled token's position - 1
+        return real_propose(self, num_speculative_tokens=num_speculative_tokens, **kwargs)
+
+    def compute_logits(self, hidden_states):
+        out = real_logits(self, hidden_states)
+        if len(calls) == 1:
+            steps.append(out[0].clone())
+        return out
+
+    monkeypatch.setattr(EagleProposer, "propose", propose)
+    monkeypatch.setattr(Eagle3LlamaForCausalLM, "compute_logits", compute_logits)
+    run = run_engine([PROMPTS[1]], greedy(3), **eagle3(target, head_dir))
+    assert len(steps) == 4
+    output = run.outputs[0]
+    t = anchor[0]
+    ids = torch.tensor([list(output.prompt_token_ids) + list(output.outputs[0].token_ids)])[:, : t + 2]
+    features, _, emb = e3.Teacher(target, kept)(ids)
+    # Step 0 reads the sampled token (the record's next token); step j >= 1 reads the
+    # token vLLM drafted at step j - 1, and only the anchor's row of a later step matters.
+    table = load_target_state(target)["model.embed_tokens.weight"].float()
+    emb_next = [e3._shift(emb, 1)]
+    for logits in steps[:-1]:
+        e = torch.zeros_like(emb)
+        e[0, t] = table[int(logits.argmax())]
+        emb_next.append(e)
+    with torch.no_grad():
+        ours = [logits[0, t] for logits in head.unroll(emb_next, features, steps=4)]
+    for j, (theirs, mine) in enumerate(zip(steps, ours)):
+        assert torch.isfinite(theirs).sum() == len(kept) and torch.isfinite(theirs[kept]).all()
+        assert torch.allclose(theirs[kept], mine, atol=2e-3, rtol=1e-3), (j, (theirs[kept] - mine).abs().max())

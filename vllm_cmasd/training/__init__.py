@@ -30,6 +30,9 @@ the first four in this order, ``bench`` and ``overlap`` run only when named):
               decoding at batch 1 -> ``bench.json``.
 ``overlap``   (:mod:`.overlap`) how much of each benchmark prompt the training prompts
               hold -> ``overlap.json``.
+``eagle-train``, ``eagle-export``, ``eagle-assemble`` (:mod:`.eagle3`) an EAGLE-3 head
+              for vLLM's ``eagle3`` method on the same ``data.pt`` -> ``eagle_best.pt``,
+              ``drafts/smollm2-135m-eagle3``, ``models/smollm2-135m-eagle3``.
 
 The shipped draft (v5) continues v4 with summaries of the guides and notes packages ship
 beside their READMEs, and drops every reused record on benchmark or held-out text (both
@@ -100,6 +103,9 @@ STAGES: dict[str, tuple[str, str]] = {
     "assemble": ("export", "stage_assemble"),
     "bench": ("bench", "stage_bench"),
     "overlap": ("overlap", "stage_overlap"),
+    "eagle-train": ("eagle3", "stage_eagle_train"),
+    "eagle-export": ("eagle3", "stage_eagle_export"),
+    "eagle-assemble": ("eagle3", "stage_eagle_assemble"),
 }
 ALL_STAGES = ("data", "train", "export", "assemble")  # what stage ``all`` runs, in order
 

@@ -7,7 +7,7 @@ import argparse
 
 from vllm_cmasd import training
 from vllm_cmasd.training import ALL_STAGES, STAGES, stage_function, stage_module
-from vllm_cmasd.training.common import DEFAULT_DRAFT_NAME, REPO_ROOT
+from vllm_cmasd.training.common import DEFAULT_DRAFT_NAME, DEFAULT_EAGLE3_NAME, REPO_ROOT
 
 
 def stage_details() -> str:
@@ -73,6 +73,12 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
     ap.add_argument("--init-from", default="",
                     help="warm start: a train checkpoint (e.g. models/.cache/draft-train/best.pt); "
                          "head rows are matched by token id when the kept vocabulary changed")
+    # EAGLE-3 head (eagle-train / eagle-export / eagle-assemble)
+    ap.add_argument("--ttt-steps", type=int, default=5, help="training-time test: unrolled drafting steps")
+    ap.add_argument("--kept-from", default="",
+                    help="draft.safetensors whose kept_token_ids are the head's vocabulary (default: the shipped draft's)")
+    ap.add_argument("--eagle-out", default=str(REPO_ROOT / "drafts" / DEFAULT_EAGLE3_NAME))
+    ap.add_argument("--eagle-assemble-to", default=str(REPO_ROOT / "models" / DEFAULT_EAGLE3_NAME))
     # bench
     ap.add_argument("--bench-prompts", type=int, default=8)
     ap.add_argument("--bench-tokens", type=int, default=96)

@@ -10,6 +10,7 @@ from pathlib import Path
 REPO_ROOT = Path(__file__).resolve().parents[2]  # vllm_cmasd/training/common.py
 DRAFT_ARCH = "CmasdReducedVocabLlamaForCausalLM"
 DEFAULT_DRAFT_NAME = "smollm2-135m-draft-rv"
+DEFAULT_EAGLE3_NAME = "smollm2-135m-eagle3"
 TOKENIZER_FILES = (
     "tokenizer.json",
     "tokenizer_config.json",
