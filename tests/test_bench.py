@@ -8,12 +8,12 @@ from pathlib import Path
 
 import pytest
 
-from vllm_cmasd.bench.runner import CMASD_METHODS, METHODS
+from vllm_cmasd.bench.runner import CMASD_METHODS, FIXED_K_METHODS as FIXED_K, METHODS
 
 pytestmark = pytest.mark.engine
 
 # Methods whose drafting is decided by measured costs (the controller, or the window's budget).
-CONTROLLED = {"cmasd", "cmasd_confidence", "rstitch", "specbound", "cmasd_budget"}
+CONTROLLED = {"cmasd", "cmasd_confidence", "rstitch", "specbound", "cmasd_budget", "cmasd_eagle3"}
 RECORD_FIELDS = {
     "method", "setting", "task", "k", "batch_size", "tokens_per_s", "speedup_vs_ar",
     "mean_acceptance_length", "draft_length_histogram", "rollback_rate", "rel_bleu_vs_ar",
@@ -80,14 +80,15 @@ def test_training_prompts_leave_the_benchmark_unseen():
 
 
 @pytest.fixture(scope="module")
-def micro_bench(tiny_pair, tiny_self_draft, tmp_path_factory):
+def micro_bench(tiny_pair, tiny_self_draft, tiny_eagle3, tmp_path_factory):
     from vllm_cmasd.bench import resolve_preset, run_bench
 
     target, draft = tiny_pair
     out = tmp_path_factory.mktemp("bench")
     env_before = dict(os.environ)
     bench = run_bench(
-        resolve_preset("micro"), out, target=target, draft=draft, self_draft=tiny_self_draft, progress=False
+        resolve_preset("micro"), out, target=target, draft=draft, self_draft=tiny_self_draft, eagle3=tiny_eagle3,
+        progress=False,
     )
     # The benchmark's engine settings (a 2 GiB KV-cache pool for every engine,
     # ...) must not outlive it: later engines in this process set their own.
@@ -144,11 +145,12 @@ def test_micro_bench_records(micro_bench):
             assert 0.0 <= r["rollback_rate"] <= 1.0
             assert sum(r["accepted_length_histogram"].values()) == r["num_drafts"]
         assert r["oracle_speedup"] > 0 and r["oracle_fraction"] > 0
-        if r["method"] in ("draft_model", "cmasd", "cmasd_exact", "specbound", "cmasd_budget"):
+        if r["method"] in ("draft_model", "cmasd", "cmasd_exact", "specbound", "cmasd_budget", "eagle3",
+                           "cmasd_eagle3"):
             # Lossless under greedy decoding: token for token AR's output.
             assert r["identical_to_ar"] is True, r["setting"]
             assert r["rel_bleu_vs_ar"] == pytest.approx(100.0)
-        if r["method"] == "draft_model":
+        if r["method"] in ("draft_model", "eagle3"):
             assert set(map(int, r["draft_length_histogram"])) == {r["k"]}
         if r["method"] in CMASD_METHODS:
             assert r["k_max"] == r["k"] and r["cmasd"]["verification"] in ("exact", "confidence", "rstitch")
@@ -156,11 +158,14 @@ def test_micro_bench_records(micro_bench):
         assert r["target_weight_bytes"] > 0
         if r["method"] == "specbound":
             assert r["draft_weight_bytes"] == 0
-        elif r["method"] in ("draft_model", "cmasd_exact"):
+        elif r["method"] in ("draft_model", "cmasd_exact", "eagle3", "cmasd_eagle3"):
             assert r["draft_weight_bytes"] > 0
-    # The best fixed k is marked once per (task, batch size).
+    # The head's own weights are the draft's fraction (it shares the target's embedding).
+    by_method = {r["method"]: r for r in records}
+    assert by_method["eagle3"]["draft_weight_bytes"] < by_method["draft_model"]["draft_weight_bytes"]
+    # The best fixed k is marked once per (method, task, batch size).
     best = [r for r in records if r.get("best_fixed_k")]
-    assert len(best) == len({(r["task"], r["batch_size"]) for r in records})
+    assert len(best) == len({(r["method"], r["task"], r["batch_size"]) for r in records if r["method"] in FIXED_K})
     # What the controller learnt, per engine: its cost fit and calibration.
     learnt = [e for e in bench["engine_starts"] if e["label"].startswith("cmasd ")]
     assert learnt and all(e["cost_fit"]["target_step_s"] > 0 for e in learnt)
@@ -187,3 +192,24 @@ def test_rounds_spread_the_work():
             for b in preset.batch_sizes:
                 ids = [pid for units in rounds for u in units if (u.task, u.batch_size) == (task, b) for pid in u.prompt_ids]
                 assert sorted(ids) == sorted(p["id"] for p in prompts[task])
+
+
+def test_the_eagle3_methods_run_vllms_eagle3_on_the_head(tiny_pair, tiny_eagle3):
+    """``eagle3`` (vLLM's, fixed k) and ``cmasd_eagle3`` (the controller) draft
+    with the run's EAGLE-3 head, in the in-process benchmark and in bench-serve's
+    servers alike; a run without a head says so instead of drafting with something else."""
+    from vllm_cmasd.bench.serve_load import engine_flags, serve_methods
+
+    target, draft = map(str, tiny_pair)
+    drafters = {"draft": draft, "eagle3": str(tiny_eagle3)}
+    offered = serve_methods(k=4, k_max=8, rstitch_entropy=1.0)
+    theirs = offered["eagle3"].engine_kwargs(target, drafters, {})
+    ours = offered["cmasd_eagle3"].engine_kwargs(target, drafters, {})
+    for kwargs, k in ((theirs, 4), (ours, 8)):
+        assert kwargs["speculative_config"] == {"method": "eagle3", "model": str(tiny_eagle3), "num_speculative_tokens": k}
+    assert "additional_config" not in theirs and ours["additional_config"] == {"cmasd": {"verification": "exact"}}
+    flags = engine_flags(ours)
+    assert json.loads(flags[flags.index("--speculative-config") + 1])["method"] == "eagle3"
+    assert offered["draft_model"].engine_kwargs(target, drafters, {})["speculative_config"]["method"] == "draft_model"
+    with pytest.raises(ValueError, match="eagle3 checkpoint"):
+        offered["cmasd_eagle3"].engine_kwargs(target, {"draft": draft, "eagle3": None}, {})

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 from conftest import run_engine
 
-from vllm_cmasd.engines import DEFAULT_DRAFT, DEFAULT_TARGET, llm_kwargs
+from vllm_cmasd.engines import DEFAULT_DRAFT, DEFAULT_EAGLE3, DEFAULT_TARGET, llm_kwargs
 
 pytestmark = pytest.mark.real
 
@@ -50,6 +50,31 @@ def test_exact_is_identical_to_plain_decoding_on_real_pair(real_pair):
         **llm_kwargs(target, draft=draft, num_speculative_tokens=6, cmasd={"verification": "exact"}, **settings),
     )
     assert ours.token_ids == plain.token_ids
+    assert ours.drafter.stats.num_drafts > 0
+
+
+def test_the_shipped_eagle3_head_on_the_real_target(real_pair):
+    """vLLM's own ``eagle3`` runs the trained head (drafts/smollm2-135m-eagle3,
+    assembled by setup) unmodified and accepts its drafts; CM-ASD's controller on
+    the same head is token for token plain decoding."""
+    from vllm import SamplingParams
+
+    target, _ = real_pair
+    assert (DEFAULT_EAGLE3 / "config.json").exists(), f"{DEFAULT_EAGLE3} missing: run scripts/setup.sh --models"
+    prompts = chat_prompts(target)
+    params = SamplingParams(temperature=0.0, max_tokens=64)
+    settings = dict(enable_prefix_caching=True, enable_chunked_prefill=True)
+    head = dict(draft=DEFAULT_EAGLE3, draft_method="eagle3")
+    plain = run_engine(prompts, params, **llm_kwargs(target, **settings))
+    theirs = run_engine(prompts, params, **llm_kwargs(target, **head, num_speculative_tokens=4, **settings))
+    ours = run_engine(
+        prompts, params, **llm_kwargs(target, **head, num_speculative_tokens=8, cmasd={"verification": "exact"}, **settings)
+    )
+    assert type(theirs.drafter).__name__ == "EagleProposer" and type(ours.drafter).__name__ == "CmasdEagleProposer"
+    assert theirs.token_ids == plain.token_ids and ours.token_ids == plain.token_ids
+    # A trained head: well over one token a step (a random head gets ~1.0).
+    counters = theirs.counters
+    assert 1 + counters["num_accepted_tokens"] / counters["num_drafts"] > 1.5, counters
     assert ours.drafter.stats.num_drafts > 0
 
 

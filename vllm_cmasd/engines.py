@@ -19,6 +19,8 @@ DEFAULT_TARGET = REPO_ROOT / "models" / "smollm2-135m-instruct"
 DEFAULT_DRAFT = REPO_ROOT / "models" / "smollm2-135m-draft-rv"
 # The target's own first layers and LM head (SpecBound): scripts/build_self_draft.py.
 DEFAULT_SELF_DRAFT = REPO_ROOT / "models" / "smollm2-135m-selfdraft"
+# The trained EAGLE-3 head (drafts/smollm2-135m-eagle3, assembled by setup).
+DEFAULT_EAGLE3 = REPO_ROOT / "models" / "smollm2-135m-eagle3"
 
 
 # Full-length sequences the KV cache of a CPU engine holds (see cpu_kv_cache_bytes).

@@ -60,6 +60,7 @@ def run_bench(
     target: str | Path,
     draft: str | Path,
     self_draft: str | Path,
+    eagle3: str | Path | None = None,
     prompts_path: str | Path | None = None,
     progress: bool = True,
     command: str | None = None,
@@ -70,7 +71,8 @@ def run_bench(
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     raw = runner.run(
-        preset, target=target, draft=draft, self_draft=self_draft, prompts_path=prompts_path, progress=progress
+        preset, target=target, draft=draft, self_draft=self_draft, eagle3=eagle3, prompts_path=prompts_path,
+        progress=progress,
     )
     runner.save_raw(raw, out / "raw.json")
     report.write_outputs(raw, out / "outputs.jsonl")
@@ -82,16 +84,17 @@ def run_bench(
 
 def add_arguments(parser) -> None:
     from vllm_cmasd.bench.runner import METHODS, PRESETS
-    from vllm_cmasd.engines import DEFAULT_DRAFT, DEFAULT_SELF_DRAFT, DEFAULT_TARGET
+    from vllm_cmasd.engines import DEFAULT_DRAFT, DEFAULT_EAGLE3, DEFAULT_SELF_DRAFT, DEFAULT_TARGET
 
     parser.add_argument(
         "--preset", default="quick",
-        help=f"one of {sorted(PRESETS)}: quick (10-15 min on 2 CPU cores), batch16 (~3 min), full, micro (tests)",
+        help=f"one of {sorted(PRESETS)}: quick (15-20 min on 2 CPU cores), batch16 (~3 min), full, micro (tests)",
     )
     parser.add_argument("--out", required=True, help="output directory (bench.json, bench.md, *.png)")
     parser.add_argument("--target", default=str(DEFAULT_TARGET))
     parser.add_argument("--draft", default=str(DEFAULT_DRAFT), help="draft model for draft_model and CM-ASD")
     parser.add_argument("--self-draft", default=str(DEFAULT_SELF_DRAFT), help="self-draft for specbound")
+    parser.add_argument("--eagle3", default=str(DEFAULT_EAGLE3), help="EAGLE-3 head for eagle3 and cmasd_eagle3")
     parser.add_argument("--prompts", default=None, help="prompt set JSON (default: the committed prompts.json)")
     parser.add_argument("--max-tokens", type=int, default=None, help="override the preset's max new tokens")
     parser.add_argument("--prompts-per-task", type=int, default=None)
@@ -117,6 +120,7 @@ def main_from_args(args) -> int:
         target=args.target,
         draft=args.draft,
         self_draft=args.self_draft,
+        eagle3=args.eagle3,
         prompts_path=args.prompts,
         progress=not args.no_progress,
         command=command,

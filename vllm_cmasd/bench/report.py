@@ -32,7 +32,7 @@ from collections import defaultdict
 from pathlib import Path
 from typing import Any
 
-from vllm_cmasd.bench.runner import CMASD_METHODS, LOSSY_METHODS, METHODS
+from vllm_cmasd.bench.runner import CMASD_METHODS, FIXED_K_METHODS, LOSSY_METHODS, METHODS
 from vllm_cmasd.metrics import CONTROLLER_TOTALS
 
 LOSSLESS = frozenset(METHODS) - LOSSY_METHODS
@@ -284,16 +284,16 @@ def build(raw: dict[str, Any]) -> dict[str, Any]:
                 ar_all = _merge([groups[(ar_label, t, bs)] for t in per_task])
             orc = oracle([(groups.get((ar_label, t, bs)), groups.get((ref_label, t, bs))) for t in per_task])
             summary.append(record(label, "all", bs, merged, ar_all, orc))
-    for rows in (records, summary):
-        best: dict[tuple[str, int], dict] = {}
+    for rows in (records, summary):  # vLLM's best fixed k, per method (draft model, EAGLE-3 head)
+        best: dict[tuple[str, str, int], dict] = {}
         for rec in rows:
-            if rec["method"] == "draft_model":
-                key = (rec["task"], rec["batch_size"])
+            if rec["method"] in FIXED_K_METHODS:
+                key = (rec["method"], rec["task"], rec["batch_size"])
                 if key not in best or rec["tokens_per_s"] > best[key]["tokens_per_s"]:
                     best[key] = rec
         for rec in rows:
-            if rec["method"] == "draft_model":
-                rec["best_fixed_k"] = rec is best[(rec["task"], rec["batch_size"])]
+            if rec["method"] in FIXED_K_METHODS:
+                rec["best_fixed_k"] = rec is best[(rec["method"], rec["task"], rec["batch_size"])]
     return {
         "schema_version": 1,
         "preset": raw["preset"]["name"],
@@ -421,6 +421,8 @@ def plots(bench: dict[str, Any], out_dir: Path) -> list[Path]:
         "rstitch": "tab:purple",
         "specbound": "tab:brown",
         "cmasd_budget": "tab:cyan",
+        "eagle3": "tab:pink",
+        "cmasd_eagle3": "darkorange",
     }
     method_of = {r["setting"]: r["method"] for r in summary}
 
@@ -467,7 +469,7 @@ def plots(bench: dict[str, Any], out_dir: Path) -> list[Path]:
                 if method in curves:
                     knob, prefix = curves[method]
                     text = f"{prefix}{(r['cmasd'] or {}).get(knob, 'default')}"
-                elif method in ("draft_model", "ngram"):
+                elif method in FIXED_K_METHODS | {"ngram"}:
                     text = f"k={r['k']}"
                 else:
                     text = ""

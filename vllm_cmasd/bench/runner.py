@@ -32,9 +32,15 @@ from vllm_cmasd.vllm_patch import install_dispatcher_scan_fix
 
 METHODS: tuple[str, ...] = (
     "ar", "draft_model", "ngram", "cmasd", "cmasd_exact", "cmasd_confidence", "rstitch", "specbound", "cmasd_budget",
+    "eagle3", "cmasd_eagle3",
 )
+# vLLM's own methods at a fixed k: the baselines whose best k the report marks.
+FIXED_K_METHODS: frozenset[str] = frozenset({"draft_model", "eagle3"})
 # The methods that run CM-ASD's proposer (the others are vLLM's own).
-CMASD_METHODS: frozenset[str] = frozenset(METHODS) - {"ar", "draft_model", "ngram"}
+CMASD_METHODS: frozenset[str] = frozenset(METHODS) - FIXED_K_METHODS - {"ar", "ngram"}
+# The drafter each speculative method runs (a key of the ``drafters`` given to
+# MethodSpec.engine_kwargs); every other CM-ASD method drafts with "draft".
+DRAFTER_OF: dict[str, str] = {"specbound": "self_draft", "eagle3": "eagle3", "cmasd_eagle3": "eagle3"}
 # The methods whose verification is relaxed (the others are lossless).
 LOSSY_METHODS: frozenset[str] = frozenset({"cmasd_confidence", "rstitch"})
 
@@ -53,24 +59,33 @@ class MethodSpec:
     def label(self) -> str:
         if self.method == "ar":
             return "ar"
-        parts = [self.method, f"k={self.k}" if self.method in ("draft_model", "ngram") else f"k_max={self.k}"]
+        parts = [self.method, f"k={self.k}" if self.method in FIXED_K_METHODS | {"ngram"} else f"k_max={self.k}"]
         for key, value in sorted((self.cmasd or {}).items()):
             # The method name already says these.
             if key not in ("verification", "draft_budget", "draft_length"):
                 parts.append(f"{key}={value}")
         return " ".join(parts)
 
-    def engine_kwargs(self, target: str, draft: str, self_draft: str, overrides: dict[str, Any]) -> dict[str, Any]:
+    @property
+    def drafter(self) -> str:
+        """Which of the run's drafters this method drafts with: ``draft``, ``self_draft`` or ``eagle3``."""
+        return DRAFTER_OF.get(self.method, "draft")
+
+    def engine_kwargs(self, target: str, drafters: dict[str, Any], overrides: dict[str, Any]) -> dict[str, Any]:
+        """``drafters``: the checkpoint of each drafter (:attr:`drafter`) the run has."""
         from vllm_cmasd.engines import llm_kwargs
 
         if self.method == "ar":
             return llm_kwargs(target, **overrides)
         if self.method == "ngram":
             return llm_kwargs(target, ngram=True, num_speculative_tokens=self.k, **overrides)
-        if self.method == "draft_model":
-            return llm_kwargs(target, draft=draft, num_speculative_tokens=self.k, **overrides)
-        drafter = self_draft if self.method == "specbound" else draft
-        return llm_kwargs(target, draft=drafter, num_speculative_tokens=self.k, cmasd=dict(self.cmasd or {}), **overrides)
+        if drafters.get(self.drafter) is None:
+            raise ValueError(f"method {self.method} drafts with the {self.drafter} checkpoint, and this run has none")
+        speculation = dict(draft=str(drafters[self.drafter]), num_speculative_tokens=self.k,
+                           draft_method="eagle3" if self.drafter == "eagle3" else "draft_model")
+        if self.method in FIXED_K_METHODS:
+            return llm_kwargs(target, **speculation, **overrides)
+        return llm_kwargs(target, **speculation, cmasd=dict(self.cmasd or {}), **overrides)
 
 
 def cmasd(k_max: int) -> MethodSpec:
@@ -94,6 +109,11 @@ def rstitch(k_max: int, entropy: float) -> MethodSpec:
 
 def specbound(k_max: int) -> MethodSpec:
     return MethodSpec("specbound", k_max, {"verification": "exact"})
+
+
+def cmasd_eagle3(k_max: int) -> MethodSpec:
+    """The controller on the EAGLE-3 head, exact verification."""
+    return MethodSpec("cmasd_eagle3", k_max, {"verification": "exact"})
 
 
 def cmasd_budget(k_max: int) -> MethodSpec:
@@ -130,10 +150,12 @@ def default_methods(
     thresholds=(None,),
     ngram_k: int = 4,
     rstitch_entropies=(0.5, 1.5, 3.0),
+    eagle3_ks=(2, 4, 6),
 ):
     """AR, vLLM's draft model at each fixed k, n-gram, the CM-ASD controller,
     the paper's window (exact), the controller with relaxed verification,
-    R-Stitch routing, SpecBound self-drafting, the window with the budget.
+    R-Stitch routing, SpecBound self-drafting, the window with the budget,
+    vLLM's EAGLE-3 at each fixed k and the controller on the same head.
 
     ``None`` in ``leniencies``/``thresholds`` means the config's default,
     written out so that labels and records name the value.
@@ -147,6 +169,8 @@ def default_methods(
     methods += [cmasd_confidence(k_max, leniency=leniency_default if v is None else v) for v in leniencies]
     methods += [rstitch(k_max, h) for h in rstitch_entropies]
     methods += [specbound(k_max), cmasd_budget(k_max)]
+    methods += [MethodSpec("eagle3", k) for k in eagle3_ks]
+    methods.append(cmasd_eagle3(k_max))
     return tuple(methods)
 
 
@@ -174,6 +198,7 @@ PRESETS: dict[str, Preset] = {
         methods=(
             MethodSpec("ar"), MethodSpec("draft_model", 2), MethodSpec("draft_model", 4),
             cmasd_exact(8, threshold=_config_default("threshold")), cmasd(8),
+            MethodSpec("eagle3", 2), MethodSpec("eagle3", 4), cmasd_eagle3(8),
         ),
     ),
     # For tests on the tiny random-weight pair: 8 engines, one round, seconds each.
@@ -185,7 +210,8 @@ PRESETS: dict[str, Preset] = {
         rounds=1,
         methods=(
             MethodSpec("ar"), MethodSpec("draft_model", 4), MethodSpec("ngram", 4), cmasd(4), cmasd_exact(4),
-            cmasd_confidence(4), rstitch(4, 1.0), specbound(4), cmasd_budget(4),
+            cmasd_confidence(4), rstitch(4, 1.0), specbound(4), cmasd_budget(4), MethodSpec("eagle3", 4),
+            cmasd_eagle3(4),
         ),
         kv_cache_gib=1,
     ),
@@ -400,6 +426,7 @@ def run(
     target: str | Path,
     draft: str | Path,
     self_draft: str | Path,
+    eagle3: str | Path | None = None,
     prompts_path: str | Path | None = None,
     progress: bool = True,
     log: Callable[[str], None] = print,
@@ -442,6 +469,8 @@ def run(
         install_dispatcher_scan_fix()
         started = time.time()
         target, draft, self_draft = str(target), str(draft), str(self_draft)
+        eagle3 = str(eagle3) if eagle3 else None
+        drafters = {"draft": draft, "self_draft": self_draft, "eagle3": eagle3}
         data = load_prompts(prompts_path)
         overrides = dict(engine_overrides or {})
         if on_cpu():
@@ -485,7 +514,7 @@ def run(
                 gc.collect()
                 gc.freeze()
                 try:
-                    llm = LLM(**spec.engine_kwargs(target, draft, self_draft, overrides))
+                    llm = LLM(**spec.engine_kwargs(target, drafters, overrides))
                     llm.generate([warmup_prompt], warmup_params, use_tqdm=False)
                 except Exception as exc:  # a method that cannot start must not sink the others
                     failed[spec.label] = f"{type(exc).__name__}: {exc}"
@@ -554,6 +583,7 @@ def run(
             "target": target,
             "draft": draft,
             "self_draft": self_draft,
+            "eagle3": eagle3,
             "prompts_version": data.get("version"),
             "prompts": {
                 task: [{"id": p["id"], "source": p["source"], "prompt_tokens": len(token_ids[p["id"]])} for p in items]

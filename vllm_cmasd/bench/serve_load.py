@@ -35,7 +35,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from vllm_cmasd.bench.runner import MethodSpec, cmasd, cmasd_budget, cmasd_exact, rstitch
+from vllm_cmasd.bench.runner import MethodSpec, cmasd, cmasd_budget, cmasd_eagle3, cmasd_exact, rstitch
 from vllm_cmasd.metrics import CONTROLLER_TOTALS
 
 HOST = "127.0.0.1"
@@ -206,6 +206,8 @@ def serve_methods(k: int, k_max: int, rstitch_entropy: float) -> dict[str, Metho
         "cmasd_exact": cmasd_exact(k_max),
         "cmasd_budget": cmasd_budget(k_max),
         "rstitch": rstitch(k_max, rstitch_entropy),
+        "eagle3": MethodSpec("eagle3", k),
+        "cmasd_eagle3": cmasd_eagle3(k_max),
     }
 
 
@@ -265,6 +267,7 @@ class ServeBenchConfig:
     target: str
     draft: str
     methods: list[MethodSpec]
+    eagle3: str | None = None  # the EAGLE-3 head of eagle3 / cmasd_eagle3
     concurrencies: list[int] = field(default_factory=lambda: [1, 8, 32])
     requests_per_concurrency: int = 2  # requests at level c = this * c ...
     # ... and at least this many: at one stream, 2 requests made a level's figure
@@ -337,8 +340,8 @@ def run_serve_bench(cfg: ServeBenchConfig, out_dir: str | Path, prompts: list[st
     results: list[dict[str, Any]] = []
     started = time.time()
     for round_, method in round_order(cfg.methods, cfg.rounds):
-        # Every method here drafts with cfg.draft: the self-draft (specbound) is not offered.
-        flags = engine_flags(method.engine_kwargs(cfg.target, cfg.draft, cfg.draft, overrides))
+        # The self-draft (specbound) is not offered here.
+        flags = engine_flags(method.engine_kwargs(cfg.target, {"draft": cfg.draft, "eagle3": cfg.eagle3}, overrides))
         server = VllmServer(cfg.target, flags, name=method.method, log_dir=out_dir / "logs")
         log(f"[bench-serve] round {round_}, {method.label}: starting vllm serve on {server.url}", flush=True)
         t0 = time.perf_counter()
@@ -455,20 +458,21 @@ def _int_list(text: str) -> list[int]:
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    from vllm_cmasd.engines import DEFAULT_DRAFT, DEFAULT_TARGET
+    from vllm_cmasd.engines import DEFAULT_DRAFT, DEFAULT_EAGLE3, DEFAULT_TARGET
 
     p.add_argument("--out", required=True, help="output directory (serve.json, serve.md, logs/)")
     p.add_argument("--target", default=str(DEFAULT_TARGET))
     p.add_argument("--draft", default=str(DEFAULT_DRAFT))
+    p.add_argument("--eagle3", default=str(DEFAULT_EAGLE3), help="EAGLE-3 head for eagle3 and cmasd_eagle3")
     p.add_argument("--concurrency", type=_int_list, default=[1, 8, 32], help="levels, e.g. 1,8,32")
     p.add_argument("--requests-per-concurrency", type=int, default=2, help="requests per level = this x concurrency")
     p.add_argument("--min-requests", type=int, default=8, help="... and at least this many per level")
     p.add_argument("--max-tokens", type=int, default=64)
     p.add_argument("--num-prompts", type=int, default=24, help="the benchmark's first N prompts, cycled")
-    p.add_argument("--k", type=int, default=4, help="vLLM draft-model speculation's fixed k")
+    p.add_argument("--k", type=int, default=4, help="the fixed k of vLLM's draft-model and EAGLE-3 speculation")
     p.add_argument("--k-max", type=int, default=8, help="CM-ASD's k_max (num_speculative_tokens)")
     p.add_argument("--methods", default="ar,draft_model,cmasd_exact,cmasd",
-                   help="comma list of ar, draft_model, cmasd, cmasd_exact, cmasd_budget, rstitch")
+                   help="comma list of ar, draft_model, cmasd, cmasd_exact, cmasd_budget, rstitch, eagle3, cmasd_eagle3")
     p.add_argument("--rstitch-entropy", type=float, default=1.0, help="rstitch: entropy (nats) below which drafts stand")
     p.add_argument("--max-model-len", type=int, default=2048)
     p.add_argument("--kv-cache-gib", type=float, default=2.0, help="CPU only: KV-cache pool per server")
@@ -483,7 +487,7 @@ def main_from_args(args: argparse.Namespace) -> int:
     if unknown:
         raise SystemExit(f"--methods: unknown {unknown}; allowed: {list(offered)}")
     cfg = ServeBenchConfig(
-        target=args.target, draft=args.draft, methods=[offered[n] for n in names],
+        target=args.target, draft=args.draft, eagle3=args.eagle3, methods=[offered[n] for n in names],
         concurrencies=args.concurrency, requests_per_concurrency=args.requests_per_concurrency,
         min_requests=args.min_requests,
         max_tokens=args.max_tokens, num_prompts=args.num_prompts, max_model_len=args.max_model_len,
