@@ -115,10 +115,13 @@ def test_the_training_head_computes_what_vllms_eagle3_head_computes(tiny_pair, t
     with torch.no_grad():  # the residual branches at full scale, so attention and MLP shape the logits
         head.midlayer.self_attn.o_proj.weight.mul_(10)
         head.midlayer.mlp.down_proj.weight.mul_(10)
+        for i, norm in enumerate(head.fc_norm):  # each aux state's norm its own weights
+            norm.weight.copy_(torch.rand(norm.weight.shape, generator=g) + 0.5 * i)
     e3.write_head(head.state_dict(), kept, target, tmp_path / "head")
     head_dir = e3.assemble_eagle3_head(target, tmp_path / "head", tmp_path / "assembled")
     shipped = load_file(str(head_dir / "model.safetensors"))
-    head.load_state_dict({k: v.float() for k, v in shipped.items() if k not in ("d2t", "t2d")}, strict=False)
+    assert head.load_state_dict({k: v.float() for k, v in shipped.items() if k not in ("d2t", "t2d")},
+                                strict=False).missing_keys == []
 
     # vLLM's logits at each drafting step of its first propose call (after the prefill).
     steps, calls, anchor = [], [], []

@@ -176,7 +176,7 @@ whole benchmark run: docs/notes/controller.md.)"""
 
 
 def fit_warm_start(target: str, draft: str, out: str | Path, policies: list[str], prompts: list[str],
-                   max_tokens: int = 128, k_max: int = 8) -> dict:
+                   max_tokens: int = 128, k_max: int = 8, draft_method: str = "draft_model") -> dict:
     """Fit each policy's calibration on ``prompts`` and write ``out``.
 
     One engine per policy, the paper's window with threshold 0 (every request
@@ -193,7 +193,7 @@ def fit_warm_start(target: str, draft: str, out: str | Path, policies: list[str]
     fits, tokens = {}, {}
     for policy in policies:
         cmasd = {"verification": policy, "draft_length": "window", "threshold": 0.0, "calibration": "none"}
-        llm = LLM(**llm_kwargs(target, draft=draft, num_speculative_tokens=k_max, cmasd=cmasd))
+        llm = LLM(**llm_kwargs(target, draft=draft, draft_method=draft_method, num_speculative_tokens=k_max, cmasd=cmasd))
         try:
             drafter = llm.llm_engine.model_executor.driver_worker.worker.model_runner.drafter
             drafter.calibration = AcceptanceCalibration(decay=1.0)  # every outcome counts alike
@@ -203,7 +203,8 @@ def fit_warm_start(target: str, draft: str, out: str | Path, policies: list[str]
             tokens[policy] = sum(len(o.outputs[0].token_ids) for o in outputs)
         finally:
             shutdown(llm)
-    source = {"target": Path(target).name, "draft": Path(draft).name, "k_max": k_max, "max_tokens": max_tokens,
+    source = {"target": Path(target).name, "draft": Path(draft).name, "draft_method": draft_method, "k_max": k_max,
+              "max_tokens": max_tokens,
               "prompts": "vllm_cmasd.bench.prompts.TUNING_PROMPTS", "num_prompts": len(prompts),
               "generated_tokens": tokens}
     write_warm_start(out, fits, weight=WARM_START_WEIGHT, source=source)

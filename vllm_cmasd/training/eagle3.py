@@ -10,6 +10,9 @@ output as residual; the final norm's output goes through a reduced-vocabulary LM
 (the shipped draft's ``kept_token_ids``), its input (pre-norm) is the hidden state of
 the next drafting step.
 
+One RMSNorm per aux state comes before ``fc`` (vLLM's ``fc_norm``), its weights
+started from the aux states' per-dimension scale (:func:`whiten_fc_norm`).
+
 ``eagle-train``: the target runs teacher-forced on each batch (no grad, transformers)
 and gives the aux states and the teacher: its distribution over the kept tokens at
 every position (renormalised there), prompt positions weighted ``--prompt-weight``.
@@ -65,28 +68,27 @@ def _torch():
     return torch
 
 
-class _Attention:  # namespace for the TTT attention; a function of tensors only
-    @staticmethod
-    def ttt(q, k0, v0, diag_k, diag_v, n_rep: int):
-        """Attention of step j's queries ``q`` [B, nh, L, d] over step 0's keys at
-        positions <= the query's anchor (causal) and the same anchor's keys of steps
-        1..j (``diag_k`` / ``diag_v``: lists of [B, nkv, L, d]), one softmax over both."""
-        torch = _torch()
-        scale = q.shape[-1] ** -0.5
-        k0 = k0.repeat_interleave(n_rep, dim=1)
-        v0 = v0.repeat_interleave(n_rep, dim=1)
-        L = q.shape[2]
-        s0 = torch.matmul(q, k0.transpose(-1, -2)) * scale
-        causal = torch.ones(L, L, dtype=torch.bool, device=q.device).tril()
-        s0 = s0.masked_fill(~causal, float("-inf"))
-        ks = [k.repeat_interleave(n_rep, dim=1) for k in diag_k]
-        vs = [v.repeat_interleave(n_rep, dim=1) for v in diag_v]
-        sd = [((q * k).sum(-1) * scale).unsqueeze(-1) for k in ks]
-        p = torch.softmax(torch.cat([s0, *sd], dim=-1), dim=-1)
-        out = torch.matmul(p[..., :L], v0)
-        for i, v in enumerate(vs):
-            out = out + p[..., L + i: L + i + 1] * v
-        return out
+def ttt_attention(q, k0, v0, diag_k, diag_v, n_rep: int):
+    """Attention of step j's queries ``q`` [B, nh, L, d] over step 0's keys at
+    positions <= the query's anchor (causal) and the same anchor's keys of steps
+    1..j (``diag_k`` / ``diag_v``: lists of [B, nkv, L, d]), one softmax over both:
+    the drafter KV vLLM holds at draft step j. Query head h reads KV head h // n_rep."""
+    torch = _torch()
+    scale = q.shape[-1] ** -0.5
+    k0 = k0.repeat_interleave(n_rep, dim=1)
+    v0 = v0.repeat_interleave(n_rep, dim=1)
+    L = q.shape[2]
+    s0 = torch.matmul(q, k0.transpose(-1, -2)) * scale
+    causal = torch.ones(L, L, dtype=torch.bool, device=q.device).tril()
+    s0 = s0.masked_fill(~causal, float("-inf"))
+    ks = [k.repeat_interleave(n_rep, dim=1) for k in diag_k]
+    vs = [v.repeat_interleave(n_rep, dim=1) for v in diag_v]
+    sd = [((q * k).sum(-1) * scale).unsqueeze(-1) for k in ks]
+    p = torch.softmax(torch.cat([s0, *sd], dim=-1), dim=-1)
+    out = torch.matmul(p[..., :L], v0)
+    for i, v in enumerate(vs):
+        out = out + p[..., L + i: L + i + 1] * v
+    return out
 
 
 def build_head(cfg, n_kept: int):
@@ -118,6 +120,11 @@ def build_head(cfg, n_kept: int):
     class Eagle3Head(nn.Module):
         def __init__(self):
             super().__init__()
+            # One RMSNorm per aux state before fc (vLLM's ``fc_norm``): SmolLM2's
+            # residual streams carry massive activations (dims 17 and 507 at ~14x the
+            # RMS at layer 27, and an RMS ~1000 at the first position) and grow ~7x
+            # from layer 2 to 27; unnormed, they swamp fc's output and the residual.
+            self.fc_norm = nn.ModuleList([LlamaRMSNorm(H, eps=eps) for _ in range(3)])
             self.fc = nn.Linear(3 * H, H, bias=False)
             self.midlayer = MidLayer()
             self.norm = LlamaRMSNorm(H, eps=eps)
@@ -146,12 +153,17 @@ def build_head(cfg, n_kept: int):
             prenorm = m.mlp(m.post_attention_layernorm(h)) + h
             return self.lm_head(self.norm(prenorm)), prenorm
 
+        def combine(self, features):
+            """vLLM's ``combine_hidden_states``: fc over the per-aux normed states."""
+            chunks = features.chunk(3, dim=-1)
+            return self.fc(torch.cat([norm(c) for norm, c in zip(self.fc_norm, chunks)], dim=-1))
+
         def unroll(self, emb_next, features, steps: int):
             """The training-time test: logits of steps 0..steps-1 for every anchor t.
             ``emb_next[j]`` [B, L, H] is the embedding of token t+1+j at anchor t."""
             B, L, _ = features.shape
             base = torch.arange(L, device=features.device).expand(B, L)
-            hidden = self.fc(features)
+            hidden = self.combine(features)
             q, k0, v0 = self.qkv(emb_next[0], hidden, base)
             out, dk, dv = [], [], []
             for j in range(steps):
@@ -159,7 +171,7 @@ def build_head(cfg, n_kept: int):
                     q, k, v = self.qkv(emb_next[j], hidden, base + j)
                     dk.append(k)
                     dv.append(v)
-                attn = _Attention.ttt(q, k0, v0, dk, dv, nh // nkv)
+                attn = ttt_attention(q, k0, v0, dk, dv, nh // nkv)
                 logits, hidden = self.finish(attn, hidden)
                 out.append(logits)
             return out
@@ -184,6 +196,19 @@ def _init_head(head, tsd, kept, seed: int) -> None:
         for norm in (head.norm, head.midlayer.input_layernorm, head.midlayer.hidden_norm,
                      head.midlayer.post_attention_layernorm):
             norm.weight.copy_(tsd["model.norm.weight"].float())
+
+
+def whiten_fc_norm(head, features) -> None:
+    """Start each aux state's norm weight at 1 / (its RMS-normed dimension's RMS over
+    ``features``' tokens after the first), so that every dimension reaches fc at a
+    comparable scale: the massive-activation dimensions start small instead of
+    dominating. The first position (an attention sink, RMS ~1000) is left out."""
+    torch = _torch()
+    with torch.no_grad():
+        for norm, chunk in zip(head.fc_norm, features[:, 1:].chunk(3, dim=-1)):
+            x = chunk.reshape(-1, chunk.shape[-1])
+            x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + norm.variance_epsilon)
+            norm.weight.copy_(1.0 / x.pow(2).mean(0).sqrt().clamp(min=1e-3))
 
 
 class Teacher:
@@ -345,6 +370,8 @@ def stage_eagle_train(args) -> None:
         log(f"eagle-train: warm start from {args.init_from}")
     else:
         _init_head(head, load_target_state(args.target), kept, args.seed)
+        sample = sorted(random.Random(args.seed).sample(range(len(recs)), min(32, len(recs))))
+        whiten_fc_norm(head, teacher(_collate(recs, sample, args.max_len, 1.0)[0])[0])
     n_tok = sum(min(len(r["ids"]), args.max_len) for r in recs)
     log(f"eagle-train: {len(recs)} seqs, {n_tok} tokens, held-out docs {len(held)} seqs; "
         f"{sum(p.numel() for p in params) / 1e6:.2f}M parameters, {args.ttt_steps} TTT steps")
@@ -364,7 +391,6 @@ def stage_eagle_train(args) -> None:
     pbar = tqdm(desc="eagle3", initial=step, dynamic_ncols=True, mininterval=10)
     t_start = time.time() - t_used
     ema = None
-    seen = 0
     while t_used < args.max_minutes * 60:
         while len(sched) <= step:
             sched.extend(_make_batches(recs, args.batch_tokens, random.Random(args.seed + epoch), args.max_len))
@@ -378,7 +404,6 @@ def stage_eagle_train(args) -> None:
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
         step += 1
-        seen += int((w > 0).sum())
         acc = _acceptance(st)
         ema = (loss.item(), acc) if ema is None else (0.95 * ema[0] + 0.05 * loss.item(), 0.95 * ema[1] + 0.05 * acc)
         pbar.set_postfix(loss=f"{ema[0]:.3f}", acc_len=f"{ema[1]:.2f}", lr=f"{lr_at(step):.1e}")
@@ -410,7 +435,7 @@ def head_config(target_dir, n_kept: int) -> dict:
     """The head's ``config.json``: the target's shapes, one layer, the reduced vocabulary."""
     config = json.loads((Path(target_dir) / "config.json").read_text())
     aux = aux_layer_ids(config["num_hidden_layers"])
-    config.update(architectures=["LlamaForCausalLMEagle3"], num_hidden_layers=1, draft_vocab_size=n_kept,
+    config.update(architectures=["LlamaForCausalLMEagle3"], num_hidden_layers=1, draft_vocab_size=n_kept, fc_norm=True,
                   target_hidden_size=config["hidden_size"], tie_word_embeddings=False,
                   eagle_config={"eagle_aux_hidden_state_layer_ids": list(aux),
                                 "use_aux_hidden_state": True})
