@@ -105,13 +105,13 @@ def test_the_training_head_computes_what_vllms_eagle3_head_computes(tiny_pair, t
     from vllm.v1.spec_decode.eagle import EagleProposer
 
     from vllm_cmasd.training import eagle3 as e3
-    from vllm_cmasd.training.common import load_target_state
 
     target, _ = tiny_pair
     g = torch.Generator().manual_seed(0)
     kept = torch.cat([torch.arange(3), torch.randperm(1021, generator=g)[:253] + 3]).sort().values
     head = e3.build_head(LlamaConfig.from_pretrained(target), len(kept))
-    e3._init_head(head, load_target_state(target), kept, seed=0)
+    teacher = e3.Teacher(target, kept)
+    e3._init_head(head, teacher, seed=0)
     with torch.no_grad():  # the residual branches at full scale, so attention and MLP shape the logits
         head.midlayer.self_attn.o_proj.weight.mul_(10)
         head.midlayer.mlp.down_proj.weight.mul_(10)
@@ -145,10 +145,10 @@ def test_the_training_head_computes_what_vllms_eagle3_head_computes(tiny_pair, t
     output = run.outputs[0]
     t = anchor[0]
     ids = torch.tensor([list(output.prompt_token_ids) + list(output.outputs[0].token_ids)])[:, : t + 2]
-    features, _, emb = e3.Teacher(target, kept)(ids)
+    features, _, emb = teacher(ids)
     # Step 0 reads the sampled token (the record's next token); step j >= 1 reads the
     # token vLLM drafted at step j - 1, and only the anchor's row of a later step matters.
-    table = load_target_state(target)["model.embed_tokens.weight"].float()
+    table = teacher.embed.weight
     emb_next = [e3._shift(emb, 1)]
     for logits in steps[:-1]:
         e = torch.zeros_like(emb)

@@ -46,7 +46,7 @@ import shutil
 import time
 from pathlib import Path
 
-from vllm_cmasd.training.common import REPO_ROOT, TOKENIZER_FILES, load_target_state, log
+from vllm_cmasd.training.common import REPO_ROOT, TOKENIZER_FILES, log
 
 STEP_WEIGHT = 0.8  # loss weight of TTT step j: STEP_WEIGHT ** j
 KEPT_FROM = REPO_ROOT / "drafts/smollm2-135m-draft-rv/draft.safetensors"  # the draft's kept vocabulary
@@ -179,23 +179,22 @@ def build_head(cfg, n_kept: int):
     return Eagle3Head()
 
 
-def _init_head(head, tsd, kept, seed: int) -> None:
+def _init_head(head, teacher, seed: int) -> None:
     """Random body (scaled so the residual stream starts small), LM-head rows from the
     target's LM head (SmolLM2: its tied embedding) at the kept ids, norms from the
-    target's final norm."""
+    target's final norm: both from the ``teacher``'s already loaded target."""
     torch = _torch()
     g = torch.Generator().manual_seed(seed)
-    rows = tsd.get("lm_head.weight", tsd["model.embed_tokens.weight"]).float()
     with torch.no_grad():
         for name, p in head.named_parameters():
             if p.dim() == 2:
                 fan_in = p.shape[1]
                 small = name.endswith(("o_proj.weight", "down_proj.weight"))
                 p.copy_(torch.randn(p.shape, generator=g) * ((0.1 if small else 1.0) / math.sqrt(fan_in)))
-        head.lm_head.weight.copy_(rows[kept])
+        head.lm_head.weight.copy_(teacher.kept_rows)
         for norm in (head.norm, head.midlayer.input_layernorm, head.midlayer.hidden_norm,
                      head.midlayer.post_attention_layernorm):
-            norm.weight.copy_(tsd["model.norm.weight"].float())
+            norm.weight.copy_(teacher.model.model.norm.weight)
 
 
 def whiten_fc_norm(head, features) -> None:
@@ -235,8 +234,8 @@ class Teacher:
 
 
 def _collate(records, idxs, max_len: int, prompt_weight: float):
-    """ids [B, L] (right-padded with 0), length [B], weight [B, L] of the teacher at
-    each position (0 past the end), is_resp [B, L]: position predicts a response token."""
+    """ids [B, L] (right-padded with 0), the teacher's weight [B, L] at each position
+    (0 past the record's end), is_resp [B, L]: the position predicts a response token."""
     torch = _torch()
     L = max(min(len(records[i]["ids"]), max_len) for i in idxs)
     ids = torch.zeros(len(idxs), L, dtype=torch.long)
@@ -369,7 +368,7 @@ def stage_eagle_train(args) -> None:
         hist.append({"step": 0, "init_from": str(args.init_from)})
         log(f"eagle-train: warm start from {args.init_from}")
     else:
-        _init_head(head, load_target_state(args.target), kept, args.seed)
+        _init_head(head, teacher, args.seed)
         sample = sorted(random.Random(args.seed).sample(range(len(recs)), min(32, len(recs))))
         whiten_fc_norm(head, teacher(_collate(recs, sample, args.max_len, 1.0)[0])[0])
     n_tok = sum(min(len(r["ids"]), args.max_len) for r in recs)
