@@ -69,6 +69,14 @@ def tiny_eagle3(tiny_pair, tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
+def tiny_eagle(tiny_pair, tmp_path_factory):
+    """A random-weight EAGLE-1 head for the tiny target (vllm_cmasd.testing.make_tiny_eagle_head)."""
+    from vllm_cmasd.testing import make_tiny_eagle_head
+
+    return make_tiny_eagle_head(tiny_pair[0], tmp_path_factory.mktemp("tiny-eagle"))
+
+
+@pytest.fixture(scope="session")
 def tiny_self_draft(tiny_pair, tmp_path_factory):
     """The tiny target's own first 2 of 4 layers and LM head (SpecBound self-draft)."""
     from vllm_cmasd.self_draft import build_self_draft

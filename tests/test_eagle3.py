@@ -1,5 +1,6 @@
 """CM-ASD on vLLM's EAGLE-3 proposer (``method: eagle3``), on the tiny target
-with a random-weight head that vLLM's own ``eagle3`` method loads unmodified.
+with a random-weight head that vLLM's own ``eagle3`` method loads unmodified;
+and on an EAGLE-1 head (``method: eagle``), which the same proposer drives.
 
 The head's first pass always runs (``CmasdEagleProposer.FIRST_PASS_SKIPPABLE``
 is False): a step where no request drafts still writes the head's KV, so it
@@ -52,6 +53,26 @@ def test_exact_on_eagle3_is_identical_to_plain_decoding(tiny_pair, tiny_eagle3, 
     assert ours.token_ids == plain.token_ids
     assert ours.drafter.stats.num_draft_tokens > 0 or cmasd is not CMASD
     assert ours.drafter.lag.num_catch_up_tokens == 0 and ours.drafter.stats.num_skipped_passes == 0
+
+
+def test_exact_on_an_eagle1_head_is_identical_to_plain_decoding(tiny_pair, tiny_eagle):
+    """``method: eagle`` (fc over [embedding ; the target's last hidden state],
+    the target's LM head) runs vLLM's own loop, and CM-ASD's window and
+    controller, on the same head."""
+    from vllm.v1.spec_decode.eagle import EagleProposer
+
+    target, _ = tiny_pair
+    settings = dict(draft=tiny_eagle, draft_method="eagle", num_speculative_tokens=4, **SETTINGS)
+    plain = run_engine(PROMPTS, greedy(32), **engine(target, **SETTINGS))
+    theirs = run_engine(PROMPTS, greedy(32), **engine(target, **settings))
+    assert type(theirs.drafter) is EagleProposer and theirs.counters["num_draft_tokens"] > 0
+    assert theirs.token_ids == plain.token_ids
+    for cmasd in (CMASD, {"verification": "exact"}):
+        ours = run_engine(PROMPTS, greedy(32), **engine(target, cmasd=cmasd, **settings))
+        assert type(ours.drafter).__name__ == "CmasdEagleProposer"
+        assert type(ours.sampler).__name__ == "CmasdRejectionSampler"
+        assert ours.token_ids == plain.token_ids
+        assert ours.drafter.stats.num_draft_tokens > 0 or cmasd is not CMASD
 
 
 def test_exact_on_eagle3_under_preemption(tiny_pair, tiny_eagle3):

@@ -81,7 +81,7 @@ def llm_kwargs(
     """Keyword arguments for ``vllm.LLM``.
 
     ``draft`` alone: vLLM's speculation at fixed k with that draft, by
-    ``draft_method`` (``draft_model``, or ``eagle3`` for an EAGLE-3 head);
+    ``draft_method`` (``draft_model``, or ``eagle3`` / ``eagle`` for an EAGLE-3 / EAGLE-1 head);
     ``draft`` and ``cmasd``: CM-ASD on it with k_max = ``num_speculative_tokens``; ``ngram``:
     vLLM's n-gram speculation; none of them: plain decoding.
 

@@ -582,7 +582,8 @@ class CmasdProposer(CmasdProposerMixin, DraftModelProposer):
 
 
 class CmasdEagleProposer(CmasdProposerMixin, EagleProposer):
-    """EAGLE-3 head proposer (``method: eagle3``) with the same window, signals and
-    controller; the head's first pass always runs (``FIRST_PASS_SKIPPABLE``)."""
+    """EAGLE head proposer (``method: eagle3``, or ``eagle`` for an EAGLE-1 head:
+    vLLM drives both through one ``EagleProposer``) with the same window, signals
+    and controller; the head's first pass always runs (``FIRST_PASS_SKIPPABLE``)."""
 
     FIRST_PASS_SKIPPABLE = False

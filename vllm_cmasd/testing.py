@@ -36,7 +36,8 @@ real tokenizer with a chat template). Why it is built this way:
   where it is < 0.3, so drafter confidence predicts acceptance.
 
 :func:`make_tiny_eagle3_head` adds a random-weight EAGLE-3 head for the tiny target, in
-the layout vLLM's ``eagle3`` method loads unmodified (reduced vocabulary with ``d2t``).
+the layout vLLM's ``eagle3`` method loads unmodified (reduced vocabulary with ``d2t``);
+:func:`make_tiny_eagle_head` an EAGLE-1 head for vLLM's ``eagle`` method.
 
 Directories are cached under ``root`` by (seed, ``TINY_VERSION``, corpus hash) and written
 atomically (tmp dir, then rename), so repeated or concurrent calls reuse one copy. Bump
@@ -328,6 +329,7 @@ def make_tiny_pair(root: str | os.PathLike, seed: int = 0, draft_layers: int = D
 
 
 EAGLE3_MARKER = "tiny_eagle3.json"
+EAGLE_MARKER = "tiny_eagle.json"
 # The tiny target's 4 layers would give vLLM's default aux ids (2, 2, 1), two
 # states after deduplication: name three distinct ones (id L is the residual
 # stream entering layer L).
@@ -344,13 +346,30 @@ def make_tiny_eagle3_head(target_dir: str | os.PathLike, root: str | os.PathLike
     special tokens, and no embedding (vLLM shares the target's).
 
     Cached under ``root/tiny-eagle3-v<TINY_VERSION>-s<seed>-<target's weights hash>/``."""
+    return _tiny_head("eagle3", target_dir, root, seed)
+
+
+def make_tiny_eagle_head(target_dir: str | os.PathLike, root: str | os.PathLike, seed: int = 0) -> Path:
+    """Build (or reuse) a random-weight EAGLE-1 head for the tiny target, in the
+    layout vLLM's ``eagle`` method loads unmodified (``EagleLlamaForCausalLM``):
+    ``fc`` over [embedding ; the target's last hidden state], one decoder layer
+    without its input norm, no final norm, and neither embedding nor LM head
+    (vLLM shares the target's).
+
+    Cached under ``root/tiny-eagle-v<TINY_VERSION>-s<seed>-<target's weights hash>/``."""
+    return _tiny_head("eagle", target_dir, root, seed)
+
+
+def _tiny_head(method: str, target_dir, root, seed: int) -> Path:
     target_dir = Path(target_dir)
     digest = hashlib.sha256((target_dir / "model.safetensors").read_bytes()).hexdigest()[:12]
-    key = f"tiny-eagle3-v{TINY_VERSION}-s{seed}-{digest}"
-    return _build_once(Path(root) / key, EAGLE3_MARKER, lambda tmp: _write_tiny_eagle3_head(target_dir, tmp, seed, digest))
+    key = f"tiny-{method}-v{TINY_VERSION}-s{seed}-{digest}"
+    marker = EAGLE3_MARKER if method == "eagle3" else EAGLE_MARKER
+    return _build_once(Path(root) / key, marker,
+                       lambda tmp: _write_tiny_head(method, target_dir, tmp, seed=seed, digest=digest, marker=marker))
 
 
-def _write_tiny_eagle3_head(target_dir: Path, out_dir: Path, seed: int, digest: str) -> None:
+def _write_tiny_head(method: str, target_dir: Path, out_dir: Path, *, seed: int, digest: str, marker: str) -> None:
     import math
 
     import torch
@@ -365,41 +384,48 @@ def _write_tiny_eagle3_head(target_dir: Path, out_dir: Path, seed: int, digest: 
     def linear(out_features: int, in_features: int, scale: float = 1.0) -> torch.Tensor:
         return torch.randn(out_features, in_features, generator=g) * (scale / math.sqrt(in_features))
 
-    aux = len(EAGLE3_AUX_LAYER_IDS)
-    specials = torch.arange(len(SPECIAL_TOKENS))
-    rest = torch.randperm(vocab - len(specials), generator=g)[: EAGLE3_DRAFT_VOCAB - len(specials)] + len(specials)
-    kept = torch.cat([specials, rest]).sort().values
+    # EAGLE-3's layer attends over [embedding ; fc output] (2 x hidden); EAGLE-1's
+    # fc already fused the two, and its layer takes hidden.
+    eagle3 = method == "eagle3"
+    layer, attn_in = ("midlayer", 2 * hidden) if eagle3 else ("layers.0", hidden)
+    if eagle3:
+        specials = torch.arange(len(SPECIAL_TOKENS))
+        rest = torch.randperm(vocab - len(specials), generator=g)[: EAGLE3_DRAFT_VOCAB - len(specials)] + len(specials)
+        kept = torch.cat([specials, rest]).sort().values
     tensors = {
-        "fc.weight": linear(hidden, aux * hidden),
-        "midlayer.self_attn.q_proj.weight": linear(q_out, 2 * hidden),
-        "midlayer.self_attn.k_proj.weight": linear(kv_out, 2 * hidden),
-        "midlayer.self_attn.v_proj.weight": linear(kv_out, 2 * hidden),
-        "midlayer.self_attn.o_proj.weight": linear(hidden, q_out, _RESID_STD),
-        "midlayer.mlp.gate_proj.weight": linear(inter, hidden),
-        "midlayer.mlp.up_proj.weight": linear(inter, hidden),
-        "midlayer.mlp.down_proj.weight": linear(hidden, inter, _RESID_STD),
-        "midlayer.input_layernorm.weight": torch.ones(hidden),
-        "midlayer.hidden_norm.weight": torch.ones(hidden),
-        "midlayer.post_attention_layernorm.weight": torch.ones(hidden),
-        "norm.weight": torch.ones(hidden),
-        "lm_head.weight": torch.randn(EAGLE3_DRAFT_VOCAB, hidden, generator=g) * _HEAD_STD,
+        "fc.weight": linear(hidden, (len(EAGLE3_AUX_LAYER_IDS) if eagle3 else 2) * hidden),
+        f"{layer}.self_attn.q_proj.weight": linear(q_out, attn_in),
+        f"{layer}.self_attn.k_proj.weight": linear(kv_out, attn_in),
+        f"{layer}.self_attn.v_proj.weight": linear(kv_out, attn_in),
+        f"{layer}.self_attn.o_proj.weight": linear(hidden, q_out, _RESID_STD),
+        f"{layer}.mlp.gate_proj.weight": linear(inter, hidden),
+        f"{layer}.mlp.up_proj.weight": linear(inter, hidden),
+        f"{layer}.mlp.down_proj.weight": linear(hidden, inter, _RESID_STD),
+        f"{layer}.post_attention_layernorm.weight": torch.ones(hidden),
     }
-    tensors = {name: t.to(torch.float32).contiguous() for name, t in tensors.items()}
-    tensors["d2t"] = (kept - torch.arange(EAGLE3_DRAFT_VOCAB)).to(torch.int64)
-    config.update(
-        architectures=["LlamaForCausalLMEagle3"],
-        num_hidden_layers=1,
-        draft_vocab_size=EAGLE3_DRAFT_VOCAB,
-        target_hidden_size=hidden,
-        tie_word_embeddings=False,
-        eagle_config={"eagle_aux_hidden_state_layer_ids": list(EAGLE3_AUX_LAYER_IDS), "use_aux_hidden_state": True},
-    )
+    config.update(num_hidden_layers=1, tie_word_embeddings=False)
     config.pop("layer_types", None)
+    if eagle3:
+        tensors.update({
+            "midlayer.input_layernorm.weight": torch.ones(hidden),
+            "midlayer.hidden_norm.weight": torch.ones(hidden),
+            "norm.weight": torch.ones(hidden),
+            "lm_head.weight": torch.randn(EAGLE3_DRAFT_VOCAB, hidden, generator=g) * _HEAD_STD,
+        })
+        tensors["d2t"] = (kept - torch.arange(EAGLE3_DRAFT_VOCAB)).to(torch.int64)
+        config.update(
+            architectures=["LlamaForCausalLMEagle3"],
+            draft_vocab_size=EAGLE3_DRAFT_VOCAB,
+            target_hidden_size=hidden,
+            eagle_config={"eagle_aux_hidden_state_layer_ids": list(EAGLE3_AUX_LAYER_IDS), "use_aux_hidden_state": True},
+        )
+    else:
+        config.update(architectures=["EagleLlamaForCausalLM"])
     save_file(tensors, str(out_dir / "model.safetensors"), metadata={"format": "pt"})
     (out_dir / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
     _copy_tokenizer(target_dir, out_dir)
-    (out_dir / EAGLE3_MARKER).write_text(json.dumps({"tiny_version": TINY_VERSION, "seed": seed,
-                                                      "target_sha256_12": digest}, indent=2) + "\n")
+    (out_dir / marker).write_text(json.dumps({"tiny_version": TINY_VERSION, "seed": seed,
+                                              "target_sha256_12": digest}, indent=2) + "\n")
 
 
 # --------------------------------------------------------------------------- measurement

@@ -8,7 +8,7 @@ The hooks are inert unless the engine's ``additional_config`` has a
    starts) and turn off async scheduling, whose fixed-shape draft buffers
    cannot carry per-request draft lengths.
 2. ``GPUModelRunner.__init__`` (the CPU runner inherits it): after vLLM built
-   its proposer (draft_model or eagle3: ``PROPOSER_METHODS``) and rejection
+   its proposer (draft_model, eagle or eagle3: ``PROPOSER_METHODS``) and rejection
    sampler, swap in CM-ASD's proposer for that method and its verifier.
    vLLM's runner then drives them unchanged.
 3. ``PrometheusStatLogger.__init__``: add CM-ASD's series (draft-length
@@ -49,7 +49,7 @@ from vllm_cmasd.config import CONFIG_KEY, CmasdConfig, CmasdConfigError
 _installed = False
 
 # speculative_config.method -> the CM-ASD proposer (vllm_cmasd.proposer) that replaces vLLM's.
-PROPOSER_METHODS = {"draft_model": "CmasdProposer", "eagle3": "CmasdEagleProposer"}
+PROPOSER_METHODS = {"draft_model": "CmasdProposer", "eagle": "CmasdEagleProposer", "eagle3": "CmasdEagleProposer"}
 
 
 def cmasd_config_of(vllm_config) -> CmasdConfig | None:
