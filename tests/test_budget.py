@@ -286,7 +286,7 @@ def test_only_requests_whose_catch_up_pays_draft_and_only_they_catch_up(monkeypa
     model = costs(lambda n: 0.1 + 0.002 * n, lambda n: 0.01 + 0.001 * n)
     remaining = {"current": 1000, "lagging": 1000}
     proposer = SimpleNamespace(config=CmasdConfig(k_max=4), costs=MeasuredCosts(model), FIRST_PASS_SKIPPABLE=True,
-                               acceptance=AcceptanceHistory(prior=0.8), _skipped_in_a_row=0, _drafted_in_a_row=0, _explore_every=8,
+                               acceptance=AcceptanceHistory(prior=0.8), _skipped_in_a_row=0, _explore_every=8,
                                _remaining_tokens=lambda ids: np.array([remaining[i] for i in ids], dtype=float))
     lag = DrafterLag(max_tracked=8)
     lag.skip(["current", "lagging"], np.array([40, 600]))
@@ -337,7 +337,7 @@ def test_an_exploring_pass_spends_at_most_its_share_of_the_step(monkeypatch):
         # Acceptance so low that no draft pays by the rule: only exploring drafts.
         model = costs(lambda n: 0.1 + 0.002 * n, lambda n: draft_pass_s + 0.001 * n)
         proposer = SimpleNamespace(config=CmasdConfig(k_max=4), costs=MeasuredCosts(model), FIRST_PASS_SKIPPABLE=True,
-                                   acceptance=AcceptanceHistory(prior=0.01), _skipped_in_a_row=skipped_in_a_row, _drafted_in_a_row=0,
+                                   acceptance=AcceptanceHistory(prior=0.01), _skipped_in_a_row=skipped_in_a_row,
                                    _explore_every=EXPLORE_EVERY, _remaining_tokens=lambda ids: np.full(len(ids), 1000.0))
         drafts, explore_room = CmasdProposer._who_drafts(proposer, ids, query_lens, np.array(catch_ups))
         return drafts.tolist(), explore_room
@@ -375,7 +375,7 @@ def test_exploring_backs_off_while_it_finds_nothing_and_resets_once_the_rule_dra
     monkeypatch.setattr(proposer_module, "get_tp_group", lambda: SimpleNamespace(world_size=1))  # one rank
     model = costs(lambda n: 0.1 + 0.002 * n, lambda n: 0.0105 + 0.001 * n)
     proposer = SimpleNamespace(config=CmasdConfig(k_max=4), costs=MeasuredCosts(model), FIRST_PASS_SKIPPABLE=True,
-                               acceptance=AcceptanceHistory(prior=0.01), _skipped_in_a_row=0, _drafted_in_a_row=0,
+                               acceptance=AcceptanceHistory(prior=0.01), _skipped_in_a_row=0,
                                _explore_every=EXPLORE_EVERY, _remaining_tokens=lambda ids: np.full(len(ids), 1000.0))
     ids, query_lens, catch_ups = ["a", "b"], np.ones(2, dtype=np.int64), np.zeros(2, dtype=np.int64)
 
@@ -397,35 +397,3 @@ def test_exploring_backs_off_while_it_finds_nothing_and_resets_once_the_rule_dra
         proposer.acceptance.observe(ids, [4, 4], [4, 4])
     drafts, explore_room = CmasdProposer._who_drafts(proposer, ids, query_lens, catch_ups)
     assert drafts.all() and explore_room is None and proposer._explore_every == EXPLORE_EVERY
-
-
-@pytest.mark.parametrize("first_pass_skippable", [False, True], ids=["head", "draft_model"])
-def test_a_head_that_always_drafts_probes_a_step_without_drafts(monkeypatch, first_pass_skippable):
-    """On an EAGLE head, after PROBE_EVERY steps on which every request
-    drafted, one step drafts nothing (its pass runs anyway, nothing lags), so
-    the cost fit sees the batch's step without verification; then drafting
-    resumes. A draft model never probes: its steps without drafts skip the pass
-    and are seen whenever the rule stops drafting."""
-    from types import SimpleNamespace
-
-    import numpy as np
-
-    from vllm_cmasd.budget import AcceptanceHistory, MeasuredCosts
-    from vllm_cmasd import proposer as proposer_module
-    from vllm_cmasd.proposer import PROBE_EVERY, CmasdProposer
-
-    monkeypatch.setattr(proposer_module, "get_tp_group", lambda: SimpleNamespace(world_size=1))  # one rank
-    model = costs(lambda n: 0.1 + 0.002 * n, lambda n: 0.0105 + 0.001 * n)
-    proposer = SimpleNamespace(config=CmasdConfig(k_max=4), costs=MeasuredCosts(model),
-                               FIRST_PASS_SKIPPABLE=first_pass_skippable, acceptance=AcceptanceHistory(prior=0.9),
-                               _skipped_in_a_row=0, _drafted_in_a_row=0, _explore_every=8,
-                               _remaining_tokens=lambda ids: np.full(len(ids), 1000.0))
-    ids, query_lens, catch_ups = ["a", "b"], np.ones(2, dtype=np.int64), np.zeros(2, dtype=np.int64)
-    decided = [CmasdProposer._who_drafts(proposer, ids, query_lens, catch_ups) for _ in range(3 * (PROBE_EVERY + 1))]
-    assert all(explore_room is None for _, explore_room in decided)
-    without = [step for step, (drafts, _) in enumerate(decided) if not drafts.any()]
-    if first_pass_skippable:
-        assert without == []
-    else:
-        assert without == [PROBE_EVERY, 2 * PROBE_EVERY + 1, 3 * PROBE_EVERY + 2]
-        assert all(drafts.all() for step, (drafts, _) in enumerate(decided) if step not in without)

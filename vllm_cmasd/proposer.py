@@ -56,13 +56,6 @@ MAX_EXPLORE_EVERY = 64
 # for the tokens it schedules, every token it runs at full price: it runs the
 # catch-ups that fit in what is left, cheapest first, and splits the next one.
 EXPLORE_MAX_COST = 0.5
-# On an EAGLE head (whose pass runs on every step) after this many steps in a
-# row on which every request drafted, one step drafts nothing. It costs no
-# catch-up, and it is the only sample the cost fit gets of the batch's step
-# without verification: without it the fit's price of verifying stays the
-# start-up profile's, too low at 32 streams, where drafting the head's one free
-# token then cost more than it gained (EAGLE-3 notes, serving on the head).
-PROBE_EVERY = 16
 # A first pass's tokens beyond a decode step's (a prefill, a catch-up) write
 # drafter KV for the request's later steps: priced per step over the steps it
 # may still run, at most this many (a request may stop early at its EOS).
@@ -206,7 +199,6 @@ class CmasdProposerMixin:
         self.acceptance = AcceptanceHistory(max_tracked=self._max_signal_rows)
         self.calibration = self._warm_start(vllm_config.speculative_config.draft_model_config.model)
         self._skipped_in_a_row = 0
-        self._drafted_in_a_row = 0
         self._explore_every = EXPLORE_EVERY
         # Off (None) unless someone asks (the demo's --show): per request id, each
         # step's (tokens emitted, drafted, accepted), from vllm_patch._with_report.
@@ -424,9 +416,7 @@ class CmasdProposerMixin:
         does still runs its first pass (it does not lag, or keeps its lag
         without catching up). If none pays after ``EXPLORE_EVERY`` skipped
         steps (doubling, up to ``MAX_EXPLORE_EVERY``, while exploring is all that
-        drafts), every request explores (:meth:`_explore_room`). On a head,
-        after ``PROBE_EVERY`` steps on which every request drafted, one drafts
-        nothing, so the cost fit sees the step without verification.
+        drafts), every request explores (:meth:`_explore_room`).
 
         Rank 0 decides for every tensor-parallel rank (their histories agree,
         but a skip on one rank alone would desynchronise the drafters); the
@@ -453,12 +443,8 @@ class CmasdProposerMixin:
             dtype=bool,
         )
         explore_room = None
-        self._drafted_in_a_row = self._drafted_in_a_row + 1 if drafts.all() else 0
         if drafts.any():  # the rule drafts by itself: when it stops, explore soon again
             self._explore_every = EXPLORE_EVERY
-            if not self.FIRST_PASS_SKIPPABLE and self._drafted_in_a_row > PROBE_EVERY:
-                drafts[:] = False  # a probe of the step without drafts (PROBE_EVERY)
-                self._drafted_in_a_row = 0
         elif self._skipped_in_a_row >= self._explore_every:
             # At full price: the first pass's own tokens, or on a head (whose first pass runs anyway) the same as above.
             own = int((query_lens + 1).sum()) if self.FIRST_PASS_SKIPPABLE else pass_tokens
