@@ -397,31 +397,3 @@ def test_exploring_backs_off_while_it_finds_nothing_and_resets_once_the_rule_dra
         proposer.acceptance.observe(ids, [4, 4], [4, 4])
     drafts, explore_room = CmasdProposer._who_drafts(proposer, ids, query_lens, catch_ups)
     assert drafts.all() and explore_room is None and proposer._explore_every == EXPLORE_EVERY
-
-
-def test_a_heads_first_pass_is_not_charged_to_drafting(monkeypatch):
-    """An EAGLE head's first pass runs whether any request drafts or not, so
-    drafting its token costs only the verifying: with a pass that costs 17% of
-    the step and 15% acceptance, the head drafts (a verified token costs 4% of
-    the step) where a draft model, whose pass drafting alone pays for, does not."""
-    from types import SimpleNamespace
-
-    import numpy as np
-
-    from vllm_cmasd.budget import AcceptanceHistory, MeasuredCosts
-    from vllm_cmasd import proposer as proposer_module
-    from vllm_cmasd.proposer import CmasdProposer
-
-    monkeypatch.setattr(proposer_module, "get_tp_group", lambda: SimpleNamespace(world_size=1))  # one rank
-    model = costs(lambda n: 0.024 + 0.001 * n, lambda n: 0.0039 + 0.0002 * n)
-
-    def decide(first_pass_skippable: bool) -> list[bool]:
-        proposer = SimpleNamespace(config=CmasdConfig(k_max=8), costs=MeasuredCosts(model),
-                                   FIRST_PASS_SKIPPABLE=first_pass_skippable, acceptance=AcceptanceHistory(prior=0.15),
-                                   _skipped_in_a_row=0, _explore_every=8,
-                                   _remaining_tokens=lambda ids: np.full(len(ids), 1000.0))
-        drafts, _ = CmasdProposer._who_drafts(proposer, ["a"], np.ones(1, dtype=np.int64), np.zeros(1, dtype=np.int64))
-        return drafts.tolist()
-
-    assert decide(first_pass_skippable=False) == [True]
-    assert decide(first_pass_skippable=True) == [False]

@@ -122,7 +122,6 @@ class StepBudget:
         force: bool = False,
         pass_tokens: int | None = None,
         extra_seconds: list[float] | None = None,
-        pass_seconds: float | None = None,
     ) -> list[bool]:
         """Which requests should draft one more token; all False if the pass does
         not pay (all candidates, and the pass paid, when ``force``).
@@ -132,11 +131,8 @@ class StepBudget:
         costs ``draft(pass_tokens)``: the verified tokens and one new slot per
         request, and makes the step one that verifies (``verify_s``). ``extra_seconds``: what drafting for each request adds to the
         pass beyond that (a lagging request's catch-up), paid only by those admitted.
-        ``pass_seconds``: what the pass costs the drafting, where that is not
-        ``draft(pass_tokens)`` (0 for an EAGLE head's first pass, which runs anyway).
         """
-        pass_cost = self.costs.draft(pass_tokens or self.batch_size) if pass_seconds is None else pass_seconds
-        with_pass = self.seconds + pass_cost
+        with_pass = self.seconds + self.costs.draft(pass_tokens or self.batch_size)
         if not self.first_pass_paid:
             with_pass += self.costs.verify_s
         if force:

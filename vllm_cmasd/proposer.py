@@ -429,15 +429,9 @@ class CmasdProposerMixin:
             own_lens = query_lens + 1  # + one new slot each
             beyond = CmasdProposerMixin._warm_up_tokens(own_lens, k_max)
             pass_tokens = int((own_lens - beyond).sum())
-            pass_seconds = None  # draft(pass_tokens)
             warm_ups = beyond + catch_ups
-        else:
-            # A head's first pass runs, logits and sampling included, whether any
-            # request drafts or not: drafting its token costs only the verifying.
-            # (Charging it a pass over the batch kept the controller on the head
-            # from drafting on 248 of 348 steps at batch 1, where vLLM's fixed k=2
-            # paid: EAGLE-3 notes, ninth session.)
-            pass_tokens, pass_seconds = batch_size, 0.0
+        else:  # the first pass runs anyway: drafting adds its logits and bookkeeping, like a pass over the batch
+            pass_tokens = batch_size
             warm_ups = np.zeros(batch_size)
         expected = [expected_draft(self.costs, self.acceptance.predict(r), batch_size, k_max) for r in req_ids]
         values = np.array([tokens for tokens, _ in expected])
@@ -445,8 +439,7 @@ class CmasdProposerMixin:
         extra = [seconds + self.costs.warm_up(w / h) for (_, seconds), w, h in zip(expected, warm_ups, horizons)]
         budget = StepBudget(self.costs, batch_size, first_pass_paid=False)
         drafts = np.array(
-            budget.another_pass(values.tolist(), [True] * batch_size, pass_tokens=pass_tokens, extra_seconds=extra,
-                                pass_seconds=pass_seconds),
+            budget.another_pass(values.tolist(), [True] * batch_size, pass_tokens=pass_tokens, extra_seconds=extra),
             dtype=bool,
         )
         explore_room = None
