@@ -60,3 +60,10 @@ def test_a_gate_skips_the_pass_before_it_runs():
     rule = gated(0.5, fixed(1))
     # Below the gate: no token, no pass; above it or unknown (after a prefill): the rule.
     assert [rule(d) for d in (unsure, sure, unknown)] == [(0, 0), (1, 1), (1, 1)]
+
+
+def test_history_skips_right_after_a_miss():
+    from vllm_cmasd.bench.headroom import after_a_miss
+
+    drafts = [Draft((0.9,), 1, previous_accepted=0), Draft((0.9,), 1, previous_accepted=2), Draft((0.9,), 1)]
+    assert [after_a_miss(fixed(1))(d) for d in drafts] == [(0, 0), (1, 1), (1, 1)]

@@ -50,6 +50,9 @@ class Draft:
     """Known before this draft's first pass: the target's max probability where it
     emitted the request's last token (the previous verification's correction or
     bonus); None after a prefill."""
+    previous_accepted: int | None = None
+    """Known before this draft's first pass: how many tokens of the request's previous
+    full-length draft the target accepted; None for its first."""
 
 
 @dataclass(frozen=True)
@@ -140,6 +143,15 @@ def gated(threshold: float, rule: Rule) -> Rule:
     return gated_rule
 
 
+def after_a_miss(rule: Rule) -> Rule:
+    """No pass at all right after a draft whose first token was rejected; otherwise ``rule``."""
+
+    def history_rule(draft: Draft) -> tuple[int, int]:
+        return (0, 0) if draft.previous_accepted == 0 else rule(draft)
+
+    return history_rule
+
+
 def hindsight_calibration(drafts: list[Draft]) -> Callable[[float], float]:
     """P(accepted | confidence), fitted on every position the verifier reached."""
     calibration = AcceptanceCalibration(decay=1.0)
@@ -176,6 +188,13 @@ def rule_families(drafts: list[Draft]) -> dict[str, dict[str, Rule]]:
         }
         families["target gate, then survival"] = {
             f"gate {g}, threshold {t}": gated(g, survival(t, acceptance)) for g in GATES for t in coarse
+        }
+    if any(d.previous_accepted is not None for d in drafts):
+        families["history: none after a miss, then window product"] = {
+            f"threshold {t}": after_a_miss(window(t, "product")) for t in THRESHOLDS
+        }
+        families["history: none after a miss, then survival"] = {
+            f"threshold {t}": after_a_miss(survival(t, acceptance)) for t in THRESHOLDS
         }
     families["oracle"] = {"draft what is accepted": oracle}
     return families
@@ -219,6 +238,7 @@ def record_drafts(target: str, draft: str, prompts: list[str], *, max_tokens: in
         # this step's rows (set by verifying, read by recording) and the previous step's.
         rows: dict[str, torch.Tensor] = {}
         before: dict[str, float] = {}
+        previous: dict[str, int] = {}
 
         def verifying(metadata, draft_probs, logits, sampling_metadata):
             target = torch.softmax(logits[metadata.target_logits_indices].float(), -1).amax(-1)
@@ -232,7 +252,9 @@ def record_drafts(target: str, draft: str, prompts: list[str], *, max_tokens: in
             for req_id, drafted, accepted in zip(req_ids, num_draft_tokens, num_accepted.tolist()):
                 entry = drafter._signals.get(req_id)
                 if drafted == k_max and entry is not None and entry["confidence"].numel() == k_max:
-                    drafts.append(Draft(tuple(entry["confidence"].tolist()), int(accepted), before.get(req_id)))
+                    drafts.append(Draft(tuple(entry["confidence"].tolist()), int(accepted), before.get(req_id),
+                                        previous.get(req_id)))
+                    previous[req_id] = int(accepted)
                 if req_id in rows:  # the emitted token came from the row after the accepted ones
                     before[req_id] = float(rows[req_id][min(int(accepted), drafted)])
             observe(req_ids, num_draft_tokens, num_accepted)
