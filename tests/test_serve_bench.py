@@ -21,11 +21,17 @@ def test_bench_serve_smoke(tiny_pair, tmp_path):
         # Two servers keep it short; vLLM's fixed-k method runs in the real benchmark.
         methods=[MethodSpec("ar"), cmasd_exact(4)],
         concurrencies=[1, 3], requests_per_concurrency=2, min_requests=4, max_tokens=12, max_model_len=512,
-        kv_cache_gib=0.25, startup_timeout=300, request_timeout=120,
+        kv_cache_gib=0.25, block_size=32, startup_timeout=300, request_timeout=120,
     )
     record = run_serve_bench(cfg, tmp_path, prompts=PROMPTS)
     saved = json.loads((tmp_path / "serve.json").read_text())
     assert saved["settings"]["methods"] == ["ar", "cmasd_exact k_max=4"]
+    # --block-size reaches every server (vLLM's /metrics reports the cache config it runs).
+    assert saved["settings"]["server_overrides"]["block_size"] == 32
+    assert {r["summary"]["block_size"] for r in record["results"]} == {32}
+    # Each level's prefix-cache hit rate, from vLLM's counters (prompts repeat across levels).
+    rates = [r["summary"]["prefix_cache_hit_rate"] for r in record["results"]]
+    assert all(0 <= rate <= 1 for rate in rates) and any(rate > 0 for rate in rates)
     # vLLM's own client measured, and wrote its result JSON per method and level.
     for r in record["results"]:
         theirs = json.loads((tmp_path / r["vllm_result"]).read_text())

@@ -24,6 +24,7 @@ import argparse
 import json
 import os
 import platform
+import re
 import signal
 import socket
 import statistics
@@ -211,13 +212,15 @@ def serve_methods(k: int, k_max: int, rstitch_entropy: float) -> dict[str, Metho
     }
 
 
-def server_overrides(max_model_len: int, kv_cache_gib: float | None) -> dict[str, Any]:
+def server_overrides(max_model_len: int, kv_cache_gib: float | None, block_size: int | None = None) -> dict[str, Any]:
     """Engine settings beside llm_kwargs' defaults (CPU: a fixed KV-cache pool)."""
     from vllm_cmasd.engines import on_cpu
 
     overrides: dict[str, Any] = {"max_model_len": max_model_len}
     if kv_cache_gib and on_cpu():
         overrides["kv_cache_memory_bytes"] = int(kv_cache_gib * 2**30)
+    if block_size is not None:
+        overrides["block_size"] = block_size
     return overrides
 
 
@@ -277,6 +280,9 @@ class ServeBenchConfig:
     num_prompts: int = 24
     max_model_len: int = 2048
     kv_cache_gib: float | None = 2.0
+    # None: vLLM's own (128 tokens on CPU, 16 on GPU). An EAGLE engine's prefix
+    # hit drops its last matched block, which at 128 costs most of a short prompt.
+    block_size: int | None = None
     startup_timeout: float = 600.0
     request_timeout: float = 600.0
     # Every method's server runs once a round, in turn (reversed every other
@@ -305,6 +311,21 @@ def controller_counters(server: VllmServer) -> dict[str, float]:
     """CM-ASD's own counters on the server's /metrics (what vLLM's client does not read)."""
     metrics = server.metrics()
     return {name.split(":")[1].removesuffix("_total"): metric_total(metrics, name) for name in CONTROLLER_COUNTERS}
+
+
+def prefix_cache_counts(server: VllmServer) -> tuple[float, float]:
+    """vLLM's prefix-cache (queried, hit) token counters."""
+    metrics = server.metrics()
+    return metric_total(metrics, "vllm:prefix_cache_queries_total"), metric_total(metrics, "vllm:prefix_cache_hits_total")
+
+
+def served_block_size(server: VllmServer) -> int | None:
+    """The KV-cache block size the server runs (vLLM's cache_config_info series)."""
+    for key in server.metrics():
+        if key.startswith("vllm:cache_config_info{"):
+            found = re.search(r'block_size="(\d+)"', key)
+            return int(found.group(1)) if found else None
+    return None
 
 
 def cost_fit(server: VllmServer) -> dict[str, float]:
@@ -336,7 +357,7 @@ def run_serve_bench(cfg: ServeBenchConfig, out_dir: str | Path, prompts: list[st
     out_dir.mkdir(parents=True, exist_ok=True)
     prompts = prompts or bench_prompts(cfg.num_prompts)
     dataset = write_dataset(prompts, cfg.max_tokens, out_dir / "prompts.jsonl")
-    overrides = server_overrides(cfg.max_model_len, cfg.kv_cache_gib)
+    overrides = server_overrides(cfg.max_model_len, cfg.kv_cache_gib, cfg.block_size)
     results: list[dict[str, Any]] = []
     started = time.time()
     for round_, method in round_order(cfg.methods, cfg.rounds):
@@ -353,11 +374,19 @@ def run_serve_bench(cfg: ServeBenchConfig, out_dir: str | Path, prompts: list[st
                 n = max(cfg.requests_per_concurrency * c, cfg.min_requests)
                 filename = f"vllm-{method.method}-c{c}" + (f"-r{round_}" if cfg.rounds > 1 else "") + ".json"
                 before = controller_counters(server)
+                queried, hit = prefix_cache_counts(server)
                 result = vllm_bench_serve(server, dataset, concurrency=c, num_requests=n, max_tokens=cfg.max_tokens,
                                           result_dir=out_dir, result_filename=filename, timeout=cfg.request_timeout)
                 summary = {**level_summary(method, c, startup_s, result), "round": round_}
                 summary.update({k: v - before[k] for k, v in controller_counters(server).items()})
                 summary["cost_fit"] = cost_fit(server)
+                # An EAGLE engine drops its last matched block (vLLM re-runs it for the
+                # head's hidden states): on CPU's 128-token blocks, most of a short prompt.
+                queried_after, hit_after = prefix_cache_counts(server)
+                summary["prefix_cache_hit_rate"] = (
+                    (hit_after - hit) / (queried_after - queried) if queried_after > queried else None
+                )
+                summary["block_size"] = served_block_size(server)
                 results.append({"summary": summary, "vllm_result": filename,
                                 "texts": result.get("generated_texts", [])})
                 log(f"[bench-serve]   c={c:<3} n={n:<3} {summary['throughput_tok_s']:7.1f} tok/s  "
@@ -416,6 +445,10 @@ def machine_info() -> dict[str, Any]:
     return info
 
 
+def _percent(value: float | None) -> str:
+    return "-" if value is None else f"{100 * value:.0f}%"
+
+
 def markdown_table(record: dict[str, Any]) -> str:
     s = record["settings"]
     lines = [
@@ -427,8 +460,8 @@ def markdown_table(record: dict[str, Any]) -> str:
         f"(at least {s.get('min_requests', 0)}), "
         f"{s['num_prompts_used']} prompts cycled; started {record['started_utc']}, took {record['duration_s']:.0f} s.",
         "",
-        "| method | round | concurrency | requests | errors | output tok/s | TTFT p50 s | TTFT p99 s | TPOT p50 ms | e2e p50 s | e2e p99 s | mean draft | accepted/step | steps without a drafter pass | catch-up tokens | of which exploring | drafter s |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "| method | round | concurrency | requests | errors | output tok/s | TTFT p50 s | TTFT p99 s | TPOT p50 ms | e2e p50 s | e2e p99 s | mean draft | accepted/step | steps without a drafter pass | catch-up tokens | of which exploring | drafter s | prefix-cache hits |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in record["results"]:
         m = r["summary"]
@@ -437,7 +470,8 @@ def markdown_table(record: dict[str, Any]) -> str:
             f"{m['ttft_p50_s']:.2f} | {m['ttft_p99_s']:.2f} | {1e3 * m['tpot_p50_s']:.0f} | "
             f"{m['e2e_p50_s']:.2f} | {m['e2e_p99_s']:.2f} | {m['mean_draft_length']:.2f} | {m['mean_acceptance_length']:.2f} | "
             f"{m['cmasd_skipped_drafter_passes']:.0f} | {m['cmasd_catch_up_tokens']:.0f} | "
-            f"{m['cmasd_exploring_catch_up_tokens']:.0f} | {m['cmasd_drafter_seconds']:.1f} |"
+            f"{m['cmasd_exploring_catch_up_tokens']:.0f} | {m['cmasd_drafter_seconds']:.1f} | "
+            f"{_percent(m.get('prefix_cache_hit_rate'))} |"
         )
     speedups = record.get("speedup_vs_ar") or []
     if speedups:
@@ -476,6 +510,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--rstitch-entropy", type=float, default=1.0, help="rstitch: entropy (nats) below which drafts stand")
     p.add_argument("--max-model-len", type=int, default=2048)
     p.add_argument("--kv-cache-gib", type=float, default=2.0, help="CPU only: KV-cache pool per server")
+    p.add_argument("--block-size", type=int, default=None,
+                   help="KV-cache block size of every server (default: vLLM's, 128 tokens on CPU)")
     p.add_argument("--rounds", type=int, default=1,
                    help="each method's server once a round, in turn (order reversed every other round)")
 
@@ -491,7 +527,7 @@ def main_from_args(args: argparse.Namespace) -> int:
         concurrencies=args.concurrency, requests_per_concurrency=args.requests_per_concurrency,
         min_requests=args.min_requests,
         max_tokens=args.max_tokens, num_prompts=args.num_prompts, max_model_len=args.max_model_len,
-        kv_cache_gib=args.kv_cache_gib, rounds=args.rounds,
+        kv_cache_gib=args.kv_cache_gib, block_size=args.block_size, rounds=args.rounds,
     )
     record = run_serve_bench(cfg, args.out)
     print(markdown_table(record))
