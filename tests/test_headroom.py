@@ -67,3 +67,21 @@ def test_history_skips_right_after_a_miss():
 
     drafts = [Draft((0.9,), 1, previous_accepted=0), Draft((0.9,), 1, previous_accepted=2), Draft((0.9,), 1)]
     assert [after_a_miss(fixed(1))(d) for d in drafts] == [(0, 0), (1, 1), (1, 1)]
+
+
+def test_a_static_batch_waits_for_its_slowest_request():
+    from vllm_cmasd.bench.headroom import StaticBatch, fit_static_batch_costs, static_batch_replay
+
+    always = [Draft((0.9, 0.9), 2)]
+    batch = StaticBatch(size=2, tokens=6, trials=3)
+    # fixed(2): each request takes 3 tokens a step, so 2 steps, both verifying, 2 drafted a slot each.
+    assert static_batch_replay(always, fixed(2), COSTS, batch) == pytest.approx(6 / (2 + 0.2 * 2 + 0.1 * 4))
+    # Drafts that are all-or-nothing: per request the replay averages them, but a static
+    # batch runs until its unluckiest request is done, so it gains less.
+    mixed = [Draft((0.9, 0.9), 2), Draft((0.9, 0.9), 0)]
+    wide = StaticBatch(size=8, tokens=12, trials=50)
+    assert static_batch_replay(mixed, fixed(2), COSTS, wide) < replay(mixed, fixed(2), COSTS)
+    # Costs fitted to rows the static replay produced come back.
+    rows = [(k, 0.0, static_batch_replay(mixed, fixed(k), COSTS, wide)) for k in (1, 2)]
+    fit = fit_static_batch_costs(mixed, rows, wide)
+    assert fit.fixed == pytest.approx(0.2) and fit.per_token == pytest.approx(0.1)

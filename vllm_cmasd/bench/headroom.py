@@ -32,6 +32,7 @@ over-charge), but not the fixed cost of a verifying step where it keeps none.
 from __future__ import annotations
 
 import os
+import random
 from dataclasses import dataclass
 from typing import Callable
 
@@ -200,17 +201,84 @@ def rule_families(drafts: list[Draft]) -> dict[str, dict[str, Rule]]:
     return families
 
 
-def headroom(drafts: list[Draft], costs: StepCosts, *, charged: bool = False) -> list[dict]:
-    """Each family's best rule in hindsight: its speedup over plain and over the best fixed k."""
+def headroom(drafts: list[Draft], costs: StepCosts, *, charged: bool = False,
+             batch: "StaticBatch | None" = None) -> list[dict]:
+    """Each family's best rule in hindsight: its speedup over plain and over the best fixed k
+    (one request at a time, or a static ``batch``)."""
+
+    def score(rule: Rule) -> float:
+        if batch is None:
+            return replay(drafts, rule, costs, charged=charged)
+        return static_batch_replay(drafts, rule, costs, batch, charged=charged)
+
     best = []
     for family, rules in rule_families(drafts).items():
-        scores = {name: replay(drafts, rule, costs, charged=charged) for name, rule in rules.items()}
+        scores = {name: score(rule) for name, rule in rules.items()}
         name = max(scores, key=scores.__getitem__)
         best.append({"family": family, "best": name, "speedup_vs_plain": scores[name]})
     fixed_best = best[0]["speedup_vs_plain"]
     for row in best:
         row["vs_best_fixed_k"] = row["speedup_vs_plain"] / fixed_best
     return best
+
+
+@dataclass(frozen=True)
+class StaticBatch:
+    """The benchmark's batch above 1: ``size`` requests of ``tokens`` tokens each, started
+    together; the batch ends with its slowest request, so tokens accepted for the others
+    shorten nothing while their drafting still costs."""
+
+    size: int
+    tokens: int
+    trials: int = 200
+    seed: int = 0
+
+
+def _static_batch_steps(drafts: list[Draft], rule: Rule, batch: StaticBatch, *, charged: bool) -> tuple[float, float, float]:
+    """Averaged over trials: (steps, verifying steps, drafted tokens per request slot) of a static
+    batch whose requests draw recorded drafts at random each step."""
+    rng = random.Random(batch.seed)
+    picks = [rule(d) for d in drafts]
+    steps = verifying = drafted = 0.0
+    for _ in range(batch.trials):
+        left = [batch.tokens] * batch.size
+        while any(n > 0 for n in left):
+            kept_any = False
+            for i, n in enumerate(left):
+                if n <= 0:
+                    continue
+                j = rng.randrange(len(drafts))
+                kept, passes = picks[j]
+                left[i] -= min(drafts[j].accepted, kept) + 1
+                drafted += (passes if charged else kept) / batch.size
+                kept_any |= kept > 0
+            steps += 1
+            verifying += kept_any
+    return steps / batch.trials, verifying / batch.trials, drafted / batch.trials
+
+
+def static_batch_replay(drafts: list[Draft], rule: Rule, costs: StepCosts, batch: StaticBatch, *,
+                        charged: bool = False) -> float:
+    """Speedup over plain decoding (``batch.tokens`` steps) of ``rule`` on a static batch: a step
+    costs 1, plus ``fixed`` where any request verifies drafts, plus ``per_token`` per drafted
+    token over the batch's size."""
+    steps, verifying, drafted = _static_batch_steps(drafts, rule, batch, charged=charged)
+    return batch.tokens / (steps + costs.fixed * verifying + costs.per_token * drafted)
+
+
+def fit_static_batch_costs(drafts: list[Draft], rows: list[tuple[int, float, float]], batch: StaticBatch) -> StepCosts:
+    """The step costs under which the static-batch replay of each fixed k gives that row's measured
+    speedup (least squares; the rows' acceptance lengths are the replay's own)."""
+    if len({k for k, _, _ in rows}) < 2:
+        raise ValueError(f"fit_static_batch_costs: need fixed-k rows at two or more k, got {rows}")
+    xs, ys = [], []
+    for k, _, speedup in rows:
+        steps, verifying, drafted = _static_batch_steps(drafts, fixed(k), batch, charged=False)
+        xs.append((verifying, drafted))
+        ys.append(batch.tokens / speedup - steps)
+    solution = torch.linalg.lstsq(torch.tensor(xs, dtype=torch.float64), torch.tensor(ys, dtype=torch.float64)[:, None])
+    fixed_cost, per_token = solution.solution[:, 0].tolist()
+    return StepCosts(fixed=fixed_cost, per_token=per_token)
 
 
 def acceptance_profile(drafts: list[Draft]) -> list[float]:
