@@ -9,11 +9,12 @@ from pathlib import Path
 import pytest
 
 from vllm_cmasd.bench.runner import CMASD_METHODS, FIXED_K_METHODS as FIXED_K, METHODS
+from vllm_cmasd.policies import VERIFICATION_POLICIES
 
 pytestmark = pytest.mark.engine
 
 # Methods whose drafting is decided by measured costs (the controller, or the window's budget).
-CONTROLLED = {"cmasd", "cmasd_confidence", "rstitch", "specbound", "cmasd_budget", "cmasd_eagle3"}
+CONTROLLED = {"cmasd", "cmasd_confidence", "cmasd_topk", "rstitch", "specbound", "cmasd_budget", "cmasd_eagle3"}
 RECORD_FIELDS = {
     "method", "setting", "task", "k", "batch_size", "tokens_per_s", "speedup_vs_ar",
     "mean_acceptance_length", "draft_length_histogram", "rollback_rate", "rel_bleu_vs_ar",
@@ -153,7 +154,7 @@ def test_micro_bench_records(micro_bench):
         if r["method"] in ("draft_model", "eagle3"):
             assert set(map(int, r["draft_length_histogram"])) == {r["k"]}
         if r["method"] in CMASD_METHODS:
-            assert r["k_max"] == r["k"] and r["cmasd"]["verification"] in ("exact", "confidence", "rstitch")
+            assert r["k_max"] == r["k"] and r["cmasd"]["verification"] in VERIFICATION_POLICIES
         # Memory: the trained draft has weights of its own, the self-draft none.
         assert r["target_weight_bytes"] > 0
         if r["method"] == "specbound":

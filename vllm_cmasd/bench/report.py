@@ -418,6 +418,7 @@ def plots(bench: dict[str, Any], out_dir: Path) -> list[Path]:
         "cmasd": "tab:orange",
         "cmasd_exact": "tab:green",
         "cmasd_confidence": "tab:red",
+        "cmasd_topk": "gold",
         "rstitch": "tab:purple",
         "specbound": "tab:brown",
         "cmasd_budget": "tab:cyan",
@@ -454,7 +455,8 @@ def plots(bench: dict[str, Any], out_dir: Path) -> list[Path]:
     for ax, bs in zip(axes[0], batch_sizes):
         rows = [r for r in summary if r["batch_size"] == bs and r["speedup_vs_ar"] is not None]
         # The lossy methods' knob: each is drawn as a curve along it.
-        curves = {"cmasd_confidence": ("leniency", "δ="), "rstitch": ("rstitch_entropy", "H<")}
+        curves = {"cmasd_confidence": ("leniency", "δ="), "cmasd_topk": ("topk_tau", "τ="),
+                  "rstitch": ("rstitch_entropy", "H<")}
         for method in colors:
             pts = [r for r in rows if r["method"] == method]
             if method in curves:

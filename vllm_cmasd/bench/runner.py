@@ -31,7 +31,8 @@ from vllm_cmasd.bench.prompts import TASKS, load_prompts
 from vllm_cmasd.vllm_patch import install_dispatcher_scan_fix
 
 METHODS: tuple[str, ...] = (
-    "ar", "draft_model", "ngram", "cmasd", "cmasd_exact", "cmasd_confidence", "rstitch", "specbound", "cmasd_budget",
+    "ar", "draft_model", "ngram", "cmasd", "cmasd_exact", "cmasd_confidence", "cmasd_topk", "rstitch", "specbound",
+    "cmasd_budget",
     "eagle3", "cmasd_eagle3",
 )
 # vLLM's own methods at a fixed k: the baselines whose best k the report marks.
@@ -42,7 +43,7 @@ CMASD_METHODS: frozenset[str] = frozenset(METHODS) - FIXED_K_METHODS - {"ar", "n
 # MethodSpec.engine_kwargs); every other CM-ASD method drafts with "draft".
 DRAFTER_OF: dict[str, str] = {"specbound": "self_draft", "eagle3": "eagle3", "cmasd_eagle3": "eagle3"}
 # The methods whose verification is relaxed (the others are lossless).
-LOSSY_METHODS: frozenset[str] = frozenset({"cmasd_confidence", "rstitch"})
+LOSSY_METHODS: frozenset[str] = frozenset({"cmasd_confidence", "cmasd_topk", "rstitch"})
 
 
 @dataclass(frozen=True)
@@ -101,6 +102,12 @@ def cmasd_exact(k_max: int, **settings: Any) -> MethodSpec:
 def cmasd_confidence(k_max: int, **settings: Any) -> MethodSpec:
     """The controller with the relaxed (confidence-modulated) verifier."""
     return MethodSpec("cmasd_confidence", k_max, {"verification": "confidence", **settings})
+
+
+def cmasd_topk(k_max: int, **settings: Any) -> MethodSpec:
+    """The controller with the top-k tolerance verifier (a draft token in the target's
+    top ``topk_beta`` within ``topk_tau`` of its best logit stands)."""
+    return MethodSpec("cmasd_topk", k_max, {"verification": "topk-tolerance", **settings})
 
 
 def rstitch(k_max: int, entropy: float) -> MethodSpec:
@@ -167,6 +174,7 @@ def default_methods(
     methods.append(cmasd(k_max))
     methods += [cmasd_exact(k_max, threshold=threshold_default if t is None else t) for t in thresholds]
     methods += [cmasd_confidence(k_max, leniency=leniency_default if v is None else v) for v in leniencies]
+    methods.append(cmasd_topk(k_max, topk_beta=_config_default("topk_beta"), topk_tau=_config_default("topk_tau")))
     methods += [rstitch(k_max, h) for h in rstitch_entropies]
     methods += [specbound(k_max), cmasd_budget(k_max)]
     methods += [MethodSpec("eagle3", k) for k in eagle3_ks]
@@ -210,7 +218,7 @@ PRESETS: dict[str, Preset] = {
         rounds=1,
         methods=(
             MethodSpec("ar"), MethodSpec("draft_model", 4), MethodSpec("ngram", 4), cmasd(4), cmasd_exact(4),
-            cmasd_confidence(4), rstitch(4, 1.0), specbound(4), cmasd_budget(4), MethodSpec("eagle3", 4),
+            cmasd_confidence(4), cmasd_topk(4), rstitch(4, 1.0), specbound(4), cmasd_budget(4), MethodSpec("eagle3", 4),
             cmasd_eagle3(4),
         ),
         kv_cache_gib=1,
