@@ -46,11 +46,11 @@ def main() -> int:
 
     import vllm_cmasd.proposer as proposer_module
     from vllm_cmasd.bench.prompts import load_prompts
-    from vllm_cmasd.engines import DEFAULT_DRAFT, DEFAULT_TARGET, llm_kwargs, shutdown
+    from vllm_cmasd.engines import DEFAULT_DRAFT, DEFAULT_TARGET, llm_kwargs, model_runner, shutdown
 
     cmasd = {"verification": "exact", **({"draft_budget": "auto"} if args.budget else {})}
     llm = LLM(**llm_kwargs(DEFAULT_TARGET, draft=DEFAULT_DRAFT, num_speculative_tokens=8, cmasd=cmasd))
-    drafter = llm.llm_engine.model_executor.driver_worker.worker.model_runner.drafter
+    drafter = model_runner(llm).drafter
     prompts = [p["prompt"] for p in load_prompts()["tasks"]["instruction"][: args.batch]]
     params = SamplingParams(temperature=0, max_tokens=32)
 

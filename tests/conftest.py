@@ -104,12 +104,12 @@ def run_engine(prompts, params, **engine_kwargs) -> EngineRun:
     """Start a real vLLM engine, generate, record what ran, shut it down."""
     from vllm import LLM
 
-    from vllm_cmasd.engines import shutdown, spec_decode_counters
+    from vllm_cmasd.engines import model_runner, shutdown, spec_decode_counters
 
     llm = LLM(**engine_kwargs)
     try:
         outputs = llm.generate(prompts, params, use_tqdm=False)
-        runner = llm.llm_engine.model_executor.driver_worker.worker.model_runner
+        runner = model_runner(llm)
         metrics = llm.get_metrics()
         return EngineRun(
             metrics=metrics,

@@ -26,12 +26,12 @@ def test_trace_accounts_for_every_emitted_and_accepted_token(tiny_pair):
     from vllm import LLM
 
     from test_engine import CMASD, PROMPTS, engine, greedy
-    from vllm_cmasd.engines import shutdown, spec_decode_counters
+    from vllm_cmasd.engines import model_runner, shutdown, spec_decode_counters
 
     target, draft = tiny_pair
     llm = LLM(**engine(target, draft=draft, num_speculative_tokens=4, cmasd=CMASD))
     try:
-        drafter = llm.llm_engine.model_executor.driver_worker.worker.model_runner.drafter
+        drafter = model_runner(llm).drafter
         drafter.trace = {}
         outputs = llm.generate(PROMPTS, greedy(24), use_tqdm=False)
         counters = spec_decode_counters(llm)

@@ -60,7 +60,7 @@ def test_vllm_loads_reduced_vocab_draft_and_masks_logits(reduced_draft):
     from vllm import LLM, SamplingParams
 
     from vllm_cmasd.draft_model import register
-    from vllm_cmasd.engines import shutdown
+    from vllm_cmasd.engines import model_runner, shutdown
 
     register()
     _, draft, kept = reduced_draft
@@ -71,8 +71,7 @@ def test_vllm_loads_reduced_vocab_draft_and_masks_logits(reduced_draft):
             SamplingParams(temperature=0.0, max_tokens=16, ignore_eos=True),
             use_tqdm=False,
         )
-        runner = llm.llm_engine.model_executor.driver_worker.worker.model_runner
-        model = runner.model
+        model = model_runner(llm).model
         assert type(model).__name__ == "CmasdReducedVocabLlamaForCausalLM"
         assert torch.equal(model.kept_token_ids.cpu(), kept)
         h = torch.randn(5, model.config.hidden_size, generator=torch.Generator().manual_seed(1))

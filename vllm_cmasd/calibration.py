@@ -188,14 +188,14 @@ def fit_warm_start(target: str, draft: str, out: str | Path, policies: list[str]
     os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"  # the drafter lives in this process
     from vllm import LLM, SamplingParams
 
-    from vllm_cmasd.engines import llm_kwargs, shutdown
+    from vllm_cmasd.engines import llm_kwargs, model_runner, shutdown
 
     fits, tokens = {}, {}
     for policy in policies:
         cmasd = {"verification": policy, "draft_length": "window", "threshold": 0.0, "calibration": "none"}
         llm = LLM(**llm_kwargs(target, draft=draft, draft_method=draft_method, num_speculative_tokens=k_max, cmasd=cmasd))
         try:
-            drafter = llm.llm_engine.model_executor.driver_worker.worker.model_runner.drafter
+            drafter = model_runner(llm).drafter
             drafter.calibration = AcceptanceCalibration(decay=1.0)  # every outcome counts alike
             outputs = llm.chat([[{"role": "user", "content": p}] for p in prompts],
                                SamplingParams(temperature=0.0, max_tokens=max_tokens), use_tqdm=False)

@@ -101,7 +101,7 @@ def run(args: argparse.Namespace) -> int:
         logging.getLogger("vllm").setLevel(logging.ERROR)
     from vllm import LLM
 
-    from vllm_cmasd.engines import llm_kwargs, shutdown, spec_decode_counters
+    from vllm_cmasd.engines import llm_kwargs, model_runner, shutdown, spec_decode_counters
 
     prompts = DEMO_PROMPTS[: args.num_prompts]
     cmasd = json.loads(args.cmasd)
@@ -114,7 +114,7 @@ def run(args: argparse.Namespace) -> int:
     shutdown(llm)
 
     llm = LLM(**llm_kwargs(args.target, draft=args.draft, num_speculative_tokens=args.k_max, cmasd=cmasd, **quiet))
-    drafter = llm.llm_engine.model_executor.driver_worker.worker.model_runner.drafter
+    drafter = model_runner(llm).drafter
     _timed_answers(llm, prompts[:1], 8, "", progress=False)
     drafter.trace = {}  # per request: the steps label_tokens reads
     before = spec_decode_counters(llm)

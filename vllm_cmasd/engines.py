@@ -142,6 +142,12 @@ def preload_openmp_and_reexec() -> None:
     os.execve(sys.executable, [sys.executable, *sys.orig_argv[1:]], env)
 
 
+def model_runner(llm):
+    """The model runner of an in-process engine (``VLLM_ENABLE_V1_MULTIPROCESSING=0``):
+    where CM-ASD's drafter (``.drafter``) and verifier (``.rejection_sampler``) live."""
+    return llm.llm_engine.model_executor.driver_worker.worker.model_runner
+
+
 def shutdown(llm) -> None:
     """Stop an LLM's engine process now, so the next engine gets its memory."""
     import gc

@@ -19,7 +19,10 @@ The rules (:func:`rule_families`): fixed k; the paper's window (stop after
 the first position whose running product or mean of confidences is below a
 threshold); a survival rule (keep drafting while the product of calibrated
 acceptances is above a threshold; the calibration is fitted on the same
-drafts, in hindsight); the oracle (draft exactly what will be accepted). Each
+drafts, in hindsight); gates known before the first pass (the target's
+confidence in its last token, the request's previous draft) in front of them;
+the oracle (draft exactly what will be accepted). :class:`StaticBatch` replays
+the benchmark's batches above 1, which end with their slowest request. Each
 family's parameter is chosen in hindsight on the same drafts, so every
 figure but fixed k's is an upper bound on what that family reaches on the
 real engine. Two ways of charging a rule that stops: ``free stops`` charges
@@ -74,18 +77,25 @@ Rule = Callable[[Draft], tuple[int, int]]
 def fit_step_costs(rows: list[tuple[int, float, float]]) -> StepCosts:
     """Least squares of ``acceptance length / speedup = 1 + fixed + per_token * k`` over
     fixed-k rows ``(k, acceptance length, speedup vs plain)`` (at least two distinct k)."""
+    _need_two_ks("fit_step_costs", rows)
+    return _least_squares([(1.0, k) for k, _, _ in rows], [length / speedup - 1.0 for _, length, speedup in rows])
+
+
+def _need_two_ks(name: str, rows: list[tuple[int, float, float]]) -> None:
     if len({k for k, _, _ in rows}) < 2:
-        raise ValueError(f"fit_step_costs: need fixed-k rows at two or more k, got {rows}")
-    xs = [float(k) for k, _, _ in rows]
-    ys = [length / speedup - 1.0 for _, length, speedup in rows]
-    mean_x, mean_y = sum(xs) / len(xs), sum(ys) / len(ys)
-    slope = sum((x - mean_x) * (y - mean_y) for x, y in zip(xs, ys)) / sum((x - mean_x) ** 2 for x in xs)
-    return StepCosts(fixed=mean_y - slope * mean_x, per_token=slope)
+        raise ValueError(f"{name}: need fixed-k rows at two or more k, got {rows}")
+
+
+def _least_squares(xs: list[tuple[float, float]], ys: list[float]) -> StepCosts:
+    """``ys ~ fixed * x0 + per_token * x1`` over the rows ``xs``."""
+    solution = torch.linalg.lstsq(torch.tensor(xs, dtype=torch.float64), torch.tensor(ys, dtype=torch.float64)[:, None])
+    fixed_cost, per_token = solution.solution[:, 0].tolist()
+    return StepCosts(fixed=fixed_cost, per_token=per_token)
 
 
 def replay(drafts: list[Draft], rule: Rule, costs: StepCosts, *, charged: bool = False) -> float:
     """Speedup over plain decoding of ``rule`` on ``drafts`` (tokens per plain-step time);
-    ``charged``: a step costs the passes run, not the tokens kept."""
+    ``charged``: each pass whose token was dropped adds ``per_token``."""
     tokens = time = 0.0
     for draft in drafts:
         kept, passes = rule(draft)
@@ -269,16 +279,13 @@ def static_batch_replay(drafts: list[Draft], rule: Rule, costs: StepCosts, batch
 def fit_static_batch_costs(drafts: list[Draft], rows: list[tuple[int, float, float]], batch: StaticBatch) -> StepCosts:
     """The step costs under which the static-batch replay of each fixed k gives that row's measured
     speedup (least squares; the rows' acceptance lengths are the replay's own)."""
-    if len({k for k, _, _ in rows}) < 2:
-        raise ValueError(f"fit_static_batch_costs: need fixed-k rows at two or more k, got {rows}")
+    _need_two_ks("fit_static_batch_costs", rows)
     xs, ys = [], []
     for k, _, speedup in rows:
         steps, verifying, drafted = _static_batch_steps(drafts, fixed(k), batch, charged=False)
         xs.append((verifying, drafted))
         ys.append(batch.tokens / speedup - steps)
-    solution = torch.linalg.lstsq(torch.tensor(xs, dtype=torch.float64), torch.tensor(ys, dtype=torch.float64)[:, None])
-    fixed_cost, per_token = solution.solution[:, 0].tolist()
-    return StepCosts(fixed=fixed_cost, per_token=per_token)
+    return _least_squares(xs, ys)
 
 
 def acceptance_profile(drafts: list[Draft]) -> list[float]:
@@ -293,13 +300,13 @@ def record_drafts(target: str, draft: str, prompts: list[str], *, max_tokens: in
     os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"  # the drafter lives in this process
     from vllm import LLM, SamplingParams
 
-    from vllm_cmasd.engines import llm_kwargs, shutdown
+    from vllm_cmasd.engines import llm_kwargs, model_runner, shutdown
 
     cmasd = {"verification": "exact", "draft_length": "window", "threshold": 0.0, "calibration": "none"}
     llm = LLM(**llm_kwargs(target, draft=draft, draft_method=draft_method, num_speculative_tokens=k_max, cmasd=cmasd))
     drafts: list[Draft] = []
     try:
-        runner = llm.llm_engine.model_executor.driver_worker.worker.model_runner
+        runner = model_runner(llm)
         drafter, sampler = runner.drafter, runner.rejection_sampler
         observe, verify = drafter.observe_verification, sampler.forward
         # Per request, the target's confidence where it emitted its last token:

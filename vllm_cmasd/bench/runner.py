@@ -28,6 +28,7 @@ from typing import Any, Callable
 from unittest import mock
 
 from vllm_cmasd.bench.prompts import TASKS, load_prompts
+from vllm_cmasd.engines import model_runner
 from vllm_cmasd.vllm_patch import install_dispatcher_scan_fix
 
 METHODS: tuple[str, ...] = (
@@ -318,10 +319,6 @@ class Probe:
         return self.steps, self.propose_s, dict(self.proposed_lengths)
 
 
-def _model_runner(llm):
-    return llm.llm_engine.model_executor.driver_worker.worker.model_runner
-
-
 def instrument(llm) -> Probe:
     probe = Probe()
     engine = llm.llm_engine
@@ -332,7 +329,7 @@ def instrument(llm) -> Probe:
         return original_step(*args, **kwargs)
 
     engine.step = step
-    drafter = getattr(_model_runner(llm), "drafter", None)
+    drafter = getattr(model_runner(llm), "drafter", None)
     if drafter is not None:
         original_propose = drafter.propose
 
@@ -353,14 +350,14 @@ def instrument(llm) -> Probe:
 
 
 def _cmasd_stats(llm):
-    drafter = getattr(_model_runner(llm), "drafter", None)
+    drafter = getattr(model_runner(llm), "drafter", None)
     return getattr(drafter, "stats", None)
 
 
 def _controller_totals(llm) -> dict[str, float]:
     """The controller's running totals so far (metrics.CONTROLLER_TOTALS): steps
     without a drafter pass, catch-ups (catchup.py), exploring, drafter time."""
-    drafter = getattr(_model_runner(llm), "drafter", None)
+    drafter = getattr(model_runner(llm), "drafter", None)
     if not hasattr(drafter, "lag"):
         return {}
     return drafter.totals()
@@ -369,7 +366,7 @@ def _controller_totals(llm) -> dict[str, float]:
 def _controller_state(llm) -> dict:
     """What the controller learnt by the end of an engine's calls: the cost fit
     (budget.MeasuredCosts.summary) and the calibration (calibration.AcceptanceCalibration.summary)."""
-    drafter = getattr(_model_runner(llm), "drafter", None)
+    drafter = getattr(model_runner(llm), "drafter", None)
     if getattr(drafter, "costs", None) is None:
         return {}
     return {"cost_fit": drafter.costs.summary(), "calibration": drafter.calibration.summary()}
@@ -380,7 +377,7 @@ def weight_memory(llm) -> dict[str, int]:
     (a self-draft's are the target's: 0), as loaded in the engine."""
     from vllm_cmasd.self_draft import unique_weight_bytes
 
-    runner = _model_runner(llm)
+    runner = model_runner(llm)
     target = runner.model
     out = {"target_weight_bytes": unique_weight_bytes(target)}
     drafter = getattr(runner, "drafter", None)

@@ -307,31 +307,29 @@ def bench_prompts(n: int) -> list[str]:
 CONTROLLER_COUNTERS = tuple(f"vllm:cmasd_{name}_total" for name in CONTROLLER_TOTALS)
 
 
-def controller_counters(server: VllmServer) -> dict[str, float]:
-    """CM-ASD's own counters on the server's /metrics (what vLLM's client does not read)."""
-    metrics = server.metrics()
+def controller_counters(metrics: dict[str, float]) -> dict[str, float]:
+    """CM-ASD's own counters in a server's /metrics (what vLLM's client does not read)."""
     return {name.split(":")[1].removesuffix("_total"): metric_total(metrics, name) for name in CONTROLLER_COUNTERS}
 
 
-def prefix_cache_counts(server: VllmServer) -> tuple[float, float]:
+def prefix_cache_counts(metrics: dict[str, float]) -> tuple[float, float]:
     """vLLM's prefix-cache (queried, hit) token counters."""
-    metrics = server.metrics()
     return metric_total(metrics, "vllm:prefix_cache_queries_total"), metric_total(metrics, "vllm:prefix_cache_hits_total")
 
 
-def served_block_size(server: VllmServer) -> int | None:
+def served_block_size(metrics: dict[str, float]) -> int | None:
     """The KV-cache block size the server runs (vLLM's cache_config_info series)."""
-    for key in server.metrics():
+    for key in metrics:
         if key.startswith("vllm:cache_config_info{"):
             found = re.search(r'block_size="(\d+)"', key)
             return int(found.group(1)) if found else None
     return None
 
 
-def cost_fit(server: VllmServer) -> dict[str, float]:
-    """The controller's measured cost fit at the end of a level ({} without a controller)."""
+def cost_fit(metrics: dict[str, float]) -> dict[str, float]:
+    """The controller's measured cost fit ({} without a controller)."""
     prefix = 'vllm:cmasd_cost_seconds{'
-    return {key.split('term="')[1].split('"')[0]: value for key, value in server.metrics().items()
+    return {key.split('term="')[1].split('"')[0]: value for key, value in metrics.items()
             if key.startswith(prefix) and 'term="' in key}
 
 
@@ -373,20 +371,21 @@ def run_serve_bench(cfg: ServeBenchConfig, out_dir: str | Path, prompts: list[st
             for c in cfg.concurrencies:
                 n = max(cfg.requests_per_concurrency * c, cfg.min_requests)
                 filename = f"vllm-{method.method}-c{c}" + (f"-r{round_}" if cfg.rounds > 1 else "") + ".json"
-                before = controller_counters(server)
-                queried, hit = prefix_cache_counts(server)
+                before = server.metrics()
                 result = vllm_bench_serve(server, dataset, concurrency=c, num_requests=n, max_tokens=cfg.max_tokens,
                                           result_dir=out_dir, result_filename=filename, timeout=cfg.request_timeout)
                 summary = {**level_summary(method, c, startup_s, result), "round": round_}
-                summary.update({k: v - before[k] for k, v in controller_counters(server).items()})
-                summary["cost_fit"] = cost_fit(server)
+                after = server.metrics()
+                counted = controller_counters(before)
+                summary.update({k: v - counted[k] for k, v in controller_counters(after).items()})
+                summary["cost_fit"] = cost_fit(after)  # at the end of the level
                 # An EAGLE engine drops its last matched block (vLLM re-runs it for the
                 # head's hidden states): on CPU's 128-token blocks, most of a short prompt.
-                queried_after, hit_after = prefix_cache_counts(server)
+                (queried, hit), (queried_after, hit_after) = prefix_cache_counts(before), prefix_cache_counts(after)
                 summary["prefix_cache_hit_rate"] = (
                     (hit_after - hit) / (queried_after - queried) if queried_after > queried else None
                 )
-                summary["block_size"] = served_block_size(server)
+                summary["block_size"] = served_block_size(after)
                 results.append({"summary": summary, "vllm_result": filename,
                                 "texts": result.get("generated_texts", [])})
                 log(f"[bench-serve]   c={c:<3} n={n:<3} {summary['throughput_tok_s']:7.1f} tok/s  "
