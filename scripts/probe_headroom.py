@@ -10,7 +10,8 @@ cost from the bench run's fixed-k rows at --batch-size (same machine), and repla
 each rule family on the drafts with its best parameter in hindsight
 (vllm_cmasd/bench/headroom.py). With --batch-size above 1 the replay runs the
 bench's static batches (requests of its max_tokens, the batch done with its
-slowest), with costs fitted so each fixed k replays to its measured speedup. Source scripts/env.sh first, as for the benchmark.
+slowest), with costs fitted so each fixed k replays to its measured speedup.
+Source scripts/env.sh first, as for the benchmark.
 """
 
 from __future__ import annotations
@@ -34,8 +35,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--costs-from", required=True, help="a bench.json with fixed-k rows at --batch-size")
     parser.add_argument("--batch-size", type=int, default=1,
-                        help="the costs' batch size (the drafts are recorded alike; a step's cost is shared "
-                             "evenly, so above 1 the replay ignores that a static batch waits for its slowest request)")
+                        help="the fixed-k rows' batch size; above 1 the replay runs static batches of it")
     parser.add_argument("--target", default=str(DEFAULT_TARGET))
     parser.add_argument("--draft", default=str(DEFAULT_DRAFT))
     parser.add_argument("--draft-method", default="draft_model")
@@ -69,8 +69,7 @@ def main() -> None:
               f"tokens{' / batch size' if batch else ''} (from {len(rows)} fixed-k rows of {args.costs_from})")
         # How well the cost model reproduces the measured fixed-k rows (the replay's drafts are
         # from these prompts, the rows from the bench's).
-        check = {k: (headroom.replay(drafts, headroom.fixed(k), costs) if batch is None
-                     else headroom.static_batch_replay(drafts, headroom.fixed(k), costs, batch)) for k, _, _ in rows}
+        check = {k: headroom.speedup(drafts, headroom.fixed(k), costs, batch=batch) for k, _, _ in rows}
         print("fixed k, measured -> replayed: " + ", ".join(f"k={k} {speedup:.3f} -> {check[k]:.3f}" for k, _, speedup in rows))
         report["sets"][name] = {"num_prompts": len(prompts), "num_drafts": len(drafts), "acceptance_profile": profile,
                                 "step_costs": vars(costs), "fixed_k_replayed": check}

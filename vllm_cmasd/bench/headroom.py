@@ -211,27 +211,6 @@ def rule_families(drafts: list[Draft]) -> dict[str, dict[str, Rule]]:
     return families
 
 
-def headroom(drafts: list[Draft], costs: StepCosts, *, charged: bool = False,
-             batch: "StaticBatch | None" = None) -> list[dict]:
-    """Each family's best rule in hindsight: its speedup over plain and over the best fixed k
-    (one request at a time, or a static ``batch``)."""
-
-    def score(rule: Rule) -> float:
-        if batch is None:
-            return replay(drafts, rule, costs, charged=charged)
-        return static_batch_replay(drafts, rule, costs, batch, charged=charged)
-
-    best = []
-    for family, rules in rule_families(drafts).items():
-        scores = {name: score(rule) for name, rule in rules.items()}
-        name = max(scores, key=scores.__getitem__)
-        best.append({"family": family, "best": name, "speedup_vs_plain": scores[name]})
-    fixed_best = best[0]["speedup_vs_plain"]
-    for row in best:
-        row["vs_best_fixed_k"] = row["speedup_vs_plain"] / fixed_best
-    return best
-
-
 @dataclass(frozen=True)
 class StaticBatch:
     """The benchmark's batch above 1: ``size`` requests of ``tokens`` tokens each, started
@@ -242,6 +221,29 @@ class StaticBatch:
     tokens: int
     trials: int = 200
     seed: int = 0
+
+
+def speedup(drafts: list[Draft], rule: Rule, costs: StepCosts, *, charged: bool = False,
+            batch: StaticBatch | None = None) -> float:
+    """``rule``'s speedup over plain decoding: one request at a time, or a static ``batch``."""
+    if batch is None:
+        return replay(drafts, rule, costs, charged=charged)
+    return static_batch_replay(drafts, rule, costs, batch, charged=charged)
+
+
+def headroom(drafts: list[Draft], costs: StepCosts, *, charged: bool = False,
+             batch: StaticBatch | None = None) -> list[dict]:
+    """Each family's best rule in hindsight: its speedup over plain and over the best fixed k
+    (one request at a time, or a static ``batch``)."""
+    best = []
+    for family, rules in rule_families(drafts).items():
+        scores = {name: speedup(drafts, rule, costs, charged=charged, batch=batch) for name, rule in rules.items()}
+        name = max(scores, key=scores.__getitem__)
+        best.append({"family": family, "best": name, "speedup_vs_plain": scores[name]})
+    fixed_best = best[0]["speedup_vs_plain"]
+    for row in best:
+        row["vs_best_fixed_k"] = row["speedup_vs_plain"] / fixed_best
+    return best
 
 
 def _static_batch_steps(drafts: list[Draft], rule: Rule, batch: StaticBatch, *, charged: bool) -> tuple[float, float, float]:
