@@ -285,7 +285,7 @@ def test_only_requests_whose_catch_up_pays_draft_and_only_they_catch_up(monkeypa
     monkeypatch.setattr(proposer_module, "get_tp_group", lambda: SimpleNamespace(world_size=1))  # one rank
     model = costs(lambda n: 0.1 + 0.002 * n, lambda n: 0.01 + 0.001 * n)
     remaining = {"current": 1000, "lagging": 1000}
-    proposer = SimpleNamespace(config=CmasdConfig(k_max=4), costs=MeasuredCosts(model), FIRST_PASS_SKIPPABLE=True,
+    proposer = SimpleNamespace(config=CmasdConfig(k_max=4), costs=MeasuredCosts(model), net_num_new_slots_per_request=1,
                                acceptance=AcceptanceHistory(prior=0.8), _skipped_in_a_row=0, _explore_every=8,
                                _remaining_tokens=lambda ids: np.array([remaining[i] for i in ids], dtype=float))
     lag = DrafterLag(max_tracked=8)
@@ -308,7 +308,7 @@ def test_only_requests_whose_catch_up_pays_draft_and_only_they_catch_up(monkeypa
     assert drafts.tolist() == [True, False]
     plan = lag.plan(["current", "lagging"], num_computed, query_lens, room=1000, wanted=drafts)
     assert plan.missed.tolist() == [0, 0] and plan.blocked.tolist() == [False, True]
-    lag.ran(["current", "lagging"], plan)
+    lag.ran(["current", "lagging"], plan, new_slots=1)
     assert lag.lag_start == {"lagging": 0}  # still lags from its prompt's start
 
 
@@ -336,7 +336,7 @@ def test_an_exploring_pass_spends_at_most_its_share_of_the_step(monkeypatch):
     def decide(skipped_in_a_row: int, catch_ups: list[int], draft_pass_s: float = 0.0105):
         # Acceptance so low that no draft pays by the rule: only exploring drafts.
         model = costs(lambda n: 0.1 + 0.002 * n, lambda n: draft_pass_s + 0.001 * n)
-        proposer = SimpleNamespace(config=CmasdConfig(k_max=4), costs=MeasuredCosts(model), FIRST_PASS_SKIPPABLE=True,
+        proposer = SimpleNamespace(config=CmasdConfig(k_max=4), costs=MeasuredCosts(model), net_num_new_slots_per_request=1,
                                    acceptance=AcceptanceHistory(prior=0.01), _skipped_in_a_row=skipped_in_a_row,
                                    _explore_every=EXPLORE_EVERY, _remaining_tokens=lambda ids: np.full(len(ids), 1000.0))
         drafts, explore_room = CmasdProposer._who_drafts(proposer, ids, query_lens, np.array(catch_ups))
@@ -374,7 +374,7 @@ def test_exploring_backs_off_while_it_finds_nothing_and_resets_once_the_rule_dra
 
     monkeypatch.setattr(proposer_module, "get_tp_group", lambda: SimpleNamespace(world_size=1))  # one rank
     model = costs(lambda n: 0.1 + 0.002 * n, lambda n: 0.0105 + 0.001 * n)
-    proposer = SimpleNamespace(config=CmasdConfig(k_max=4), costs=MeasuredCosts(model), FIRST_PASS_SKIPPABLE=True,
+    proposer = SimpleNamespace(config=CmasdConfig(k_max=4), costs=MeasuredCosts(model), net_num_new_slots_per_request=1,
                                acceptance=AcceptanceHistory(prior=0.01), _skipped_in_a_row=0,
                                _explore_every=EXPLORE_EVERY, _remaining_tokens=lambda ids: np.full(len(ids), 1000.0))
     ids, query_lens, catch_ups = ["a", "b"], np.ones(2, dtype=np.int64), np.zeros(2, dtype=np.int64)

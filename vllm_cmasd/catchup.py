@@ -7,16 +7,19 @@ requests of that step then *lag*: the drafter's KV cache is valid only below
 their lag start ``F`` (a position). The next step that drafts for a request
 first runs its missed tokens ``F .. num_computed - 1`` in the same first pass:
 they are prepended to the request's query (token ids from the request's
-committed tokens, consecutive positions; the slot mapping follows from the
-block table inside vLLM's first pass), a prefill-like pass.
+committed tokens, consecutive positions, their KV slots from the request's
+block table), a prefill-like pass. A draft model needs nothing else. An EAGLE
+head's KV at position p is a function of the target's hidden states at p,
+which the runner drops after each step: :class:`DirtySlots` keeps them, per
+KV slot, for the tokens the head has not run.
 
-Where the KV cache could hold drafter garbage:
+Which slots hold drafter garbage is tracked per KV slot (:class:`DirtySlots`):
+every slot the target writes is dirty until a drafter pass writes it too. So
 
-* a request first seen with computed tokens (a prefix-cache hit) after any
-  step skipped the drafter, or on a step that skips it: its cached blocks may
-  have been filled on a skipped step, so it lags from position 0;
-* a request whose computed tokens went backwards (preempted, then resumed
-  with recompute): the same, once any step skipped; otherwise nothing lags;
+* a request first seen with computed tokens (a prefix-cache hit), or whose
+  computed tokens went backwards (preempted, then resumed with recompute),
+  lags from its first dirty cached position: blocks filled while the drafter
+  skipped, also by another request of the same step;
 * a lagging request that does not draft on a step that runs the drafter: it
   does not catch up (only requests that draft pay for one), runs its own
   tokens and keeps its lag start;
@@ -61,6 +64,62 @@ class CatchUpPlan:
         return np.where(self.partial, self.missed, own_lens + self.missed)
 
 
+def token_slots(block_table: np.ndarray, block_size: int, starts: np.ndarray, ends: np.ndarray) -> np.ndarray:
+    """The KV slots of positions ``starts[i] .. ends[i] - 1`` of each request
+    (row ``i`` of the host block table), concatenated in batch order."""
+    lens = np.maximum(ends - starts, 0)
+    rows = np.repeat(np.arange(len(lens)), lens)
+    offsets = np.arange(int(lens.sum())) - np.repeat(np.cumsum(lens) - lens, lens)
+    positions = np.repeat(starts, lens) + offsets
+    return block_table[rows, positions // block_size].astype(np.int64) * block_size + positions % block_size
+
+
+class DirtySlots:
+    """KV slots whose drafter KV is stale: the target wrote them since the
+    drafter last did. With ``keep_hidden_states`` (an EAGLE head) also, per
+    slot, the target's hidden states of its token as last written, on the
+    host: what a catch-up feeds the head for positions it missed."""
+
+    def __init__(self, keep_hidden_states: bool):
+        self.dirty = np.zeros(0, dtype=bool)
+        self.keep_hidden_states = keep_hidden_states
+        self.hidden_states: torch.Tensor | None = None
+
+    def _fit(self, slots: np.ndarray, like: torch.Tensor | None) -> None:
+        need = int(slots.max()) + 1 if len(slots) else 0
+        if need > len(self.dirty):  # slots are block ids x block size: grow to the largest seen, doubling
+            size = max(need, 2 * len(self.dirty))
+            self.dirty = np.concatenate([self.dirty, np.zeros(size - len(self.dirty), dtype=bool)])
+        if like is not None and (self.hidden_states is None or need > len(self.hidden_states)):
+            grown = torch.empty((len(self.dirty), like.shape[-1]), dtype=like.dtype, device="cpu")
+            if self.hidden_states is not None:
+                grown[: len(self.hidden_states)] = self.hidden_states
+            self.hidden_states = grown
+
+    def target_wrote(self, slots: np.ndarray, hidden_states: torch.Tensor | None) -> None:
+        """The target's step writes these slots (``hidden_states``: its rows for them, in order)."""
+        keep = hidden_states if self.keep_hidden_states else None
+        self._fit(slots, keep)
+        self.dirty[slots] = True
+        if keep is not None and len(slots):
+            assert self.hidden_states is not None
+            self.hidden_states[torch.from_numpy(slots)] = keep[: len(slots)].to("cpu", non_blocking=True)
+
+    def drafter_wrote(self, slots: np.ndarray) -> None:
+        self._fit(slots, None)
+        self.dirty[slots] = False
+
+    def first_dirty(self, slots: np.ndarray) -> int:
+        """Index of the first dirty slot (``len(slots)``: none)."""
+        self._fit(slots, None)
+        hits = np.flatnonzero(self.dirty[slots])
+        return int(hits[0]) if len(hits) else len(slots)
+
+    def hidden_states_of(self, slots: np.ndarray, device: torch.device) -> torch.Tensor:
+        assert self.hidden_states is not None
+        return self.hidden_states[torch.from_numpy(slots)].to(device)
+
+
 class DrafterLag:
     """Per request, where the drafter's valid KV cache ends (only for those that lag)."""
 
@@ -68,26 +127,25 @@ class DrafterLag:
         self.lag_start: dict[str, int] = {}
         self._last_computed: dict[str, int] = {}
         self._max_tracked = max_tracked
-        self._cache_hits_now: set[str] = set()
-        self.skipped_any = False
         self.num_catch_up_tokens = 0
         self.num_split_passes = 0  # partial catch-ups run
-        self.num_restarts = 0  # requests set to lag from 0 (cache hit or recompute after a skip)
+        self.num_restarts = 0  # requests that lag on cached or recomputed tokens
 
-    def observe(self, req_ids: list[str], num_computed: np.ndarray) -> None:
-        """Before a step: find requests whose cached or recomputed KV may be drafter garbage."""
-        self._cache_hits_now = set()
-        for req_id, computed in zip(req_ids, num_computed.tolist()):
+    def observe(self, req_ids: list[str], num_computed: np.ndarray, first_dirty) -> None:
+        """Before a step: find requests whose cached or recomputed KV is drafter garbage.
+        ``first_dirty(i)``: request ``i``'s first position below its computed
+        tokens whose drafter KV is stale (its computed tokens if none)."""
+        for i, (req_id, computed) in enumerate(zip(req_ids, num_computed.tolist())):
             last = self._last_computed.get(req_id)
             fresh_with_cache = last is None and computed > 0
             recomputed = last is not None and computed < last
-            if fresh_with_cache:
-                self._cache_hits_now.add(req_id)
-            if (fresh_with_cache or recomputed) and self.skipped_any:
-                self.lag_start[req_id] = 0
-                self.num_restarts += 1
-            elif recomputed:
-                self.lag_start.pop(req_id, None)
+            if fresh_with_cache or recomputed:
+                start = first_dirty(i)
+                if start < computed:
+                    self.lag_start[req_id] = start
+                    self.num_restarts += 1
+                else:
+                    self.lag_start.pop(req_id, None)
             self._last_computed[req_id] = computed
         # Finished requests are never announced to the proposer: forget the oldest.
         while len(self._last_computed) > self._max_tracked:
@@ -97,13 +155,8 @@ class DrafterLag:
 
     def skip(self, req_ids: list[str], num_computed: np.ndarray) -> None:
         """This step runs no drafter pass: every request lags from where it is now."""
-        self.skipped_any = True
         for req_id, computed in zip(req_ids, num_computed.tolist()):
-            # A cache hit in this very step may be on blocks another request of
-            # this step is filling now, without the drafter: lag from 0.
-            if req_id in self._cache_hits_now and req_id not in self.lag_start:
-                self.num_restarts += 1
-            self.lag_start.setdefault(req_id, 0 if req_id in self._cache_hits_now else computed)
+            self.lag_start.setdefault(req_id, computed)
 
     def plan(self, req_ids: list[str], num_computed: np.ndarray, query_lens: np.ndarray, room: int,
              wanted: np.ndarray | None = None, cheapest_first: bool = False) -> CatchUpPlan:
@@ -142,24 +195,27 @@ class DrafterLag:
                 room -= chunk - int(query_lens[i])
         return CatchUpPlan(start, missed, partial, blocked)
 
-    def ran(self, req_ids: list[str], plan: CatchUpPlan) -> None:
-        """A first pass ran: requests that caught up (or never lagged) are current."""
+    def ran(self, req_ids: list[str], plan: CatchUpPlan, new_slots: int) -> None:
+        """A first pass ran: requests that caught up (or never lagged) are current.
+        ``new_slots``: KV a request's pass writes after its last token (a draft
+        model writes its next token's, 1; an EAGLE head 0)."""
         for i, req_id in enumerate(req_ids):
-            if plan.partial[i]:  # ran start .. start + missed, the last as its new token
-                self.lag_start[req_id] = int(plan.start[i] + plan.missed[i] + 1)
+            if plan.partial[i]:  # ran start .. start + missed - 1, then the committed token after them
+                self.lag_start[req_id] = int(plan.start[i] + plan.missed[i] + new_slots)
                 self.num_split_passes += 1
             elif not plan.blocked[i]:
                 self.lag_start.pop(req_id, None)
         self.num_catch_up_tokens += plan.num_tokens
 
 
-def with_catch_up(kwargs: dict, plan: CatchUpPlan, token_ids_cpu: np.ndarray) -> dict:
-    """``propose`` keyword arguments whose first pass runs the plan's catch-ups.
+def with_catch_up(kwargs: dict, plan: CatchUpPlan, token_ids_cpu: np.ndarray, catch_up_slots: np.ndarray,
+                  dirty: DirtySlots) -> dict:
+    """``propose`` keyword arguments whose first pass runs the plan's catch-ups
+    (``catch_up_slots``: their KV slots, in batch order).
 
-    The first pass reads each request's first position and takes the rest as
-    consecutive, and computes the slot mapping from positions and the block
-    table; so a catch-up needs only token ids, positions and a longer (or, for
-    a partial one, another) query. Rejected tokens stay at the end of each
+    A catch-up is token ids, positions, slots and a longer (or, for a partial
+    one, another) query; for an EAGLE head also the target's hidden states of
+    those tokens, kept by ``dirty``. Rejected tokens stay at the end of each
     full query; a partial query has none, ends its sequence after its new
     token and takes that committed token as the request's next token.
     """
@@ -192,8 +248,20 @@ def with_catch_up(kwargs: dict, plan: CatchUpPlan, token_ids_cpu: np.ndarray) ->
     ids[cu_dest_t] = torch.from_numpy(cu_ids).to(device=device, dtype=ids.dtype)
     positions[cu_dest_t] = torch.from_numpy(cu_pos).to(device=device, dtype=positions.dtype)
 
+    slots = torch.empty(total, dtype=cad.slot_mapping.dtype, device=device)
+    slots[kept_dest_t] = cad.slot_mapping[: len(old_ids)][kept_t]
+    slots[cu_dest_t] = torch.from_numpy(catch_up_slots).to(device=device, dtype=slots.dtype)
+    kwargs = dict(kwargs, target_token_ids=ids, target_positions=positions)
+    if dirty.keep_hidden_states:
+        old_hidden = kwargs["target_hidden_states"]
+        hidden = torch.empty((total, old_hidden.shape[-1]), dtype=old_hidden.dtype, device=device)
+        hidden[kept_dest_t] = old_hidden[kept_t]
+        hidden[cu_dest_t] = dirty.hidden_states_of(catch_up_slots, device).to(old_hidden.dtype)
+        kwargs["target_hidden_states"] = hidden
+
     new_start_cpu = torch.from_numpy(new_start.astype(np.int32))
     changes = dict(
+        slot_mapping=slots,
         query_start_loc=new_start_cpu.to(device),
         query_start_loc_cpu=new_start_cpu,
         num_actual_tokens=total,
@@ -202,7 +270,6 @@ def with_catch_up(kwargs: dict, plan: CatchUpPlan, token_ids_cpu: np.ndarray) ->
         _num_computed_tokens_cache=None,
         _token_to_req_indices_cache=None,
     )
-    kwargs = dict(kwargs, target_token_ids=ids, target_positions=positions)
     if partial.any():
         rows_t = torch.from_numpy(np.flatnonzero(partial)).to(device)
         ends = plan.start[partial] + plan.missed[partial]  # the new token's position
@@ -211,12 +278,18 @@ def with_catch_up(kwargs: dict, plan: CatchUpPlan, token_ids_cpu: np.ndarray) ->
             device=device, dtype=next_ids.dtype
         )
         seq_lens = cad.seq_lens.clone()
-        seq_lens[rows_t] = torch.from_numpy(ends + 1).to(device=device, dtype=seq_lens.dtype)
+        # The query ends before the new token: a draft model's pass adds its slot (and one to seq_lens).
+        seq_lens[rows_t] = torch.from_numpy(ends).to(device=device, dtype=seq_lens.dtype)
         kwargs["next_token_ids"] = next_ids
         changes["seq_lens"] = seq_lens
         if kwargs.get("num_rejected_tokens_gpu") is not None:
             rejected = kwargs["num_rejected_tokens_gpu"].clone()
             rejected[rows_t] = 0
             kwargs["num_rejected_tokens_gpu"] = rejected
+    if kwargs.get("token_indices_to_sample") is not None:  # EAGLE's: each query's last accepted token
+        last = torch.from_numpy(new_start[1:] - 1).to(device)
+        rejected = kwargs.get("num_rejected_tokens_gpu")
+        indices = last if rejected is None else last - rejected.to(last.dtype)
+        kwargs["token_indices_to_sample"] = indices.to(kwargs["token_indices_to_sample"].dtype)
     kwargs["common_attn_metadata"] = cad.replace(**changes)
     return kwargs

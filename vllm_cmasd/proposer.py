@@ -36,7 +36,7 @@ from vllm_cmasd.budget import (
     profile_costs,
 )
 from vllm_cmasd.calibration import CALIBRATION_FILE, AcceptanceCalibration
-from vllm_cmasd.catchup import DrafterLag, with_catch_up
+from vllm_cmasd.catchup import DirtySlots, DrafterLag, token_slots, with_catch_up
 from vllm_cmasd.config import CmasdConfig, CmasdConfigError
 from vllm_cmasd.confidence import entropy as drafter_entropy
 from vllm_cmasd.confidence import unified_confidence
@@ -164,15 +164,14 @@ class DraftWindow:
 class CmasdProposerMixin:
     """vLLM's drafting loop with CM-ASD's window, signals and controller; one
     implementation for both proposer families (:class:`CmasdProposer`,
-    :class:`CmasdEagleProposer`), which differ only in ``FIRST_PASS_SKIPPABLE``."""
+    :class:`CmasdEagleProposer`), which differ only in ``CATCH_UP_NEEDS_HIDDEN_STATES``."""
 
-    # Whether a step where no request drafts may skip the drafter's first pass
-    # and catch it up later (catchup.py). A draft model's catch-up needs only
+    # A step where no request drafts skips the drafter's first pass, which a
+    # later step catches up (catchup.py). A draft model's catch-up needs only
     # the committed tokens. An EAGLE head's KV at position p is a function of
-    # the target's hidden states at p, which the runner drops after each step
-    # (and a prefix-cache hit never computed): its first pass always runs, and
-    # the head's KV never lags.
-    FIRST_PASS_SKIPPABLE: bool
+    # the target's hidden states at p, which the runner drops after each step:
+    # they are kept, per KV slot, for the tokens the head has not run.
+    CATCH_UP_NEEDS_HIDDEN_STATES: bool
 
     def __init__(self, vllm_config, device: torch.device, runner, config: CmasdConfig):
         super().__init__(vllm_config=vllm_config, device=device, runner=runner)
@@ -196,6 +195,7 @@ class CmasdProposerMixin:
         # Skipping the drafter where drafting does not pay (draft_budget="auto"),
         # and what that leaves behind: catchup.py.
         self.lag = DrafterLag(max_tracked=self._max_signal_rows)
+        self.dirty = DirtySlots(keep_hidden_states=self.CATCH_UP_NEEDS_HIDDEN_STATES)
         self.acceptance = AcceptanceHistory(max_tracked=self._max_signal_rows)
         self.calibration = self._warm_start(vllm_config.speculative_config.draft_model_config.model)
         self._skipped_in_a_row = 0
@@ -299,10 +299,20 @@ class CmasdProposerMixin:
         req_ids = list(batch.req_ids[:batch_size])
         # Tokens whose KV the target holds before this step (not yet advanced by it).
         num_computed = batch.num_computed_tokens_cpu[:batch_size].copy()
-        self.lag.observe(req_ids, num_computed)
+        query_lens = cad.query_start_loc_cpu.diff().numpy()
+        table = batch.block_table[self.kv_cache_gid]
+        block_table, block_size = table.block_table.np[:batch_size], table.block_size
+
+        def slots(rows, starts, ends):
+            return token_slots(block_table[rows], block_size, starts, ends)
+
+        # The target writes this step's tokens' KV: stale for the drafter unless its pass below runs them.
+        self.dirty.target_wrote(slots(slice(None), num_computed, num_computed + query_lens),
+                                kwargs.get("target_hidden_states"))
+        self.lag.observe(req_ids, num_computed, first_dirty=lambda i: self.dirty.first_dirty(
+            slots(slice(i, i + 1), np.zeros(1, dtype=np.int64), num_computed[i : i + 1])))
         # The first pass runs the verified tokens (plus, for a draft model, one
         # slot per request) in buffers of max_num_tokens; catch-ups get what is left.
-        query_lens = cad.query_start_loc_cpu.diff().numpy()
         room = self.max_num_tokens - cad.num_actual_tokens - batch_size * self.net_num_new_slots_per_request
         plan = self.lag.plan(req_ids, num_computed, query_lens, room=room)
         if self.config.measures_costs and self.costs is None:
@@ -311,7 +321,7 @@ class CmasdProposerMixin:
         # runs instead of the request's own tokens).
         catch_ups = np.maximum(plan.query_lens(query_lens) - query_lens, 0)
         drafts, explore_room = self._who_drafts(req_ids, query_lens, catch_ups)
-        if not drafts.any() and self.FIRST_PASS_SKIPPABLE:
+        if not drafts.any():
             return self._skip_drafter(req_ids, num_computed)
         if explore_room is not None:
             # An exploring pass: the catch-ups that fit its share of the step.
@@ -325,7 +335,9 @@ class CmasdProposerMixin:
         drafting_start = time.perf_counter()
         budget = StepBudget(self.costs, batch_size) if self.config.measures_costs else None
         if plan.num_tokens:
-            kwargs = with_catch_up(kwargs, plan, batch.token_ids_cpu)
+            rows = np.flatnonzero(plan.missed)
+            catch_up_slots = slots(rows, plan.start[rows], plan.start[rows] + plan.missed[rows])
+            kwargs = with_catch_up(kwargs, plan, batch.token_ids_cpu, catch_up_slots, self.dirty)
         # A request whose catch-up did not fit (whole) drafts nothing this step.
         drafts &= ~plan.blocked
         drafting = None if drafts.all() else torch.from_numpy(drafts).to(self.device)
@@ -336,7 +348,11 @@ class CmasdProposerMixin:
             pass
         finally:
             self._window = None
-        self.lag.ran(req_ids, plan)
+        new_slots = self.net_num_new_slots_per_request
+        self.lag.ran(req_ids, plan, new_slots=new_slots)
+        ran_from = np.where(plan.partial, plan.start, num_computed - plan.missed)
+        ran_to = np.where(plan.partial, plan.start + plan.missed + new_slots, num_computed + query_lens)
+        self.dirty.drafter_wrote(slots(slice(None), ran_from, ran_to))
 
         tokens = torch.stack(window.tokens, dim=1).tolist()
         lengths = window.lengths.tolist()
@@ -425,14 +441,10 @@ class CmasdProposerMixin:
             return np.ones(len(req_ids), dtype=bool), None
         assert self.costs is not None
         batch_size, k_max = len(req_ids), self.config.k_max
-        if self.FIRST_PASS_SKIPPABLE:
-            own_lens = query_lens + 1  # + one new slot each
-            beyond = CmasdProposerMixin._warm_up_tokens(own_lens, k_max)
-            pass_tokens = int((own_lens - beyond).sum())
-            warm_ups = beyond + catch_ups
-        else:  # the first pass runs anyway: drafting adds its logits and bookkeeping, like a pass over the batch
-            pass_tokens = batch_size
-            warm_ups = np.zeros(batch_size)
+        own_lens = query_lens + self.net_num_new_slots_per_request  # a draft model: + one new slot each
+        beyond = CmasdProposerMixin._warm_up_tokens(own_lens, k_max)
+        pass_tokens = int((own_lens - beyond).sum())
+        warm_ups = beyond + catch_ups
         expected = [expected_draft(self.costs, self.acceptance.predict(r), batch_size, k_max) for r in req_ids]
         values = np.array([tokens for tokens, _ in expected])
         horizons = np.clip(self._remaining_tokens(req_ids) / (1.0 + values), 1.0, MAX_HORIZON)
@@ -446,10 +458,9 @@ class CmasdProposerMixin:
         if drafts.any():  # the rule drafts by itself: when it stops, explore soon again
             self._explore_every = EXPLORE_EVERY
         elif self._skipped_in_a_row >= self._explore_every:
-            # At full price: the first pass's own tokens, or on a head (whose first pass runs anyway) the same as above.
-            own = int((query_lens + 1).sum()) if self.FIRST_PASS_SKIPPABLE else pass_tokens
+            # At full price: the first pass's own tokens.
             explore_room = CmasdProposerMixin._explore_room(
-                self.costs, own_tokens=own, target_tokens=int(query_lens.sum()), max_room=int(catch_ups.sum())
+                self.costs, own_tokens=int(own_lens.sum()), target_tokens=int(query_lens.sum()), max_room=int(catch_ups.sum())
             )
             drafts[:] = explore_room is not None
             if explore_room is not None:
@@ -578,12 +589,13 @@ class CmasdProposerMixin:
 class CmasdProposer(CmasdProposerMixin, DraftModelProposer):
     """Draft-model proposer (``method: draft_model``) whose drafts stop where the drafter's confidence does."""
 
-    FIRST_PASS_SKIPPABLE = True
+    CATCH_UP_NEEDS_HIDDEN_STATES = False
 
 
 class CmasdEagleProposer(CmasdProposerMixin, EagleProposer):
     """EAGLE head proposer (``method: eagle3``, or ``eagle`` for an EAGLE-1 head:
     vLLM drives both through one ``EagleProposer``) with the same window, signals
-    and controller; the head's first pass always runs (``FIRST_PASS_SKIPPABLE``)."""
+    and controller; its catch-ups read the target's hidden states kept for them
+    (``CATCH_UP_NEEDS_HIDDEN_STATES``)."""
 
-    FIRST_PASS_SKIPPABLE = False
+    CATCH_UP_NEEDS_HIDDEN_STATES = True

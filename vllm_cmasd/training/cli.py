@@ -75,6 +75,9 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
                          "head rows are matched by token id when the kept vocabulary changed")
     # EAGLE-3 head (eagle-train / eagle-export / eagle-assemble)
     ap.add_argument("--ttt-steps", type=int, default=5, help="training-time test: unrolled drafting steps")
+    ap.add_argument("--skip-records-of", default="",
+                    help="eagle-train: a work dir whose data.pt training records are left out (a warm-started round "
+                         "on the records a --reuse-data stage added)")
     ap.add_argument("--kept-from", default="",
                     help="draft.safetensors whose kept_token_ids are the head's vocabulary (default: the shipped draft's)")
     ap.add_argument("--eagle-out", default=str(REPO_ROOT / "drafts" / DEFAULT_EAGLE3_NAME))

@@ -337,6 +337,10 @@ def _load_init(path):
     return {k: v.float() for k, v in sd.items() if k not in ("d2t", "t2d")}
 
 
+def _prompt_key(record) -> tuple[int, ...]:
+    return tuple(record["ids"][: record["n_prompt"]].tolist())
+
+
 def stage_eagle_train(args) -> None:
     torch = _torch()
     from tqdm import tqdm
@@ -349,6 +353,12 @@ def stage_eagle_train(args) -> None:
     work = Path(args.work)
     data = torch.load(work / "data.pt", weights_only=False)
     recs, held = data["train"], data["eval_docs"]
+    if args.skip_records_of:
+        # A warm-started round on fresh records: the head has seen the earlier ones
+        # (a second epoch over them memorises, eagle3-training.md round 2).
+        seen = {_prompt_key(r) for r in torch.load(Path(args.skip_records_of) / "data.pt", weights_only=False)["train"]}
+        recs = [r for r in recs if _prompt_key(r) not in seen]
+        log(f"eagle-train: {len(recs)} records not in {args.skip_records_of}")
     kept = kept_ids(args)
     cfg = LlamaConfig.from_pretrained(args.target)
     head = build_head(cfg, len(kept))
