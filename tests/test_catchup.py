@@ -181,6 +181,34 @@ def test_after_a_catch_up_the_drafter_sees_what_a_drafter_that_never_skipped_see
         assert close, (i, (logits[i][finite] - fresh_logits[finite]).abs().max())
 
 
+def test_a_head_keeps_its_whole_prefix_cache_hit_and_catches_up_its_last_position(tiny_pair, tiny_eagle3, monkeypatch):
+    """vLLM gives back an EAGLE engine's last matched block; under CM-ASD the
+    hit stays whole (64 of 64 shared tokens here, two 32-token blocks) and the
+    head's KV at the last cached position, written with the first request's
+    next token, is caught up with the second's: its first drafter logits equal
+    a fresh engine's on the same text."""
+    target, _ = tiny_pair
+    shared = list(range(5, 69))  # 64 tokens: the requests part exactly at a block boundary
+    prompts = [{"prompt_token_ids": shared + list(range(100, 120))},
+               {"prompt_token_ids": shared + list(range(200, 230))}]
+    drafter = dict(draft=tiny_eagle3, draft_method="eagle3", num_speculative_tokens=4, cmasd=CMASD)
+    settings = dict(enable_prefix_caching=True, block_size=32, max_num_seqs=1)  # one request after the other
+    seen = record_first_positions(monkeypatch, proposer_class=CmasdEagleProposer)
+    run = run_engine(prompts, greedy(4), **engine(target, **drafter, **settings))
+    assert sum(m.value for m in run.metrics if m.name == "vllm:prefix_cache_hits") == 64
+    assert run.drafter.lag.num_restarts == 1
+    second = run.outputs[1].request_id
+    req_ids, positions, logits, _ = next(entry for entry in seen if entry[0][0].startswith(second))
+
+    monkeypatch.undo()
+    seen_fresh = record_first_positions(monkeypatch, proposer_class=CmasdEagleProposer)
+    text = prompts[1]["prompt_token_ids"] + list(run.outputs[1].outputs[0].token_ids)
+    run_engine([{"prompt_token_ids": text[: positions[0]]}], greedy(2), **engine(target, **drafter))
+    fresh_logits = seen_fresh[0][2][0]
+    finite = fresh_logits.isfinite()
+    assert torch.allclose(logits[0][finite], fresh_logits[finite], atol=1e-4, rtol=1e-4)
+
+
 # Prompts sharing their first 128-token block (CPU attention's block size) with
 # PROMPTS[4]: cache hits, within a step and across steps.
 SHARED_PREFIX = [PROMPTS[4] + p for p in PROMPTS + PROMPTS[:4]]

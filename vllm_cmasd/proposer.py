@@ -309,8 +309,17 @@ class CmasdProposerMixin:
         # The target writes this step's tokens' KV: stale for the drafter unless its pass below runs them.
         self.dirty.target_wrote(slots(slice(None), num_computed, num_computed + query_lens),
                                 kwargs.get("target_hidden_states"))
-        self.lag.observe(req_ids, num_computed, first_dirty=lambda i: self.dirty.first_dirty(
-            slots(slice(i, i + 1), np.zeros(1, dtype=np.int64), num_computed[i : i + 1])))
+
+        def first_stale(i: int) -> int:
+            # Cached or recomputed tokens: the drafter's KV is stale from the first dirty slot
+            stale = self.dirty.first_dirty(slots(slice(i, i + 1), np.zeros(1, dtype=np.int64), num_computed[i : i + 1]))
+            if self.CATCH_UP_NEEDS_HIDDEN_STATES:
+                # and on a head, at the last cached position, written with the next token of the
+                # request that wrote it (vllm_patch keeps that block: disable_eagle_block_drop).
+                stale = min(stale, max(int(num_computed[i]) - 1, 0))
+            return stale
+
+        self.lag.observe(req_ids, num_computed, first_dirty=first_stale)
         # The first pass runs the verified tokens (plus, for a draft model, one
         # slot per request) in buffers of max_num_tokens; catch-ups get what is left.
         room = self.max_num_tokens - cad.num_actual_tokens - batch_size * self.net_num_new_slots_per_request

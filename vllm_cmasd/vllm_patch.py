@@ -107,6 +107,14 @@ def _validate_at_startup(original_post_init):
                     "(drafts differ in length per request); drop --async-scheduling"
                 )
             scheduler.async_scheduling = False
+            spec = self.speculative_config
+            if spec.use_eagle() and not spec.disable_eagle_block_drop:
+                # vLLM gives back an EAGLE engine's last matched prefix-cache
+                # block (the head's KV at its last position read the writer's
+                # next token): a whole block of recomputed prompt (128 tokens on
+                # CPU). CM-ASD keeps the hit and catches that one position up
+                # from the target's kept hidden states (catchup.py).
+                spec.disable_eagle_block_drop = True
         original_post_init(self)
 
     return __post_init__
