@@ -239,25 +239,22 @@ def with_catch_up(kwargs: dict, plan: CatchUpPlan, token_ids_cpu: np.ndarray, ca
     cu_pos = np.concatenate([plan.start[i] + np.arange(plan.missed[i]) for i in rows])
     cu_ids = np.concatenate([token_ids_cpu[i, plan.start[i] : plan.start[i] + plan.missed[i]] for i in rows])
 
-    ids = torch.empty(total, dtype=old_ids.dtype, device=device)
-    positions = torch.empty(total, dtype=old_pos.dtype, device=device)
     kept_t, kept_dest_t = torch.from_numpy(kept).to(device), torch.from_numpy(kept_dest).to(device)
-    ids[kept_dest_t] = old_ids[kept_t]
-    positions[kept_dest_t] = old_pos[kept_t]
     cu_dest_t = torch.from_numpy(cu_dest).to(device)
-    ids[cu_dest_t] = torch.from_numpy(cu_ids).to(device=device, dtype=ids.dtype)
-    positions[cu_dest_t] = torch.from_numpy(cu_pos).to(device=device, dtype=positions.dtype)
 
-    slots = torch.empty(total, dtype=cad.slot_mapping.dtype, device=device)
-    slots[kept_dest_t] = cad.slot_mapping[: len(old_ids)][kept_t]
-    slots[cu_dest_t] = torch.from_numpy(catch_up_slots).to(device=device, dtype=slots.dtype)
-    kwargs = dict(kwargs, target_token_ids=ids, target_positions=positions)
+    def spliced(old: torch.Tensor, caught_up) -> torch.Tensor:
+        """``old``'s kept rows and the catch-up rows, each at its place in the new query."""
+        out = torch.empty((total, *old.shape[1:]), dtype=old.dtype, device=device)
+        out[kept_dest_t] = old[kept_t]
+        out[cu_dest_t] = torch.as_tensor(caught_up).to(device=device, dtype=old.dtype)
+        return out
+
+    slots = spliced(cad.slot_mapping[: len(old_ids)], catch_up_slots)
+    kwargs = dict(kwargs, target_token_ids=spliced(old_ids, cu_ids), target_positions=spliced(old_pos, cu_pos))
     if dirty.keep_hidden_states:
-        old_hidden = kwargs["target_hidden_states"]
-        hidden = torch.empty((total, old_hidden.shape[-1]), dtype=old_hidden.dtype, device=device)
-        hidden[kept_dest_t] = old_hidden[kept_t]
-        hidden[cu_dest_t] = dirty.hidden_states_of(catch_up_slots, device).to(old_hidden.dtype)
-        kwargs["target_hidden_states"] = hidden
+        kwargs["target_hidden_states"] = spliced(
+            kwargs["target_hidden_states"], dirty.hidden_states_of(catch_up_slots, device)
+        )
 
     new_start_cpu = torch.from_numpy(new_start.astype(np.int32))
     changes = dict(
