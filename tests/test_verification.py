@@ -532,6 +532,29 @@ def test_sampler_matches_vllm_with_logprobs(kind):
     assert torch.equal(ours.last_num_accepted, ((results[0].sampled_token_ids != -1).sum(dim=1) - 1).int())
 
 
+@pytest.mark.parametrize("kind", list(TEMPERATURES))
+def test_a_step_without_drafts_is_vllms_verification_of_no_drafts(kind):
+    """The shortcut for steps the controller drafted nothing on (plain decoding's
+    sampler) gives what vLLM's rejection sampler gives for zero drafts: the same
+    tokens, logprobs and per-request generator states."""
+    num_draft_tokens = [0] * 6
+    metadata = spec_decode_metadata(torch.empty(0, dtype=torch.int32, device=DEVICE), num_draft_tokens)
+    logits = torch.randn(len(num_draft_tokens), 300, generator=torch.Generator().manual_seed(DATA_SEED)).to(DEVICE) * 3
+    ours = CmasdRejectionSampler(Sampler(), None, DEVICE, CmasdConfig(k_max=8), lambda name, m: None)
+    theirs = RejectionSampler(Sampler())
+    results, states = [], []
+    for sampler in (ours, theirs):
+        torch.manual_seed(0)
+        sampling_metadata = make_sampling_metadata(TEMPERATURES[kind], {1: 5, 4: 9}, max_num_logprobs=2)
+        results.append(sampler(metadata, None, logits.clone(), sampling_metadata))
+        states.append([gen.get_state() for gen in sampling_metadata.generators.values()])
+    assert torch.equal(results[0].sampled_token_ids, results[1].sampled_token_ids)
+    for a, b in zip(results[0].logprobs_tensors, results[1].logprobs_tensors):
+        assert (a is None and b is None) or torch.equal(a, b)
+    assert all(torch.equal(a, b) for a, b in zip(*states))
+    assert ours.last_num_accepted.tolist() == [0] * 6
+
+
 SAMPLING_SETTINGS = {
     # name: (temperatures, top_k (200 = the vocabulary: off, as vLLM writes it),
     #        top_p, integer logits (ties), use_fp64_gumbel)

@@ -164,8 +164,10 @@ class CmasdRejectionSampler(RejectionSampler):
         logits: torch.Tensor,
         sampling_metadata: SamplingMetadata,
     ) -> SamplerOutput:
-        # The steps around verification follow RejectionSampler.forward.
         assert metadata.max_spec_len <= MAX_SPEC_LEN
+        if metadata.max_spec_len == 0:
+            return self._sample_without_drafts(metadata, logits, sampling_metadata)
+        # The steps around verification follow RejectionSampler.forward.
         bonus_output = self.sampler(
             logits=logits[metadata.bonus_logits_indices],
             sampling_metadata=replace(sampling_metadata, max_num_logprobs=-1),
@@ -212,3 +214,20 @@ class CmasdRejectionSampler(RejectionSampler):
                 output_token_ids,
             )
         return SamplerOutput(sampled_token_ids=output_token_ids, logprobs_tensors=logprobs_tensors)
+
+    def _sample_without_drafts(
+        self, metadata: SpecDecodeMetadata, logits: torch.Tensor, sampling_metadata: SamplingMetadata
+    ) -> SamplerOutput:
+        """A step on which no request drafted (the controller skipped the drafter):
+        vLLM still sends every step of a speculative engine through verification,
+        whose fixed work (the bonus sampler, logits copies, the kernels' launches
+        on empty drafts) cost ~0.9 ms a step on CPU at 8 requests, against 0.15 ms
+        for plain decoding's sampler. With no drafts the step is plain decoding:
+        one logits row per request and the same sampler, generators and
+        logprobs, so plain decoding's sampler gives the same tokens."""
+        assert logits.shape[0] == len(metadata.num_draft_tokens)
+        output = self.sampler(logits=logits, sampling_metadata=sampling_metadata)
+        self.last_num_accepted = torch.zeros(logits.shape[0], dtype=torch.int32, device=logits.device)
+        if self.outcome_sink is not None:
+            self.outcome_sink(metadata, self.last_num_accepted)
+        return output
