@@ -9,7 +9,9 @@ docs/verification.md.
 
 Random numbers are drawn exactly as vLLM draws them (same calls, same order,
 same per-request generators), so with the ``exact`` policy a seeded request
-produces vLLM's tokens, and every policy is reproducible under a seed.
+produces vLLM's tokens, and every policy is reproducible under a seed. A step
+without drafts draws as plain decoding does: it skips the global generator's
+draw vLLM's verifier makes for no drafts, which only seedless requests read.
 """
 
 from __future__ import annotations
