@@ -84,6 +84,23 @@ def test_budget_is_lossless_and_measures_its_costs(tiny_pair, monkeypatch):
     assert costs.target_s[-1] > costs.target_s[0], costs
 
 
+def test_the_controller_profiles_its_costs_at_engine_start(tiny_pair):
+    """The cost profile runs after vLLM's warm-up, before any request: the
+    first request's first token does not wait for it (2.4 s on the real pair)."""
+    from vllm import LLM
+
+    from vllm_cmasd.engines import model_runner, shutdown
+
+    target, draft = tiny_pair
+    llm = LLM(**engine(target, draft=draft, num_speculative_tokens=4, cmasd={"verification": "exact"}))
+    try:
+        costs = model_runner(llm).drafter.costs
+        assert costs is not None and costs.num_target_samples == 0
+        assert all(t > 0 for t in costs.prior.target_s + costs.prior.draft_s), costs.prior
+    finally:
+        shutdown(llm)
+
+
 def test_budget_off_profiles_nothing(tiny_pair):
     """The paper's window without the budget measures no costs."""
     target, draft = tiny_pair

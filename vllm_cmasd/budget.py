@@ -5,7 +5,7 @@ almost nothing; at larger batches it does not, and neither does a drafter
 pass. The budget decides, position by position, which drafted tokens are
 worth verifying and whether another drafter pass is worth running, from
 
-* a **cost model** profiled once, on the engine's first drafting step
+* a **cost model** profiled once, at engine start after vLLM's warm-up
   (:func:`profile_costs`): seconds
   of one target forward (with its LM head) and of one drafter pass, against
   the number of tokens it processes, interpolated between measured points;

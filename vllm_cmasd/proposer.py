@@ -221,13 +221,20 @@ class CmasdProposerMixin:
             )
         return AcceptanceCalibration()
 
-    def _profile_costs(self) -> CostModel:
-        """The budget's cost model, measured once, on the engine's first drafting step.
+    def prepare_costs(self) -> None:
+        """The budget's cost model, profiled once, after vLLM's warm-up
+        (``vllm_patch`` calls this at engine start on every worker).
 
         Not at load time: with torch.compile on, the models' first forwards
         belong to vLLM (compilation with dynamic shapes, CUDA-graph capture);
-        by the first step everything runs as it will when serving.
+        after its warm-up everything runs as it will when serving. Not on the
+        first step either: that request's first token waited for it (2.4 s
+        with k_max 8 on a 2-core CPU).
         """
+        if self.config.measures_costs and self.costs is None:
+            self.costs = MeasuredCosts(self._profile_costs())
+
+    def _profile_costs(self) -> CostModel:
         scheduler = self.vllm_config.scheduler_config
         # The most tokens one verification step can hold.
         max_tokens = min(scheduler.max_num_seqs * (self.config.k_max + 1), scheduler.max_num_batched_tokens)
@@ -324,8 +331,6 @@ class CmasdProposerMixin:
         # slot per request) in buffers of max_num_tokens; catch-ups get what is left.
         room = self.max_num_tokens - cad.num_actual_tokens - batch_size * self.net_num_new_slots_per_request
         plan = self.lag.plan(req_ids, num_computed, query_lens, room=room)
-        if self.config.measures_costs and self.costs is None:
-            self.costs = MeasuredCosts(self._profile_costs())
         # What each request's catch-up adds to the first pass (a partial one
         # runs instead of the request's own tokens).
         catch_ups = np.maximum(plan.query_lens(query_lens) - query_lens, 0)

@@ -20,7 +20,11 @@ The hooks are inert unless the engine's ``additional_config`` has a
    a ``SchedulerStats.cmasd`` field added for it, which vLLM's coder sends to
    the front end. They reach ``/metrics`` and ``LLM.get_metrics()`` like
    vLLM's own.
-4. ``sys.excepthook``: an uncaught invalid CM-ASD setting (a
+4. ``Executor.compile_or_warm_up_model``: once vLLM's warm-up (compilation,
+   CUDA-graph capture) is done on every worker, the draft budget's proposers
+   profile their cost model there, at engine start, not on the first
+   request (which waited 2.4 s for it).
+5. ``sys.excepthook``: an uncaught invalid CM-ASD setting (a
    :class:`CmasdConfigError`, which vLLM's pydantic config wraps in a
    ``ValidationError``) ends the process with one line, ``ERROR vllm-cmasd:
    cmasd.<field>: ...``, instead of a 40-line traceback (``vllm serve`` with a
@@ -173,6 +177,24 @@ def _with_report(sample_tokens, drafter):
         return output
 
     return sample_tokens_with_report
+
+
+def _profile_costs_after_warm_up(original_warm_up):
+    @functools.wraps(original_warm_up)
+    def compile_or_warm_up_model(self):
+        result = original_warm_up(self)
+        if cmasd_config_of(self.vllm_config) is not None:
+            self.collective_rpc(_profile_drafter_costs)
+        return result
+
+    return compile_or_warm_up_model
+
+
+def _profile_drafter_costs(worker) -> None:
+    """On each worker (a module-level function: it travels by name to worker processes)."""
+    drafter = getattr(worker.model_runner, "drafter", None)
+    if hasattr(drafter, "prepare_costs"):  # a CM-ASD proposer (the last pipeline stage)
+        drafter.prepare_costs()
 
 
 def _forward_report(original_update):
@@ -371,6 +393,7 @@ def install() -> None:
     _installed = True
     from vllm.config import VllmConfig
     from vllm.v1.core.sched.scheduler import Scheduler
+    from vllm.v1.executor.abstract import Executor
     from vllm.v1.metrics.loggers import PrometheusStatLogger
     from vllm.v1.worker.gpu_model_runner import GPUModelRunner
 
@@ -378,6 +401,7 @@ def install() -> None:
     VllmConfig.__post_init__ = _validate_at_startup(VllmConfig.__post_init__)
     Scheduler.update_from_output = _forward_report(Scheduler.update_from_output)
     GPUModelRunner.__init__ = _swap_in_cmasd(GPUModelRunner.__init__)
+    Executor.compile_or_warm_up_model = _profile_costs_after_warm_up(Executor.compile_or_warm_up_model)
     PrometheusStatLogger.__init__ = _add_cmasd_metrics(PrometheusStatLogger.__init__)
     if not getattr(sys.excepthook, "cmasd", False):
         sys.excepthook = _one_line_config_errors(sys.excepthook)
