@@ -237,18 +237,18 @@ def test_a_draft_is_worth_its_expected_accepted_tokens():
     from vllm_cmasd.budget import expected_draft
 
     model = costs(lambda n: 0.1, lambda n: 0.01)  # verifying is free: a position costs its pass
-    tokens, seconds = expected_draft(model, 0.8, batch_size=1, k_max=8)
+    (tokens, low), (seconds, _) = expected_draft(model, [0.8, 0.3], batch_size=1, k_max=8)
     # A plain step makes 10 tokens/s, a position costs 0.01 s: a^j > 0.1 up to j = 10, k_max stops at 8.
     assert tokens == pytest.approx(sum(0.8**j for j in range(1, 9)))
     assert seconds == pytest.approx(7 * 0.01)  # the first position is the caller's
-    tokens, seconds = expected_draft(model, 0.3, batch_size=1, k_max=8)
-    assert (tokens, seconds) == (pytest.approx(0.3), 0.0)  # 0.09 < 0.1: the first position only
+    assert low == pytest.approx(0.3)  # 0.09 < 0.1: the first position only
+    assert expected_draft(model, [0.3], batch_size=1, k_max=8)[1][0] == 0.0
     # Where verifying costs 0.01 s a token, a larger batch drafts shorter: at
     # batch 1 a position must beat 0.02 s x 9.1 tokens/s = 0.18, at batch 4
     # (a quarter of the pass each) 0.0125 s x 28.6 tokens/s = 0.36.
     model = costs(lambda n: 0.1 + 0.01 * n, lambda n: 0.01)
-    assert expected_draft(model, 0.5, batch_size=1, k_max=8)[0] == pytest.approx(0.75)
-    assert expected_draft(model, 0.5, batch_size=4, k_max=8)[0] == pytest.approx(0.5)
+    assert expected_draft(model, [0.5], batch_size=1, k_max=8)[0][0] == pytest.approx(0.75)
+    assert expected_draft(model, [0.5], batch_size=4, k_max=8)[0][0] == pytest.approx(0.5)
 
 
 def test_a_long_pass_s_extra_tokens_are_priced_at_their_own_measured_rate():

@@ -459,10 +459,10 @@ class CmasdProposerMixin:
         beyond = CmasdProposerMixin._warm_up_tokens(own_lens, k_max)
         pass_tokens = int((own_lens - beyond).sum())
         warm_ups = beyond + catch_ups
-        expected = [expected_draft(self.costs, self.acceptance.predict(r), batch_size, k_max) for r in req_ids]
-        values = np.array([tokens for tokens, _ in expected])
+        acceptance = np.array([self.acceptance.predict(r) for r in req_ids])
+        values, seconds = expected_draft(self.costs, acceptance, batch_size, k_max)
         horizons = np.clip(self._remaining_tokens(req_ids) / (1.0 + values), 1.0, MAX_HORIZON)
-        extra = [seconds + self.costs.warm_up(w / h) for (_, seconds), w, h in zip(expected, warm_ups, horizons)]
+        extra = (seconds + self.costs.warm_up(warm_ups / horizons)).tolist()
         budget = StepBudget(self.costs, batch_size, first_pass_paid=False)
         drafts = np.array(
             budget.another_pass(values.tolist(), [True] * batch_size, pass_tokens=pass_tokens, extra_seconds=extra),
