@@ -333,7 +333,7 @@ def test_an_exploring_pass_spends_at_most_its_share_of_the_step(monkeypatch):
     ids = ["a", "b", "c", "d"]
     query_lens = np.ones(4, dtype=np.int64)  # a decode step: 0.108 s of target, half of it 54 ms
 
-    def decide(skipped_in_a_row: int, catch_ups: list[int], draft_pass_s: float = 0.0105):
+    def decide(skipped_in_a_row: int, catch_ups: list[int], draft_pass_s: float = 0.0105, query_lens=query_lens):
         # Acceptance so low that no draft pays by the rule: only exploring drafts.
         model = costs(lambda n: 0.1 + 0.002 * n, lambda n: draft_pass_s + 0.001 * n)
         proposer = SimpleNamespace(config=CmasdConfig(k_max=4), costs=MeasuredCosts(model), net_num_new_slots_per_request=1,
@@ -358,6 +358,11 @@ def test_an_exploring_pass_spends_at_most_its_share_of_the_step(monkeypatch):
     assert plan.blocked.tolist() == [False, True, False, True]
     # A drafter pass that alone costs more than half the step does not explore.
     assert decide(EXPLORE_EVERY, [0, 0, 0, 0], draft_pass_s=0.06) == ([False] * 4, None)
+    # A step that also prefills 500 tokens of a new request: its share is of a
+    # decode step's, which the prefill's own tokens in the pass exceed (a share
+    # of the 1.1 s step would have been 0.55 s of drafter); the next step explores.
+    prefilling = np.array([1, 1, 1, 500])
+    assert decide(EXPLORE_EVERY, [0, 0, 0, 0], query_lens=prefilling) == ([False] * 4, None)
 
 
 def test_exploring_backs_off_while_it_finds_nothing_and_resets_once_the_rule_drafts(monkeypatch):

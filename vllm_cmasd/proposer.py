@@ -472,9 +472,13 @@ class CmasdProposerMixin:
         if drafts.any():  # the rule drafts by itself: when it stops, explore soon again
             self._explore_every = EXPLORE_EVERY
         elif self._skipped_in_a_row >= self._explore_every:
-            # At full price: the first pass's own tokens.
+            # At full price: the first pass's own tokens. Its share is of a
+            # decode step's: on a step that also prefills (up to 2,048 tokens
+            # under serving load), a share of that step let one exploring pass
+            # run as long as the prefill, delaying every stream's next token.
             explore_room = CmasdProposerMixin._explore_room(
-                self.costs, own_tokens=int(own_lens.sum()), target_tokens=int(query_lens.sum()), max_room=int(catch_ups.sum())
+                self.costs, own_tokens=int(own_lens.sum()),
+                target_tokens=int(np.minimum(query_lens, k_max + 1).sum()), max_room=int(catch_ups.sum())
             )
             drafts[:] = explore_room is not None
             if explore_room is not None:
@@ -509,7 +513,9 @@ class CmasdProposerMixin:
     ) -> int | None:
         """Catch-up tokens (at most ``max_room``) an exploring pass may run: the
         pass, its ``own_tokens`` and the catch-ups at full price, costs at most
-        ``EXPLORE_MAX_COST`` of the target's step for the ``target_tokens`` it schedules.
+        ``EXPLORE_MAX_COST`` of a target step over ``target_tokens`` (the
+        caller's: each request's decode tokens, a prefill chunk counted as one
+        verification's worth).
         Full price, because an exploring request drafts a token and may stop
         again, so nothing amortises what it ran; a share of the step, so a
         batch of whole-prompt catch-ups (32 streams, bench-serve 2026-12-02)
