@@ -256,13 +256,22 @@ class CmasdProposerMixin:
         if self_draft.is_self_draft(self.model):
             self_draft.share_target_weights(self.model, target_language_model)
 
+    def _reduced_logits(self, hidden_states) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """A reduced-vocabulary drafter's (kept tokens' logits, full-vocabulary
+        logits with -inf elsewhere); None for a full-vocabulary one."""
+        if not hasattr(self.model, "compute_small_logits"):
+            return None
+        small = self.model.compute_small_logits(hidden_states)
+        return small, self.model.expand_small_logits(small)
+
     def _sample_draft_tokens(self, hidden_states, sampling_metadata):
-        if hasattr(self.model, "compute_small_logits"):
-            # Reduced-vocabulary draft: its signals come from the kept tokens'
-            # logits (the others are -inf and add nothing), ~6x fewer columns
-            # to reduce than the full-vocabulary logits sampling needs.
-            signal_logits = self.model.compute_small_logits(hidden_states)
-            logits = self.model.expand_small_logits(signal_logits)
+        reduced = self._reduced_logits(hidden_states)
+        if reduced is not None:
+            # Its signals come from the kept tokens' logits (the others are -inf
+            # and add nothing): 6x fewer columns to reduce than the
+            # full-vocabulary logits sampling needs (SmolLM2: 8,192 of 49,152;
+            # on the head 0.55 ms a pass at batch 1 over the full row).
+            signal_logits, logits = reduced
         else:
             logits = signal_logits = self.model.compute_logits(hidden_states)
         assert self._window is not None
@@ -619,3 +628,18 @@ class CmasdEagleProposer(CmasdProposerMixin, EagleProposer):
     (``CATCH_UP_NEEDS_HIDDEN_STATES``)."""
 
     CATCH_UP_NEEDS_HIDDEN_STATES = True
+    _target_ids: torch.Tensor | None = None  # the head's d2t map as target ids, once its weights are in
+
+    def _reduced_logits(self, hidden_states) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """An EAGLE-3 head with ``draft_vocab_size`` columns and a ``d2t`` map:
+        its own logits, and the full-vocabulary ones vLLM's ``compute_logits``
+        makes of them (the same expansion: -inf off the mapped ids)."""
+        d2t = getattr(self.model, "draft_id_to_target_id", None)
+        if d2t is None:
+            return None
+        small = self.model.logits_processor(self.model.lm_head, hidden_states)
+        if self._target_ids is None:
+            self._target_ids = torch.arange(small.shape[-1], device=small.device) + d2t
+        full = small.new_full((small.shape[0], self.model.config.vocab_size), float("-inf"))
+        full[:, self._target_ids] = small
+        return small, full
