@@ -178,7 +178,7 @@ class CmasdProposerMixin:
         self.config = config
         self.runner = runner
         self.stats = DraftStats(config.k_max)
-        # The draft budget's costs: profiled on the first step, then measured.
+        # The draft budget's costs: profiled at engine start (prepare_costs), then measured.
         self.costs: MeasuredCosts | None = None
         self._step_end: float | None = None  # when this proposer last returned
         # The last step's drafting (tokens, more passes, batch, seconds, a decode
