@@ -340,6 +340,9 @@ class CmasdProposerMixin:
         # slot per request) in buffers of max_num_tokens; catch-ups get what is left.
         room = self.max_num_tokens - cad.num_actual_tokens - batch_size * self.net_num_new_slots_per_request
         plan = self.lag.plan(req_ids, num_computed, query_lens, room=room)
+        # An engine started without vLLM's warm-up (elastic EP's scale-up launch
+        # skips it) profiles on its first step instead.
+        self.prepare_costs()
         # What each request's catch-up adds to the first pass (a partial one
         # runs instead of the request's own tokens).
         catch_ups = np.maximum(plan.query_lens(query_lens) - query_lens, 0)
