@@ -119,9 +119,10 @@ def test_micro_bench_records(micro_bench):
     for r in records + bench["summary"]:
         assert RECORD_FIELDS <= set(r), RECORD_FIELDS - set(r)
         assert r["tokens_per_s"] > 0 and r["speedup_vs_ar"] > 0, r["setting"]
+        assert len(r["speedup_by_round"]) == bench["preset_settings"]["rounds"]
         assert 0.0 <= r["rel_bleu_vs_ar"] <= 100.0 and 0.0 <= r["rouge_l_vs_ar"] <= 1.0
         if r["method"] == "ar":
-            assert r["speedup_vs_ar"] == pytest.approx(1.0)
+            assert r["speedup_vs_ar"] == pytest.approx(1.0) and r["speedup_by_round"] == pytest.approx([1.0])
             assert r["rel_bleu_vs_ar"] == pytest.approx(100.0)
             assert r["rouge_l_vs_ar"] == pytest.approx(1.0)
             assert r["identical_to_ar"] is True
@@ -177,6 +178,84 @@ def test_micro_bench_is_interleaved(micro_bench):
     bench, _ = micro_bench
     labels = [s["label"] for s in bench["engine_starts"]]
     assert len(labels) == len(set(labels)) * bench["preset_settings"]["rounds"]
+    # Each engine ran in a process of its own, none in the caller's.
+    pids = [s["pid"] for s in bench["engine_starts"]]
+    assert len(set(pids)) == len(pids) and os.getpid() not in pids
+
+
+def _few_methods_preset(interleave: str):
+    import dataclasses
+
+    from vllm_cmasd.bench.runner import PRESETS, MethodSpec, cmasd
+
+    return dataclasses.replace(PRESETS["micro"], methods=(MethodSpec("ar"), MethodSpec("draft_model", 4), cmasd(4)),
+                               rounds=2, interleave=interleave, kv_cache_gib=1)
+
+
+def test_interleaving_by_calls_runs_each_batch_on_every_engine_in_turn(tiny_pair, tiny_self_draft):
+    """``interleave="calls"``: every engine starts once and stays; each prompt
+    batch runs on each engine in turn (the order reversed every other batch), so
+    the calls compared ran seconds apart; the results are the same as by rounds."""
+    from vllm_cmasd.bench import runner
+
+    target, draft = tiny_pair
+    preset = _few_methods_preset("calls")
+    raw = runner.run(preset, target=target, draft=draft, self_draft=tiny_self_draft, progress=False)
+    labels = [m.label for m in preset.methods]
+    assert raw["failed"] == {}
+    assert [s["label"] for s in raw["engine_starts"]] == labels  # each started once
+    assert all(s["round"] == 0 for s in raw["engine_starts"])
+    assert all(s["cost_fit"]["target_step_s"] > 0 for s in raw["engine_starts"] if s["label"].startswith("cmasd "))
+    calls = raw["calls"]
+    n = len(preset.tasks) * sum(-(-preset.prompts_per_task // b) for b in preset.batch_sizes)  # batches
+    assert len(calls) == n * len(labels)
+    for i in range(n):
+        turn = calls[i * len(labels): (i + 1) * len(labels)]
+        assert [c["label"] for c in turn] == (labels if i % 2 == 0 else labels[::-1])
+        assert len({tuple(c["prompt_ids"]) for c in turn}) == 1  # one batch, every engine
+        # Lossless methods, greedy: the same tokens on every engine.
+        assert len({json.dumps(c["output_token_ids"]) for c in turn}) == 1
+    # The report gives each method's speedup within each round.
+    from vllm_cmasd.bench import report
+
+    for r in report.build(raw)["summary"]:
+        assert len(r["speedup_by_round"]) == 2 and all(x > 0 for x in r["speedup_by_round"]), r["setting"]
+        if r["method"] == "ar":
+            assert r["speedup_by_round"] == pytest.approx([1.0, 1.0])
+
+
+def test_an_engine_that_cannot_start_fails_alone_and_leaves_no_process(tiny_pair):
+    import multiprocessing
+
+    from vllm_cmasd.bench.host import EngineFailed, EngineHost
+    from vllm_cmasd.engines import llm_kwargs
+
+    target, _ = tiny_pair
+    kwargs = llm_kwargs(target, draft="/nonexistent/draft", num_speculative_tokens=2, max_model_len=128,
+                        kv_cache_memory_bytes=2**26)
+    with pytest.raises(EngineFailed, match="nonexistent"):
+        EngineHost(kwargs, warmup_prompt=[1, 2, 3], max_tokens=4, name="broken")
+    assert multiprocessing.active_children() == []
+
+
+def test_interleaving_by_calls_refuses_engines_that_do_not_fit(tiny_pair, tiny_self_draft, monkeypatch):
+    """Every engine is held at once: when the next would not fit in the memory
+    left, the run stops with an error that says what to change, and the engines
+    started so far are shut down."""
+    import multiprocessing
+    from types import SimpleNamespace
+
+    import psutil
+
+    from vllm_cmasd.bench import runner
+
+    target, draft = tiny_pair
+    monkeypatch.setattr(psutil, "virtual_memory", lambda: SimpleNamespace(available=2**20))
+    with pytest.raises(MemoryError, match="interleave 'rounds'"):
+        runner.run(_few_methods_preset("calls"), target=target, draft=draft, self_draft=tiny_self_draft, progress=False)
+    assert multiprocessing.active_children() == []
+    with pytest.raises(ValueError, match=r"interleave: must be one of \['rounds', 'calls'\]"):
+        runner.run(_few_methods_preset("both"), target=target, draft=draft, self_draft=tiny_self_draft, progress=False)
 
 
 def test_rounds_spread_the_work():

@@ -3,7 +3,8 @@
 * :mod:`~vllm_cmasd.bench.prompts`: the fixed, committed prompt set (prompts.json),
   built from :mod:`~vllm_cmasd.bench.sources` (documents on this machine) and
   :mod:`~vllm_cmasd.bench.templates` (the tasks' wording).
-* :mod:`~vllm_cmasd.bench.runner`: presets, the interleaved run, the measurements.
+* :mod:`~vllm_cmasd.bench.runner`: presets, the interleaved run.
+* :mod:`~vllm_cmasd.bench.host`: one engine in a process of its own, the measurements per call.
 * :mod:`~vllm_cmasd.bench.report`: records (bench.json), the table (bench.md), plots.
 
 Method, measures and the oracle bound are defined in docs/notes/benchmark.md.
@@ -29,9 +30,10 @@ def resolve_preset(
     batch_sizes: tuple[int, ...] | None = None,
     rounds: int | None = None,
     methods: tuple[str, ...] | None = None,
+    interleave: str | None = None,
 ):
     """A named preset with optional overrides (methods: keep only these method names)."""
-    from vllm_cmasd.bench.runner import METHODS, PRESETS
+    from vllm_cmasd.bench.runner import INTERLEAVE_MODES, METHODS, PRESETS
 
     if name not in PRESETS:
         raise ValueError(f"--preset: must be one of {sorted(PRESETS)}; got {name!r}")
@@ -50,6 +52,10 @@ def resolve_preset(
         if unknown:
             raise ValueError(f"--methods: unknown {unknown}; allowed: {list(METHODS)}")
         changes["methods"] = tuple(m for m in preset.methods if m.method in methods)
+    if interleave is not None:
+        if interleave not in INTERLEAVE_MODES:
+            raise ValueError(f"--interleave: must be one of {list(INTERLEAVE_MODES)}; got {interleave!r}")
+        changes["interleave"] = interleave
     return dataclasses.replace(preset, **changes) if changes else preset
 
 
@@ -83,7 +89,7 @@ def run_bench(
 
 
 def add_arguments(parser) -> None:
-    from vllm_cmasd.bench.runner import METHODS, PRESETS
+    from vllm_cmasd.bench.runner import INTERLEAVE_MODES, METHODS, PRESETS
     from vllm_cmasd.engines import DEFAULT_DRAFT, DEFAULT_EAGLE3, DEFAULT_SELF_DRAFT, DEFAULT_TARGET
 
     parser.add_argument(
@@ -100,6 +106,11 @@ def add_arguments(parser) -> None:
     parser.add_argument("--prompts-per-task", type=int, default=None)
     parser.add_argument("--batch-sizes", default=None, help="comma list, e.g. 1,4,16")
     parser.add_argument("--rounds", type=int, default=None, help="interleaved rounds")
+    parser.add_argument(
+        "--interleave", choices=INTERLEAVE_MODES, default=None,
+        help="rounds (the presets' default): one engine at a time, each round's share of the batches; "
+             "calls: every engine held at once (few methods), each batch on each engine in turn",
+    )
     parser.add_argument("--methods", default=None, help=f"keep only these methods (comma list of {','.join(METHODS)})")
     parser.add_argument("--no-progress", action="store_true")
 
@@ -112,6 +123,7 @@ def main_from_args(args) -> int:
         batch_sizes=tuple(int(b) for b in args.batch_sizes.split(",")) if args.batch_sizes else None,
         rounds=args.rounds,
         methods=tuple(m.strip() for m in args.methods.split(",")) if args.methods else None,
+        interleave=args.interleave,
     )
     command = "vllm-cmasd " + " ".join(shlex.quote(a) for a in sys.argv[1:])
     bench = run_bench(

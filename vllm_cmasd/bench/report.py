@@ -6,6 +6,8 @@ Definitions (see docs/notes/benchmark.md for the reasoning):
   (engine start and warm-up excluded), summed over the batches of that
   (method, setting, task, batch size).
 * ``speedup_vs_ar``: tokens_per_s / AR's tokens_per_s on the same prompts and batch size.
+* ``speedup_by_round``: the same within each round (its share of the prompts): how
+  far the machine's drift moved the ratio over the run.
 * ``mean_acceptance_length``: 1 + accepted / drafts, vLLM's counters (tokens a
   request gains per verification step in which it drafted; 1.0 for AR).
 * ``rollback_rate``: (drafted - accepted) / drafted.
@@ -210,6 +212,7 @@ def build(raw: dict[str, Any]) -> dict[str, Any]:
             "seconds": g.seconds,
             "tokens_per_s": g.tps,
             "speedup_vs_ar": g.tps / ar_tps if ar_tps else None,
+            "speedup_by_round": _by_round(g, ar) if ar is not None else [],
             "engine_steps": g.steps,
             "tokens_per_engine_step": g.tokens / g.steps if g.steps else None,
             "num_drafts": g.drafts,
@@ -325,6 +328,15 @@ def _merge(groups: list[_Group]) -> _Group:
     return _Group([c for g in groups for c in g.calls])
 
 
+def _by_round(g: _Group, ar: _Group) -> list[float]:
+    """tokens_per_s over AR's in each round both ran calls in."""
+    rounds = sorted({c["round"] for c in g.calls} & {c["round"] for c in ar.calls})
+    return [
+        _Group([c for c in g.calls if c["round"] == r]).tps / _Group([c for c in ar.calls if c["round"] == r]).tps
+        for r in rounds
+    ]
+
+
 # ---------------------------------------------------------------------------
 # Output
 
@@ -337,9 +349,16 @@ def _fmt(value: Any, spec: str = ".2f") -> str:
     return format(value, spec)
 
 
+def _fmt_range(values: list[float] | None) -> str:
+    """min-max of two or more values."""
+    if not values or len(values) < 2:
+        return "-"
+    return f"{min(values):.2f}-{max(values):.2f}"
+
+
 def _table(rows: list[dict]) -> list[str]:
     head = (
-        "| method | setting | batch | tok/s | speedup | acc. len | draft len | rollback | "
+        "| method | setting | batch | tok/s | speedup | by round | acc. len | draft len | rollback | "
         "BLEU vs AR | ROUGE-L vs AR | identical | oracle speedup | of oracle | draft weights MiB |"
     )
     lines = [head, "|" + "---|" * head.count(" | ") + "---|"]
@@ -350,7 +369,8 @@ def _table(rows: list[dict]) -> list[str]:
         draft_mib = None if draft_mib is None else draft_mib / 2**20
         lines.append(
             f"| {r['method']} | {setting} | {r['batch_size']} | {_fmt(r['tokens_per_s'], '.1f')} | "
-            f"{_fmt(r['speedup_vs_ar'])} | {_fmt(r['mean_acceptance_length'])} | {_fmt(r['mean_draft_length'])} | "
+            f"{_fmt(r['speedup_vs_ar'])} | {_fmt_range(r.get('speedup_by_round'))} | "
+            f"{_fmt(r['mean_acceptance_length'])} | {_fmt(r['mean_draft_length'])} | "
             f"{_fmt(r['rollback_rate'], '.1%')} | {_fmt(r['rel_bleu_vs_ar'], '.1f')} | {_fmt(r['rouge_l_vs_ar'], '.3f')} | "
             f"{identical} | {_fmt(r['oracle_speedup'])} | {_fmt(r['oracle_fraction'], '.0%')} | {_fmt(draft_mib, '.1f')} |"
         )
@@ -370,7 +390,8 @@ def markdown(bench: dict[str, Any], command: str | None = None) -> str:
         f"{_fmt((m.get('load_average_at_end') or [None])[0])}",
         f"- target `{bench['target']}`, draft `{bench['draft']}`, self-draft `{bench.get('self_draft')}`; prompts v{bench['prompts_version']}, "
         f"{bench['preset_settings']['prompts_per_task']} per task, max {bench['preset_settings']['max_tokens']} "
-        f"new tokens, greedy, {bench['preset_settings']['rounds']} interleaved round(s)",
+        f"new tokens, greedy, {bench['preset_settings']['rounds']} round(s), interleaved by "
+        f"{bench['preset_settings'].get('interleave', 'rounds')}",
         f"- oracle reference: `{bench['oracle']['reference_setting']}`; measured costs (all tasks): "
         + "; ".join(
             f"batch {r['batch_size']}: {_fmt(r['oracle_costs']['step_s'], '.3f')} s per step, "
@@ -388,7 +409,8 @@ def markdown(bench: dict[str, Any], command: str | None = None) -> str:
     lines += [
         "",
         "Columns: tok/s = output tokens per second of generate calls; speedup vs plain decoding (AR) on the same "
-        "prompts and batch size; acc. len = mean tokens per verification step that had a draft (1 + accepted/drafts); "
+        "prompts and batch size; by round = the lowest and highest of the same speedup within each round (the "
+        "machine's drift); acc. len = mean tokens per verification step that had a draft (1 + accepted/drafts); "
         "draft len = mean drafted tokens per draft; rollback = rejected / drafted tokens; BLEU (0-100) and ROUGE-L F1 "
         "(0-1) use AR's text as the reference; identical = prompts whose output tokens equal AR's; oracle speedup = "
         "a drafter that drafts exactly the tokens that will be accepted (k_max, same draft, measured costs); "

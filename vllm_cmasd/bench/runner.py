@@ -1,35 +1,30 @@
-"""Run the benchmark: every method on the same prompts, interleaved, one engine at a time.
+"""Run the benchmark: every method on the same prompts, interleaved.
 
-A *round* starts each engine configuration once (in turn, the order reversed
-every other round), runs that round's share of the prompt batches on it and
-shuts it down; drift in machine speed over the run therefore hits every
-method alike. All engines come from :func:`vllm_cmasd.engines.llm_kwargs`
-with identical settings, run in this process (``VLLM_ENABLE_V1_MULTIPROCESSING=0``)
-and decode greedily.
-
-What is measured per ``generate`` call (one batch of ``batch_size`` prompts of
-one task): wall time, output tokens, engine steps, time spent in the drafter's
-``propose`` and the lengths it proposed, and the differences of vLLM's
-speculative-decoding counters and, for CM-ASD, of the proposer's
-:class:`~vllm_cmasd.metrics.DraftStats`. :mod:`vllm_cmasd.bench.report` turns
-these into records, the table and the plots.
+Each method's engine runs in a process of its own (:mod:`vllm_cmasd.bench.host`);
+how the methods take turns is the preset's ``interleave`` (:data:`INTERLEAVE_MODES`):
+by rounds (one engine at a time, each round's share of the prompt batches, the
+order reversed every other round) or by calls (every engine held, each prompt
+batch on each engine in turn). Either way a drift of the machine's speed over the
+run hits every method alike. All engines come from
+:func:`vllm_cmasd.engines.llm_kwargs` with identical settings, run in-process in
+their child (``VLLM_ENABLE_V1_MULTIPROCESSING=0``) and decode greedily. What is
+measured per ``generate`` call: :mod:`vllm_cmasd.bench.host`;
+:mod:`vllm_cmasd.bench.report` turns it into records, the table and the plots.
 """
 
 from __future__ import annotations
 
-import gc
 import json
 import os
 import platform
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Callable
 from unittest import mock
 
+from vllm_cmasd.bench.host import EngineFailed, EngineHost
 from vllm_cmasd.bench.prompts import TASKS, load_prompts
-from vllm_cmasd.engines import model_runner
-from vllm_cmasd.vllm_patch import install_dispatcher_scan_fix
 
 METHODS: tuple[str, ...] = (
     "ar", "draft_model", "ngram", "cmasd", "cmasd_exact", "cmasd_confidence", "cmasd_topk", "rstitch", "specbound",
@@ -129,6 +124,16 @@ def cmasd_budget(k_max: int) -> MethodSpec:
     return MethodSpec("cmasd_budget", k_max, {"verification": "exact", "draft_length": "window", "draft_budget": "auto"})
 
 
+# How the methods take turns, each engine in a process of its own:
+# - "rounds": a round starts each method's engine in turn, runs that round's
+#   share of the prompt batches on it and stops it: one engine at a time.
+# - "calls": every method's engine starts once and stays; each prompt batch runs
+#   on every engine in turn, so the calls compared ran seconds apart, not
+#   minutes (the machines' speed drifts by 15-25% between rounds). All engines
+#   are held at once: for a few methods.
+INTERLEAVE_MODES: tuple[str, ...] = ("rounds", "calls")
+
+
 @dataclass(frozen=True)
 class Preset:
     name: str
@@ -141,6 +146,8 @@ class Preset:
     kv_cache_gib: int = 2
     """KV-cache size of every engine (CPU only), unless the caller's engine
     overrides or VLLM_CPU_KVCACHE_SPACE set one: small pools start faster."""
+    interleave: str = "rounds"
+    """How the methods take turns (:data:`INTERLEAVE_MODES`)."""
 
 
 def _config_default(name: str) -> Any:
@@ -304,97 +311,7 @@ def plan_rounds(prompts: dict[str, list[dict]], preset: Preset) -> list[list[Uni
 
 
 # ---------------------------------------------------------------------------
-# Engine instrumentation
-
-
-@dataclass
-class Probe:
-    """Counts engine steps and times/records the drafter's proposals."""
-
-    steps: int = 0
-    propose_s: float = 0.0
-    proposed_lengths: dict[int, int] = field(default_factory=dict)
-
-    def snapshot(self) -> tuple[int, float, dict[int, int]]:
-        return self.steps, self.propose_s, dict(self.proposed_lengths)
-
-
-def instrument(llm) -> Probe:
-    probe = Probe()
-    engine = llm.llm_engine
-    original_step = engine.step
-
-    def step(*args, **kwargs):
-        probe.steps += 1
-        return original_step(*args, **kwargs)
-
-    engine.step = step
-    drafter = getattr(model_runner(llm), "drafter", None)
-    if drafter is not None:
-        original_propose = drafter.propose
-
-        def propose(*args, **kwargs):
-            start = time.perf_counter()
-            drafts = original_propose(*args, **kwargs)
-            probe.propose_s += time.perf_counter() - start
-            if hasattr(drafts, "shape"):  # tensor [num_reqs, k]
-                lengths = [int(drafts.shape[-1])] * int(drafts.shape[0]) if drafts.dim() == 2 else []
-            else:
-                lengths = [len(row) for row in drafts]
-            for n in lengths:
-                probe.proposed_lengths[n] = probe.proposed_lengths.get(n, 0) + 1
-            return drafts
-
-        drafter.propose = propose
-    return probe
-
-
-def _cmasd_stats(llm):
-    drafter = getattr(model_runner(llm), "drafter", None)
-    return getattr(drafter, "stats", None)
-
-
-def _controller_totals(llm) -> dict[str, float]:
-    """The controller's running totals so far (metrics.CONTROLLER_TOTALS): steps
-    without a drafter pass, catch-ups (catchup.py), exploring, drafter time."""
-    drafter = getattr(model_runner(llm), "drafter", None)
-    if not hasattr(drafter, "lag"):
-        return {}
-    return drafter.totals()
-
-
-def _controller_state(llm) -> dict:
-    """What the controller learnt by the end of an engine's calls: the cost fit
-    (budget.MeasuredCosts.summary) and the calibration (calibration.AcceptanceCalibration.summary)."""
-    drafter = getattr(model_runner(llm), "drafter", None)
-    if getattr(drafter, "costs", None) is None:
-        return {}
-    return {"cost_fit": drafter.costs.summary(), "calibration": drafter.calibration.summary()}
-
-
-def weight_memory(llm) -> dict[str, int]:
-    """Bytes of the target's weights, and of the drafter's that are its own
-    (a self-draft's are the target's: 0), as loaded in the engine."""
-    from vllm_cmasd.self_draft import unique_weight_bytes
-
-    runner = model_runner(llm)
-    target = runner.model
-    out = {"target_weight_bytes": unique_weight_bytes(target)}
-    drafter = getattr(runner, "drafter", None)
-    if drafter is not None and hasattr(drafter, "model"):
-        out["draft_weight_bytes"] = unique_weight_bytes(drafter.model, target)
-    return out
-
-
-# ---------------------------------------------------------------------------
 # The run
-
-
-class _ErrorsOnly:
-    """Logging filter: only errors pass."""
-
-    def filter(self, record) -> bool:
-        return record.levelno >= 40  # logging.ERROR
 
 
 def _max_positions(model: str) -> int:
@@ -439,12 +356,17 @@ def run(
 ) -> dict[str, Any]:
     """Run every method of ``preset``; returns the raw measurements (see report.build).
 
+    Each engine runs in a child process of its own (:class:`~vllm_cmasd.bench.host.EngineHost`).
+    ``preset.interleave`` says how the methods take turns (:data:`INTERLEAVE_MODES`).
+
     The engines' environment is set for the run and restored after it: the
     tests call this in their own process, where it must not change later
     engines. The KV-cache size goes to each engine as ``kv_cache_memory_bytes``,
     not through the environment (VLLM_CPU_KVCACHE_SPACE would beat every later
     engine's own size).
     """
+    if preset.interleave not in INTERLEAVE_MODES:
+        raise ValueError(f"interleave: must be one of {list(INTERLEAVE_MODES)}; got {preset.interleave!r}")
     settings = {"VLLM_ENABLE_V1_MULTIPROCESSING": "0"}
     defaults = {
         # vLLM's INFO lines (a stats line every 10 s, the config of every engine)
@@ -453,25 +375,10 @@ def run(
     }
     settings.update({name: value for name, value in defaults.items() if name not in os.environ})
     with mock.patch.dict(os.environ, settings):
-        import logging
-
-        import vllm  # noqa: F401 - registers the plugin before any engine
-
-        # Repeated per engine or per generate call, and harmless here: every engine
-        # start after the first re-registers the same CPU kernels, and the CPU
-        # worker re-warns that torch's thread count is already bound. A filter, not
-        # a level: every engine start re-applies vLLM's logging config, which
-        # resets the levels of vLLM's loggers but keeps their filters.
-        for name in ("vllm.triton_utils.dispatcher", "vllm.v1.worker.cpu_worker"):
-            quiet = logging.getLogger(name)
-            if not any(isinstance(f, _ErrorsOnly) for f in quiet.filters):
-                quiet.addFilter(_ErrorsOnly())
         from tqdm import tqdm
-        from vllm import LLM, SamplingParams
 
-        from vllm_cmasd.engines import on_cpu, shutdown, spec_decode_counters
+        from vllm_cmasd.engines import on_cpu
 
-        install_dispatcher_scan_fix()
         started = time.time()
         target, draft, self_draft = str(target), str(draft), str(self_draft)
         eagle3 = str(eagle3) if eagle3 else None
@@ -494,94 +401,89 @@ def run(
         if too_long:
             log(f"[bench] skipped prompts longer than max_model_len {max_model_len}: {too_long}")
         rounds = plan_rounds(prompts, preset)
-        params = SamplingParams(temperature=0.0, max_tokens=preset.max_tokens, seed=0)
-        warmup_params = SamplingParams(temperature=0.0, max_tokens=8)
-        warmup_prompt = {"prompt_token_ids": token_ids[prompts[preset.tasks[0]][0]["id"]]}
+        warmup_prompt = token_ids[prompts[preset.tasks[0]][0]["id"]]
         machine = machine_description()
 
         calls: list[dict[str, Any]] = []
         engine_starts: list[dict[str, Any]] = []
         failed: dict[str, str] = {}
+        hosts: dict[str, EngineHost] = {}
+        latest_start: dict[str, dict[str, Any]] = {}  # each label's engine start record, its learnt state added
         total = sum(len(units) for units in rounds) * len(preset.methods)
         bar = tqdm(total=total, desc=f"bench {preset.name}", unit="batch", disable=not progress, dynamic_ncols=True)
-        for r, units in enumerate(rounds):
-            order = list(preset.methods) if r % 2 == 0 else list(reversed(preset.methods))
-            for spec in order:
-                if spec.label in failed:
-                    bar.update(len(units))
-                    continue
+
+        def start(spec: MethodSpec, r: int) -> None:
+            if spec.label in failed:
+                return
+            # Room for one more engine, judged by the largest started one.
+            if hosts:
+                import psutil
+
+                need = 1.25 * max(h.rss_bytes() for h in hosts.values())
+                if psutil.virtual_memory().available < need:
+                    raise MemoryError(
+                        f"interleave 'calls': {len(preset.methods)} engines at once do not fit in memory "
+                        f"({len(hosts)} started, {psutil.virtual_memory().available / 2**30:.1f} GiB left, "
+                        f"~{need / 2**30:.1f} GiB each); run fewer methods or interleave 'rounds'"
+                    )
+            try:
+                host = EngineHost(spec.engine_kwargs(target, drafters, overrides), warmup_prompt=warmup_prompt,
+                                  max_tokens=preset.max_tokens, name=spec.method)
+            except EngineFailed as exc:
+                failed[spec.label] = str(exc)
+                log(f"[bench] {spec.label}: engine failed, skipped: {exc}")
+                return
+            hosts[spec.label] = host
+            engine_starts.append({"label": spec.label, "round": r, **host.start_record})
+            latest_start[spec.label] = engine_starts[-1]
+
+        def stop(spec: MethodSpec) -> None:
+            host = hosts.pop(spec.label, None)
+            if host is None:
+                return
+            try:
+                latest_start[spec.label].update(host.controller_state())
+            except EngineFailed:
+                pass
+            finally:
+                host.close()
+
+        def measure(spec: MethodSpec, unit: Unit, r: int) -> None:
+            host = hosts.get(spec.label)
+            if host is not None:  # else it failed
                 bar.set_postfix_str(f"round {r + 1}/{len(rounds)} {spec.label}")
-                t0 = time.perf_counter()
-                llm = probe = stats = None
-                # The previous engine is garbage now; freezing what is left makes
-                # vLLM's gc.collect() calls during startup cheap (seconds per engine
-                # on a big heap). vLLM unfreezes everything again at shutdown.
-                gc.collect()
-                gc.freeze()
                 try:
-                    llm = LLM(**spec.engine_kwargs(target, drafters, overrides))
-                    llm.generate([warmup_prompt], warmup_params, use_tqdm=False)
-                except Exception as exc:  # a method that cannot start must not sink the others
-                    failed[spec.label] = f"{type(exc).__name__}: {exc}"
-                    log(f"[bench] {spec.label}: engine failed, skipped: {failed[spec.label]}")
-                    if llm is not None:
-                        shutdown(llm)
-                    llm = None
-                    bar.update(len(units))
-                    continue
-                engine_starts.append(
-                    {"label": spec.label, "round": r, "seconds": time.perf_counter() - t0, **weight_memory(llm)}
-                )
-                probe = instrument(llm)
-                stats = _cmasd_stats(llm)
-                try:
+                    call = host.generate([token_ids[pid] for pid in unit.prompt_ids])
+                    calls.append({"label": spec.label, "round": r, "task": unit.task, "batch_size": unit.batch_size,
+                                  "prompt_ids": unit.prompt_ids, **call})
+                except EngineFailed as exc:
+                    failed[spec.label] = str(exc)
+                    log(f"[bench] {spec.label}: failed while generating, dropped: {exc}")
+                    calls[:] = [c for c in calls if c["label"] != spec.label]
+                    hosts.pop(spec.label).close()
+            bar.update(1)
+
+        try:
+            if preset.interleave == "calls":
+                for spec in preset.methods:
+                    start(spec, 0)
+                n = 0
+                for r, units in enumerate(rounds):
                     for unit in units:
-                        before_counters = spec_decode_counters(llm)
-                        before_probe = probe.snapshot()
-                        before_hist = list(stats.length_histogram) if stats is not None else None
-                        before_totals = _controller_totals(llm)
-                        batch = [{"prompt_token_ids": token_ids[pid]} for pid in unit.prompt_ids]
-                        start = time.perf_counter()
-                        outputs = llm.generate(batch, params, use_tqdm=False)
-                        seconds = time.perf_counter() - start
-                        after_counters = spec_decode_counters(llm)
-                        after_probe = probe.snapshot()
-                        call = {
-                            "label": spec.label,
-                            "round": r,
-                            "task": unit.task,
-                            "batch_size": unit.batch_size,
-                            "prompt_ids": unit.prompt_ids,
-                            "seconds": seconds,
-                            "output_token_ids": [list(o.outputs[0].token_ids) for o in outputs],
-                            "texts": [o.outputs[0].text for o in outputs],
-                            "engine_steps": after_probe[0] - before_probe[0],
-                            "propose_s": after_probe[1] - before_probe[1],
-                            "proposed_lengths": _diff_hist(before_probe[2], after_probe[2]),
-                            "num_drafts": after_counters["num_drafts"] - before_counters["num_drafts"],
-                            "num_draft_tokens": after_counters["num_draft_tokens"] - before_counters["num_draft_tokens"],
-                            "num_accepted_tokens": after_counters["num_accepted_tokens"]
-                            - before_counters["num_accepted_tokens"],
-                            "accepted_per_position": _diff_list(
-                                before_counters["accepted_per_position"], after_counters["accepted_per_position"]
-                            ),
-                        }
-                        if stats is not None:
-                            call["cmasd_length_histogram"] = _diff_list(before_hist, list(stats.length_histogram))
-                            call.update(
-                                {name: value - before_totals[name] for name, value in _controller_totals(llm).items()}
-                            )
-                        calls.append(call)
-                        bar.update(1)
-                    engine_starts[-1].update(_controller_state(llm))
-                except Exception as exc:
-                    failed[spec.label] = f"{type(exc).__name__}: {exc}"
-                    log(f"[bench] {spec.label}: failed while generating, dropped: {failed[spec.label]}")
-                    calls = [c for c in calls if c["label"] != spec.label]
-                finally:
-                    shutdown(llm)
-                    llm = probe = stats = None
-        bar.close()
+                        for spec in turns(preset.methods, n):
+                            measure(spec, unit, r)
+                        n += 1
+            else:
+                for r, units in enumerate(rounds):
+                    for spec in turns(preset.methods, r):
+                        start(spec, r)
+                        for unit in units:
+                            measure(spec, unit, r)
+                        stop(spec)
+        finally:
+            for spec in preset.methods:
+                stop(spec)
+            bar.close()
         machine["load_average_at_end"] = list(os.getloadavg()) if hasattr(os, "getloadavg") else None
         return {
             "preset": asdict(preset),
@@ -606,15 +508,10 @@ def run(
         }
 
 
-def _diff_list(before: list, after: list) -> list:
-    before = list(before or [])
-    after = list(after or [])
-    before += [0] * (len(after) - len(before))
-    return [a - b for a, b in zip(after, before)]
-
-
-def _diff_hist(before: dict[int, int], after: dict[int, int]) -> dict[int, int]:
-    return {n: c - before.get(n, 0) for n, c in after.items() if c - before.get(n, 0)}
+def turns(methods, n: int) -> list:
+    """The methods' order for the n-th turn: as given, reversed every other
+    turn, so that a drift of the machine's speed favours no method."""
+    return list(methods) if n % 2 == 0 else list(reversed(methods))
 
 
 def save_raw(raw: dict[str, Any], path: Path) -> None:
