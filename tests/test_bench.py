@@ -193,9 +193,9 @@ def _few_methods_preset(interleave: str):
 
 
 def test_interleaving_by_calls_runs_each_batch_on_every_engine_in_turn(tiny_pair, tiny_self_draft):
-    """``interleave="calls"``: every engine starts once and stays; each prompt
-    batch runs on each engine in turn (the order reversed every other batch), so
-    the calls compared ran seconds apart; the results are the same as by rounds."""
+    """``interleave="calls"``: a round starts every engine and holds them all;
+    each of its prompt batches runs on each engine in turn (the order reversed
+    every other batch), so the calls compared ran seconds apart."""
     from vllm_cmasd.bench import runner
 
     target, draft = tiny_pair
@@ -203,8 +203,9 @@ def test_interleaving_by_calls_runs_each_batch_on_every_engine_in_turn(tiny_pair
     raw = runner.run(preset, target=target, draft=draft, self_draft=tiny_self_draft, progress=False)
     labels = [m.label for m in preset.methods]
     assert raw["failed"] == {}
-    assert [s["label"] for s in raw["engine_starts"]] == labels  # each started once
-    assert all(s["round"] == 0 for s in raw["engine_starts"])
+    # Every engine started once a round, in a process of its own.
+    assert [(s["label"], s["round"]) for s in raw["engine_starts"]] == [(m, r) for r in range(2) for m in labels]
+    assert len({s["pid"] for s in raw["engine_starts"]}) == 2 * len(labels)
     assert all(s["cost_fit"]["target_step_s"] > 0 for s in raw["engine_starts"] if s["label"].startswith("cmasd "))
     calls = raw["calls"]
     n = len(preset.tasks) * sum(-(-preset.prompts_per_task // b) for b in preset.batch_sizes)  # batches

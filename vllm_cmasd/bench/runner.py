@@ -3,8 +3,8 @@
 Each method's engine runs in a process of its own (:mod:`vllm_cmasd.bench.host`);
 how the methods take turns is the preset's ``interleave`` (:data:`INTERLEAVE_MODES`):
 by rounds (one engine at a time, each round's share of the prompt batches, the
-order reversed every other round) or by calls (every engine held, each prompt
-batch on each engine in turn). Either way a drift of the machine's speed over the
+order reversed every other round) or by calls (a round holds every engine, each
+of its prompt batches on each engine in turn). Either way a drift of the machine's speed over the
 run hits every method alike. All engines come from
 :func:`vllm_cmasd.engines.llm_kwargs` with identical settings, run in-process in
 their child (``VLLM_ENABLE_V1_MULTIPROCESSING=0``) and decode greedily. What is
@@ -127,10 +127,13 @@ def cmasd_budget(k_max: int) -> MethodSpec:
 # How the methods take turns, each engine in a process of its own:
 # - "rounds": a round starts each method's engine in turn, runs that round's
 #   share of the prompt batches on it and stops it: one engine at a time.
-# - "calls": every method's engine starts once and stays; each prompt batch runs
-#   on every engine in turn, so the calls compared ran seconds apart, not
-#   minutes (the machines' speed drifts by 15-25% between rounds). All engines
-#   are held at once: for a few methods.
+# - "calls": a round starts every method's engine and holds them all; each of
+#   the round's prompt batches runs on every engine in turn, so the calls
+#   compared ran seconds apart, not minutes (the machines' speed drifts by
+#   15-25% between rounds). New engines each round: one engine process can run
+#   15-40% slower than the next of the same method for its whole life (docs/notes/
+#   eagle3-training.md, fourteenth session), and more rounds average that out.
+#   All engines are held at once: for a few methods.
 INTERLEAVE_MODES: tuple[str, ...] = ("rounds", "calls")
 
 
@@ -465,14 +468,16 @@ def run(
 
         try:
             if preset.interleave == "calls":
-                for spec in preset.methods:
-                    start(spec, 0)
                 n = 0
                 for r, units in enumerate(rounds):
+                    for spec in preset.methods:
+                        start(spec, r)
                     for unit in units:
                         for spec in turns(preset.methods, n):
                             measure(spec, unit, r)
                         n += 1
+                    for spec in preset.methods:
+                        stop(spec)
             else:
                 for r, units in enumerate(rounds):
                     for spec in turns(preset.methods, r):
