@@ -36,7 +36,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from vllm_cmasd.bench.runner import MethodSpec, cmasd, cmasd_budget, cmasd_eagle3, cmasd_exact, rstitch
+from vllm_cmasd.bench.runner import MethodSpec, cmasd, cmasd_budget, cmasd_eagle3, cmasd_exact, rstitch, turns
 from vllm_cmasd.metrics import CONTROLLER_TOTALS
 
 HOST = "127.0.0.1"
@@ -411,7 +411,7 @@ def run_serve_bench(cfg: ServeBenchConfig, out_dir: str | Path, prompts: list[st
 def round_order(methods: list[MethodSpec], rounds: int) -> list[tuple[int, MethodSpec]]:
     """(round, method) in the order their servers run: every method once a
     round, the order reversed every other round."""
-    return [(r, m) for r in range(rounds) for m in (methods if r % 2 == 0 else methods[::-1])]
+    return [(r, m) for r in range(rounds) for m in turns(methods, r)]
 
 
 def speedups_vs_ar(summaries: list[dict[str, Any]]) -> list[dict[str, Any]]:
