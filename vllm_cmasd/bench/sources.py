@@ -20,6 +20,7 @@ documents under /usr/share/doc and English man-page paragraphs.
 
 from __future__ import annotations
 
+import functools
 import gzip
 import hashlib
 import os
@@ -318,7 +319,7 @@ def _manpage_name_lines() -> list[Passage]:
 # Pools and documents
 
 
-@dataclass
+@dataclass(frozen=True)
 class Pools:
     pypi: list[Passage]  # English prose paragraphs of package READMEs
     debian: list[Passage]  # English prose paragraphs of Debian READMEs
@@ -327,8 +328,12 @@ class Pools:
     summaries: list[Passage]  # "package\tsummary" from package metadata
 
 
+@functools.cache
 def load_pools() -> Pools:
-    """The passages the benchmark's prompts are drawn from, from this machine's offline text."""
+    """The passages the benchmark's prompts are drawn from, from this machine's offline text.
+
+    Read once a process (~1 min: it renders ~470 man pages), then shared: callers
+    build new lists from the pools and never change them."""
     summaries = [
         Passage(f"{name}\t{summary.rstrip('.')}", f"pypi-metadata:{name}=={version}#Summary")
         for name, version, summary, _ in _pypi_packages()
