@@ -255,3 +255,65 @@ def test_vllms_eagle3_runs_the_trained_tiny_head(tiny_eagle3_training):
     assert type(theirs.drafter).__name__ == "EagleProposer"
     assert theirs.token_ids == plain.token_ids
     assert theirs.counters["num_accepted_tokens"] > 0
+
+
+# --------------------------------------------------------------------------- prompts / answer
+
+
+def test_prompts_stage_keeps_the_leakage_guards_and_writes_chat_ids(tiny_pair, tmp_path, monkeypatch):
+    """The prompts a GPU round answers pass the data stage's guards: none on a benchmark
+    document, none on a held-out one; each carries its chat-template token ids."""
+    from transformers import AutoTokenizer
+
+    from vllm_cmasd.training.cli import main
+    from vllm_cmasd.training.common import chat_ids
+
+    target, _ = tiny_pair
+    bench = load_prompts()["tasks"]["summarization"][0]
+    fake = [{"task": "summarization", "prompt": summarize(f"{FRESH} Document {i}."),
+             "source": f"pypi-doc:pkg{i}==1.0:guide.md#summarization", "origin": f"pypi:pkg{i}"} for i in range(300)]
+    fake.append({"task": "summarization", "prompt": summarize(FRESH), "source": bench["source"],
+                 "origin": "benchmark"})
+    monkeypatch.setattr(sources, "training_prompts", lambda: fake)
+    assert main(["prompts", "--target", str(target), "--work", str(tmp_path), "--n-eval-docs", "5",
+                 "--docs-mix", "summarization=1,translation=0,instruction=0"]) == 0
+
+    out = json.loads((tmp_path / "prompts.json").read_text())
+    held, train = out["eval_docs"], out["train_docs"]
+    assert len(held) == 5 and len(train) > 200
+    assert "docs:" + bench["source"] not in {q["sid"] for q in held + train}
+    assert not {q["sid"] for q in held} & {q["sid"] for q in train}
+    tok = AutoTokenizer.from_pretrained(target)
+    assert all(q["ids"] == chat_ids(tok, q["prompt"], 640) for q in held + train[:20])
+
+
+def test_answer_stage_records_the_targets_greedy_answers(tiny_pair, tmp_path):
+    """Prompts of different lengths answered in one left-padded batch get the answers
+    each gets alone, and the teacher's top-1 at each response position is the token
+    that follows: the data stage's records, made without vLLM. A second temperature
+    answers every training prompt again."""
+    import torch
+    from transformers import LlamaForCausalLM
+
+    from vllm_cmasd.training.cli import main
+
+    target, _ = tiny_pair
+    prompts = [{"sid": f"docs:p{i}", "kind": "docs:summarization", "prompt": "",
+                "ids": [1, *range(10 + 7 * i, 10 + 7 * i + 3 + 5 * i)]} for i in range(5)]
+    (tmp_path / "prompts.json").write_text(json.dumps({"eval_docs": prompts[:2], "train_docs": prompts[2:]}))
+    assert main(["answer", "--target", str(target), "--work", str(tmp_path), "--gen-batch", "3",
+                 "--docs-max-new-tokens", "12", "--docs-gen-minutes", "5", "--answer-temperatures", "0,1"]) == 0
+
+    data = torch.load(tmp_path / "data.pt", weights_only=False)
+    assert [r["sid"] for r in data["eval_docs"]] == ["docs:p0", "docs:p1"]
+    greedy, sampled = data["train"][:3], data["train"][3:]
+    assert sorted(r["sid"] for r in sampled) == sorted(r["sid"] for r in greedy) == ["docs:p2", "docs:p3", "docs:p4"]
+    assert [r["ids"].tolist() for r in sampled] != [r["ids"].tolist() for r in greedy]
+    model = LlamaForCausalLM.from_pretrained(target).eval()
+    for r in data["eval_docs"] + greedy:
+        alone = model.generate(torch.tensor([r["ids"][: r["n_prompt"]].tolist()]), max_new_tokens=12,
+                               do_sample=False)[0]
+        assert r["ids"].tolist() == alone.tolist()[: len(r["ids"])], r["sid"]
+        resp = slice(r["n_prompt"] - 1, len(r["ids"]) - 1)
+        assert r["t_ids"][resp, 0].tolist() == r["ids"][r["n_prompt"]:].tolist()
+        assert (r["t_ids"][: r["n_prompt"] - 1] == -1).all()

@@ -33,6 +33,9 @@ the first four in this order, ``bench`` and ``overlap`` run only when named):
 ``eagle-train``, ``eagle-export``, ``eagle-assemble`` (:mod:`.eagle3`) an EAGLE-3 head
               for vLLM's ``eagle3`` method on the same ``data.pt`` -> ``eagle_best.pt``,
               ``drafts/smollm2-135m-eagle3``, ``models/smollm2-135m-eagle3``.
+``prompts``, ``answer`` (:mod:`.answer`) the ``data`` stage split for a machine with
+              an accelerator and no vLLM: benchmark-domain prompts here ->
+              ``prompts.json``; answered there with transformers -> ``data.pt``.
 
 The shipped draft (v5) continues v4 with summaries of the guides and notes packages ship
 beside their READMEs, and drops every reused record on benchmark or held-out text (both
@@ -106,6 +109,8 @@ STAGES: dict[str, tuple[str, str]] = {
     "eagle-train": ("eagle3", "stage_eagle_train"),
     "eagle-export": ("eagle3", "stage_eagle_export"),
     "eagle-assemble": ("eagle3", "stage_eagle_assemble"),
+    "prompts": ("answer", "stage_prompts"),
+    "answer": ("answer", "stage_answer"),
 }
 ALL_STAGES = ("data", "train", "export", "assemble")  # what stage ``all`` runs, in order
 

@@ -26,6 +26,8 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
     ap.add_argument("--assemble-to", default=str(REPO_ROOT / "models" / DEFAULT_DRAFT_NAME))
     ap.add_argument("--seed", type=int, default=1234)
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--device", default="cpu",
+                    help="answer / eagle-train: the torch device (cuda: an accelerator, where vLLM need not be installed)")
     # data
     ap.add_argument("--n-train", type=int, default=4000)
     ap.add_argument("--n-eval", type=int, default=64)
@@ -50,6 +52,8 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
     ap.add_argument("--docs-gen-minutes", type=float, default=32.0,
                     help="minutes answering benchmark-domain prompts (docs_prompts; 0: off)")
     ap.add_argument("--docs-max-new-tokens", type=int, default=96)
+    ap.add_argument("--answer-temperatures", default="0",
+                    help="answer: the training prompts are answered once per temperature, in order (0: greedy)")
     ap.add_argument("--docs-mix", default="summarization=1,translation=1,instruction=1",
                     help="benchmark-domain prompts of each task per round of the time-boxed generation")
     ap.add_argument("--n-eval-docs", type=int, default=96)

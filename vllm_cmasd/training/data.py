@@ -50,6 +50,20 @@ def unseen_filter(heldout: list[dict]):
     return lambda sid, prompt: origin(sid) not in origins and not shares_paragraph(body(prompt), paragraphs)
 
 
+def docs_prompt_split(args, reused_heldout: list[dict], answered: set[str]) -> tuple[list[dict], list[dict]]:
+    """The benchmark-domain prompts to ask: (train, new held-out). The train prompts
+    pass :func:`unseen_filter` against the benchmark, ``reused_heldout`` and the new
+    held-out set, and leave out ``answered``; a reused held-out set is kept as it is
+    (no new one), so versions are compared on the same text."""
+    mix = {task: int(n) for task, n in (item.split("=") for item in args.docs_mix.split(","))}
+    docs_tr, docs_ev = docs_prompts(args.seed, mix=mix)
+    docs_ev = [] if reused_heldout else docs_ev[: args.n_eval_docs]
+    unseen = unseen_filter(reused_heldout + docs_ev)
+    docs_tr = [q for q in docs_tr if q["prompt"] not in answered and unseen(q["sid"], q["prompt"])]
+    log(f"data: benchmark domain: {len(docs_tr)} new train / {len(docs_ev)} new held-out prompts (mix {mix})")
+    return docs_tr, docs_ev
+
+
 def _pack_logprobs(lp_list, n):
     """list (len n) of dict{token_id: Logprob} -> (ids int32 [n,K], lps fp16 [n,K])."""
     import torch
@@ -207,14 +221,8 @@ def stage_data(args) -> None:
         _answer(llm, tok, csp, chat_ev, "eval_chat", records, args, label="chat")
         _answer(llm, tok, csp, chat_tr, "train", records, args, stop_at=stop_at, label="chat")
     if args.docs_gen_minutes > 0:
-        mix = {task: int(n) for task, n in (item.split("=") for item in args.docs_mix.split(","))}
-        docs_tr, docs_ev = docs_prompts(args.seed, mix=mix)
-        # a reused held-out set is kept as it is, so versions are compared on the same text
-        docs_ev = [] if records["eval_docs"] else docs_ev[: args.n_eval_docs]
-        unseen = unseen_filter(pj["eval_docs"] + docs_ev)
-        docs_tr = [q for q in docs_tr if q["prompt"] not in answered and unseen(q["sid"], q["prompt"])]
-        log(f"data: benchmark domain: {len(docs_tr)} new train / {len(docs_ev)} new held-out prompts "
-            f"(mix {mix}); answering the held-out, then train for <= {args.docs_gen_minutes} min")
+        docs_tr, docs_ev = docs_prompt_split(args, reused_heldout=pj["eval_docs"], answered=answered)
+        log(f"data: answering the held-out, then train for <= {args.docs_gen_minutes} min")
         pj["eval_docs"] = pj["eval_docs"] + docs_ev
         pj["train_docs"] = pj["train_docs"] + docs_tr
         dsp = SamplingParams(temperature=0.0, max_tokens=args.docs_max_new_tokens, logprobs=TOPK)

@@ -213,13 +213,13 @@ def whiten_fc_norm(head, features) -> None:
 class Teacher:
     """The target, teacher-forced: aux features and its distribution over the kept ids."""
 
-    def __init__(self, target_dir, kept):
+    def __init__(self, target_dir, kept, device="cpu"):
         torch = _torch()
         from transformers import LlamaForCausalLM
 
-        self.model = LlamaForCausalLM.from_pretrained(target_dir, torch_dtype=torch.float32).eval()
+        self.model = LlamaForCausalLM.from_pretrained(target_dir, dtype=torch.float32).to(device).eval()
         self.model.requires_grad_(False)
-        self.kept_rows = self.model.lm_head.weight[kept].detach()
+        self.kept_rows = self.model.lm_head.weight[kept.to(device)].detach()
         self.embed = self.model.model.embed_tokens
         self.aux = aux_layer_ids(self.model.config.num_hidden_layers)
 
@@ -314,7 +314,7 @@ def evaluate(head, kept, teacher, records, args, max_tokens: int = 4096) -> dict
     tot = {"anchors": 0, "accepted": 0, "step_agree": [0] * args.ttt_steps}
     with torch.no_grad():
         for idxs in _make_batches(records, max_tokens, random.Random(0), args.max_len):
-            ids, w, is_resp = _collate(records, idxs, args.max_len, 1.0)
+            ids, w, is_resp = (t.to(args.device) for t in _collate(records, idxs, args.max_len, 1.0))
             _, st = ttt_loss(head, kept, teacher(ids), ids, w, is_resp, args.ttt_steps, args.bench_k)
             tot["anchors"] += st["anchors"]
             tot["accepted"] += st["accepted"]
@@ -332,7 +332,7 @@ def _load_init(path):
 
     path = Path(path)
     if path.is_file():
-        return torch.load(path, weights_only=False)["head"]
+        return torch.load(path, weights_only=False, map_location="cpu")["head"]
     sd = load_file(str(path / "model.safetensors"))
     return {k: v.float() for k, v in sd.items() if k not in ("d2t", "t2d")}
 
@@ -350,6 +350,7 @@ def stage_eagle_train(args) -> None:
 
     torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
+    torch.set_float32_matmul_precision("high")  # TF32 on an accelerator that has it; no-op on CPU
     work = Path(args.work)
     data = torch.load(work / "data.pt", weights_only=False)
     recs, held = data["train"], data["eval_docs"]
@@ -359,16 +360,16 @@ def stage_eagle_train(args) -> None:
         seen = {_prompt_key(r) for r in torch.load(Path(args.skip_records_of) / "data.pt", weights_only=False)["train"]}
         recs = [r for r in recs if _prompt_key(r) not in seen]
         log(f"eagle-train: {len(recs)} records not in {args.skip_records_of}")
-    kept = kept_ids(args)
+    kept = kept_ids(args).to(args.device)
     cfg = LlamaConfig.from_pretrained(args.target)
-    head = build_head(cfg, len(kept))
-    teacher = Teacher(args.target, kept)
+    head = build_head(cfg, len(kept)).to(args.device)
+    teacher = Teacher(args.target, kept, args.device)
     params = [p for p in head.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=args.lr, weight_decay=0.0, betas=(0.9, 0.95))
     ck, best_path = work / "eagle_ckpt.pt", work / "eagle_best.pt"
     step, t_used, hist, best = 0, 0.0, [], {}
     if ck.exists():
-        st = torch.load(ck, weights_only=False)
+        st = torch.load(ck, weights_only=False, map_location=args.device)
         head.load_state_dict(st["head"])
         opt.load_state_dict(st["opt"])
         step, t_used, hist, best = st["step"], st["t_used"], st["hist"], st["best"]
@@ -380,7 +381,7 @@ def stage_eagle_train(args) -> None:
     else:
         _init_head(head, teacher, args.seed)
         sample = sorted(random.Random(args.seed).sample(range(len(recs)), min(32, len(recs))))
-        whiten_fc_norm(head, teacher(_collate(recs, sample, args.max_len, 1.0)[0])[0])
+        whiten_fc_norm(head, teacher(_collate(recs, sample, args.max_len, 1.0)[0].to(args.device))[0])
     n_tok = sum(min(len(r["ids"]), args.max_len) for r in recs)
     log(f"eagle-train: {len(recs)} seqs, {n_tok} tokens, held-out docs {len(held)} seqs; "
         f"{sum(p.numel() for p in params) / 1e6:.2f}M parameters, {args.ttt_steps} TTT steps")
@@ -404,7 +405,7 @@ def stage_eagle_train(args) -> None:
         while len(sched) <= step:
             sched.extend(_make_batches(recs, args.batch_tokens, random.Random(args.seed + epoch), args.max_len))
             epoch += 1
-        ids, w, is_resp = _collate(recs, sched[step], args.max_len, args.prompt_weight)
+        ids, w, is_resp = (t.to(args.device) for t in _collate(recs, sched[step], args.max_len, args.prompt_weight))
         for g in opt.param_groups:
             g["lr"] = lr_at(step)
         loss, st = ttt_loss(head, kept, teacher(ids), ids, w, is_resp, args.ttt_steps, args.bench_k)
@@ -474,13 +475,14 @@ def stage_eagle_export(args) -> None:
     torch = _torch()
 
     work = Path(args.work)
-    st = torch.load(work / f"eagle_{args.export_from}", weights_only=False)  # --export-from ckpt.pt / best.pt
+    st = torch.load(work / f"eagle_{args.export_from}", weights_only=False,  # --export-from ckpt.pt / best.pt
+                    map_location="cpu")
     write_head(st["head"], kept_ids(args), args.target, args.eagle_out)
     fe = json.loads((work / "eagle_final_eval.json").read_text()) if (work / "eagle_final_eval.json").exists() else {}
     rec = {"architecture": "LlamaForCausalLMEagle3", "ttt_steps": args.ttt_steps, "steps": st["step"],
            "train_minutes": round(st["t_used"] / 60, 1), "export_from": args.export_from,
            "hparams": {k: getattr(args, k) for k in ("lr", "warmup", "batch_tokens", "max_len", "prompt_weight",
-                                                     "max_minutes", "init_from", "seed", "threads")},
+                                                     "max_minutes", "init_from", "seed", "threads", "device")},
            "heldout_final": fe, "history": st["hist"]}
     (Path(args.eagle_out) / "head.json").write_text(json.dumps(rec, indent=1))
     log(f"eagle-export: wrote {args.eagle_out}")
