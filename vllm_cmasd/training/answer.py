@@ -52,6 +52,8 @@ def _answer_batch(model, prompts, args, eos_ids: set[int], temperature: float) -
     """Answers of one batch (left-padded; greedy at temperature 0): a record per prompt."""
     import torch
 
+    # Pure temperature sampling (transformers would add its default top-k of 50).
+    sampling = dict(do_sample=True, temperature=temperature, top_k=0, top_p=1.0) if temperature else dict(do_sample=False)
     L = max(len(q["ids"]) for q in prompts)
     ids = torch.zeros(len(prompts), L, dtype=torch.long)
     mask = torch.zeros(len(prompts), L, dtype=torch.long)
@@ -60,8 +62,7 @@ def _answer_batch(model, prompts, args, eos_ids: set[int], temperature: float) -
         mask[b, L - len(q["ids"]):] = 1
     with torch.no_grad():
         out = model.generate(input_ids=ids.to(args.device), attention_mask=mask.to(args.device),
-                             max_new_tokens=args.docs_max_new_tokens, pad_token_id=0,
-                             do_sample=temperature > 0, temperature=temperature or None, top_k=0, top_p=1.0,
+                             max_new_tokens=args.docs_max_new_tokens, pad_token_id=0, **sampling,
                              output_logits=True, return_dict_in_generate=True)
         top = [torch.log_softmax(step.float(), dim=-1).topk(TOPK, dim=-1) for step in out.logits]
         top_lps = torch.stack([t.values for t in top], 1).cpu()  # [B, T, K]
