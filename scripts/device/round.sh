@@ -14,7 +14,9 @@ echo "$(cut -d' ' -f1 .device/gguf.sha256)  $G" | sha256sum -c
 import sys; sys.path.insert(0, 'scripts')
 from pathlib import Path; from prepare_models import convert_target
 convert_target(Path('$G'), Path('$W/target'))"
-{ python3 scripts/device/fingerprint.py $W/target/model.safetensors; nvidia-smi --query-gpu=name,driver_version --format=csv || true; } 2>&1 | tee $OUT/answer.log
+python3 scripts/device/fingerprint.py $W/target/model.safetensors | tee $OUT/answer.log
+cmp <(tail -1 $OUT/answer.log) .device/fingerprint.txt  # the target converted here, or stop
+{ nvidia-smi --query-gpu=name,driver_version --format=csv || true; } 2>&1 | tee -a $OUT/answer.log
 mkdir -p $W/r4 && [ -f $W/r4/prompts.json ] || gunzip -c ${PROMPTS:-$W/prompts.json.gz} > $W/r4/prompts.json
 T="python3 scripts/train_draft.py"
 C="--target $W/target --work $W/r4 --device $DEV --kept-from .device/kept.safetensors"
