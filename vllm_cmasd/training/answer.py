@@ -25,7 +25,7 @@ import os
 import time
 from pathlib import Path
 
-from vllm_cmasd.training.common import TOPK, chat_ids, log
+from vllm_cmasd.training.common import TOPK, chat_ids, log, teacher_record
 
 
 def stage_prompts(args) -> None:
@@ -78,9 +78,7 @@ def _answer_batch(model, prompts, args, eos_ids: set[int], temperature: float) -
         t_lps = torch.full((n, TOPK), -1e4, dtype=torch.float32)
         t_ids[n_prompt - 1:] = top_ids[b, : len(resp)].int()
         t_lps[n_prompt - 1:] = top_lps[b, : len(resp)]
-        records.append({"sid": q["sid"], "kind": q["kind"], "ids": torch.tensor(q["ids"] + resp, dtype=torch.int32),
-                        "n_prompt": n_prompt, "t_ids": t_ids, "t_lps": t_lps.to(torch.float16),
-                        "finished": stop is not None})
+        records.append(teacher_record(q, q["ids"] + resp, n_prompt, t_ids, t_lps, finished=stop is not None))
     return records
 
 
@@ -95,8 +93,9 @@ def _answer_all(model, prompts, args, eos_ids, temperature=0.0, stop_at=None, la
             if stop_at and time.time() > stop_at:
                 log(f"answer: {label} time budget reached at {len(records)}/{len(prompts)} prompts")
                 return records
-            records += _answer_batch(model, part[b0: b0 + args.gen_batch], args, eos_ids, temperature)
-            n_tok = sum(len(r["ids"]) for r in records)
+            batch = _answer_batch(model, part[b0: b0 + args.gen_batch], args, eos_ids, temperature)
+            records += batch
+            n_tok += sum(len(r["ids"]) for r in batch)
         log(f"answer: {label} {len(records)}/{len(prompts)} prompts, {n_tok} tokens, {time.time() - t0:.0f}s")
     return records
 

@@ -55,6 +55,15 @@ def chat_ids(tok, prompt: str, max_prompt_tokens: int):
     return ids
 
 
+def teacher_record(prompt: dict, seq: list[int], n_prompt: int, t_ids, t_lps, finished: bool) -> dict:
+    """One record of ``data.pt``: the prompt's ids then the target's answer (``seq``),
+    and the teacher's top-k ids / log-probs at each position t for token t + 1."""
+    import torch
+
+    return {"sid": prompt["sid"], "kind": prompt["kind"], "ids": torch.tensor(seq, dtype=torch.int32),
+            "n_prompt": n_prompt, "t_ids": t_ids, "t_lps": t_lps.to(torch.float16), "finished": finished}
+
+
 def load_target_state(target_dir):
     """Every tensor of the target checkpoint's safetensors files."""
     from safetensors.torch import load_file

@@ -28,7 +28,7 @@ import time
 from pathlib import Path
 
 from vllm_cmasd.bench.prompts import benchmark_origins, benchmark_paragraphs, origin_key, shares_paragraph
-from vllm_cmasd.training.common import TOPK, chat_ids, log, stable_hash
+from vllm_cmasd.training.common import TOPK, chat_ids, log, stable_hash, teacher_record
 from vllm_cmasd.training.sources import build_prompts, docs_prompts, magpie_prompts, task_prompts
 
 
@@ -83,8 +83,6 @@ def _pack_logprobs(lp_list, n):
 
 def _answer(llm, tok, sp, plist, split, records, args, stop_at=None, label="", max_prompt_tokens=None):
     """Target answers ``plist`` greedily; appends teacher records to ``records[split]``."""
-    import torch
-
     t0 = time.time()
     n_tok = 0
     chunk = args.gen_chunk
@@ -112,13 +110,7 @@ def _answer(llm, tok, sp, plist, split, records, args, stop_at=None, label="", m
             lp_list = list(plp) + glp  # position t predicts seq[t+1]
             n = len(lp_list)
             tids, tlps = _pack_logprobs(lp_list, n)
-            records[split].append({
-                "sid": p["sid"], "kind": p["kind"],
-                "ids": torch.tensor(seq, dtype=torch.int32),
-                "n_prompt": len(ids),
-                "t_ids": tids, "t_lps": tlps.to(torch.float16),
-                "finished": c.finish_reason == "stop",
-            })
+            records[split].append(teacher_record(p, seq, len(ids), tids, tlps, finished=c.finish_reason == "stop"))
             n_tok += len(seq)
         el = time.time() - t0
         log(f"data: {label} {split} {min(c0 + chunk, len(plist))}/{len(plist)} prompts, "

@@ -233,9 +233,10 @@ class Teacher:
             return features, logp, self.embed(ids)
 
 
-def _collate(records, idxs, max_len: int, prompt_weight: float):
+def _collate(records, idxs, max_len: int, prompt_weight: float, device="cpu"):
     """ids [B, L] (right-padded with 0), the teacher's weight [B, L] at each position
-    (0 past the record's end), is_resp [B, L]: the position predicts a response token."""
+    (0 past the record's end), is_resp [B, L]: the position predicts a response token;
+    built on the host, returned on ``device``."""
     torch = _torch()
     L = max(min(len(records[i]["ids"]), max_len) for i in idxs)
     ids = torch.zeros(len(idxs), L, dtype=torch.long)
@@ -249,7 +250,7 @@ def _collate(records, idxs, max_len: int, prompt_weight: float):
         w[b, :n] = prompt_weight
         w[b, resp_from:n] = 1.0
         is_resp[b, resp_from:n] = True
-    return ids, w, is_resp
+    return ids.to(device), w.to(device), is_resp.to(device)
 
 
 def _shift(x, j: int):
@@ -314,7 +315,7 @@ def evaluate(head, kept, teacher, records, args, max_tokens: int = 4096) -> dict
     tot = {"anchors": 0, "accepted": 0, "step_agree": [0] * args.ttt_steps}
     with torch.no_grad():
         for idxs in _make_batches(records, max_tokens, random.Random(0), args.max_len):
-            ids, w, is_resp = (t.to(args.device) for t in _collate(records, idxs, args.max_len, 1.0))
+            ids, w, is_resp = _collate(records, idxs, args.max_len, 1.0, args.device)
             _, st = ttt_loss(head, kept, teacher(ids), ids, w, is_resp, args.ttt_steps, args.bench_k)
             tot["anchors"] += st["anchors"]
             tot["accepted"] += st["accepted"]
@@ -381,7 +382,7 @@ def stage_eagle_train(args) -> None:
     else:
         _init_head(head, teacher, args.seed)
         sample = sorted(random.Random(args.seed).sample(range(len(recs)), min(32, len(recs))))
-        whiten_fc_norm(head, teacher(_collate(recs, sample, args.max_len, 1.0)[0].to(args.device))[0])
+        whiten_fc_norm(head, teacher(_collate(recs, sample, args.max_len, 1.0, args.device)[0])[0])
     n_tok = sum(min(len(r["ids"]), args.max_len) for r in recs)
     log(f"eagle-train: {len(recs)} seqs, {n_tok} tokens, held-out docs {len(held)} seqs; "
         f"{sum(p.numel() for p in params) / 1e6:.2f}M parameters, {args.ttt_steps} TTT steps")
@@ -405,7 +406,7 @@ def stage_eagle_train(args) -> None:
         while len(sched) <= step:
             sched.extend(_make_batches(recs, args.batch_tokens, random.Random(args.seed + epoch), args.max_len))
             epoch += 1
-        ids, w, is_resp = (t.to(args.device) for t in _collate(recs, sched[step], args.max_len, args.prompt_weight))
+        ids, w, is_resp = _collate(recs, sched[step], args.max_len, args.prompt_weight, args.device)
         for g in opt.param_groups:
             g["lr"] = lr_at(step)
         loss, st = ttt_loss(head, kept, teacher(ids), ids, w, is_resp, args.ttt_steps, args.bench_k)
