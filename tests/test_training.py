@@ -225,6 +225,18 @@ def test_eagle3_training_learns_the_targets_continuations(tiny_eagle3_training):
     assert final["best_on_subset"]["acceptance_length"] >= first["acceptance_length"]
 
 
+def test_eagle_eval_scores_a_head_on_the_work_dirs_held_out_records(tiny_eagle3_training, capsys):
+    """``eagle-eval`` of the last checkpoint gives the figure training ended with."""
+    from vllm_cmasd.training.cli import main
+
+    target, work, _, _, kept = tiny_eagle3_training
+    final = json.loads((work / "eagle_final_eval.json").read_text())["last"]
+    capsys.readouterr()
+    assert main(["eagle-eval", "--target", str(target), "--work", str(work), "--init-from", str(work / "eagle_ckpt.pt"),
+                 "--kept-from", str(work.parent / "kept.safetensors"), "--max-len", "128"]) == 0
+    assert f"'acceptance_length': {final['acceptance_length']}, 'anchors': {final['anchors']}," in capsys.readouterr().out
+
+
 def test_eagle3_export_writes_vllms_layout(tiny_eagle3_training):
     import torch
     from safetensors.torch import load_file

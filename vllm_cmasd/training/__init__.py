@@ -32,7 +32,8 @@ the first four in this order, ``bench`` and ``overlap`` run only when named):
               hold -> ``overlap.json``.
 ``eagle-train``, ``eagle-export``, ``eagle-assemble`` (:mod:`.eagle3`) an EAGLE-3 head
               for vLLM's ``eagle3`` method on the same ``data.pt`` -> ``eagle_best.pt``,
-              ``drafts/smollm2-135m-eagle3``, ``models/smollm2-135m-eagle3``.
+              ``drafts/smollm2-135m-eagle3``, ``models/smollm2-135m-eagle3``; ``eagle-eval``
+              scores a head on a work dir's held-out docs records.
 ``prompts``, ``answer`` (:mod:`.answer`) the ``data`` stage split for a machine with
               an accelerator and no vLLM: benchmark-domain prompts here ->
               ``prompts.json``; answered there with transformers -> ``data.pt``.
@@ -109,6 +110,7 @@ STAGES: dict[str, tuple[str, str]] = {
     "eagle-train": ("eagle3", "stage_eagle_train"),
     "eagle-export": ("eagle3", "stage_eagle_export"),
     "eagle-assemble": ("eagle3", "stage_eagle_assemble"),
+    "eagle-eval": ("eagle3", "stage_eagle_eval"),
     "prompts": ("answer", "stage_prompts"),
     "answer": ("answer", "stage_answer"),
 }

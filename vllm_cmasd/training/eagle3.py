@@ -1,4 +1,4 @@
-"""Stages ``eagle-train``, ``eagle-export`` and ``eagle-assemble``: an EAGLE-3 head for
+"""Stages ``eagle-train``, ``eagle-export``, ``eagle-assemble`` and ``eagle-eval``: an EAGLE-3 head for
 the target, trained on the ``data`` stage's records (the same self-distillation data and
 leakage guards as the draft), in the layout vLLM's own ``eagle3`` method loads.
 
@@ -33,7 +33,9 @@ earlier checkpoint or a shipped head.
 embedding: vLLM shares the target's), ``config.json`` and ``head.json`` (the record)
 -> ``--eagle-out`` (``drafts/smollm2-135m-eagle3``). ``eagle-assemble``:
 :func:`assemble_eagle3_head` -> ``--eagle-assemble-to`` (the shipped files plus the
-target's tokenizer; ``scripts/prepare_models.py`` calls it on setup).
+target's tokenizer; ``scripts/prepare_models.py`` calls it on setup). ``eagle-eval``:
+the held-out metric of the head ``--init-from`` names (a checkpoint or a shipped head
+directory) on ``--work``'s held-out docs records, so heads compare on the same records.
 """
 
 from __future__ import annotations
@@ -507,6 +509,22 @@ def assemble_eagle3_head(target_dir, head_dir, out_dir) -> Path:
         shutil.rmtree(out_dir)
     os.replace(tmp, out_dir)
     return out_dir
+
+
+def stage_eagle_eval(args) -> None:
+    torch = _torch()
+    from transformers import LlamaConfig
+
+    torch.set_num_threads(args.threads)
+    kept = kept_ids(args).to(args.device)
+    head = build_head(LlamaConfig.from_pretrained(args.target), len(kept)).to(args.device)
+    missing, unexpected = head.load_state_dict(_load_init(args.init_from), strict=False)
+    if unexpected or [k for k in missing if not k.startswith("rotary")]:
+        raise ValueError(f"--init-from {args.init_from}: not a head of this shape (missing {missing}, "
+                         f"unexpected {unexpected})")
+    held = torch.load(Path(args.work) / "data.pt", weights_only=False)["eval_docs"]
+    result = evaluate(head, kept, Teacher(args.target, kept, args.device), held, args)
+    log(f"eagle-eval: {args.init_from} on the {len(held)} held-out docs records of {args.work}: {result}")
 
 
 def stage_eagle_assemble(args) -> None:
