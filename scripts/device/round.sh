@@ -22,7 +22,7 @@ T="python3 scripts/train_draft.py"
 C="--target $W/target --work $W/r4 --device $DEV --kept-from .device/kept.safetensors"
 $T answer $C --gen-batch $GEN_BATCH --docs-max-new-tokens 96 --docs-gen-minutes $GEN_MIN --answer-temperatures 0,1 2>&1 | tee -a $OUT/answer.log
 python3 -c "import torch; d = torch.load('$W/r4/data.pt', weights_only=False)
-torch.save([{k: r[k] for k in ('sid', 'kind', 'ids', 'n_prompt')} for r in d['eval_docs']], '$OUT/heldout_docs.pt')"
+torch.save({'eval_docs': [{k: r[k] for k in ('sid', 'kind', 'ids', 'n_prompt')} for r in d['eval_docs']]}, '$OUT/heldout_data.pt')"
 H="--seed 1260 --lr 1e-3 --warmup 50 --batch-tokens $BATCH_TOKENS --max-len 768 --prompt-weight 0.5 --max-minutes $TRAIN_MIN"
 $T eagle-train $C $H --ckpt-every 25 --eval-every 50 --eval-subset 96 2>&1 | tee $OUT/train.log
 $T eagle-export $C $H --export-from best.pt --eagle-out $W/head 2>&1 | tee -a $OUT/train.log
