@@ -67,6 +67,32 @@ def test_exact_greedy_is_identical_to_plain_decoding(tiny_pair):
     assert ours.counters["num_accepted_tokens"] > 0
 
 
+def test_drafts_reach_the_scheduler_with_the_step_output(tiny_pair):
+    """The engine core never asks the workers for the drafts
+    (``take_draft_token_ids``, a round trip every step where the worker has
+    its own process): they come with each step's output, and are scheduled,
+    verified and lossless as before."""
+    from vllm import LLM
+
+    from vllm_cmasd.engines import shutdown, spec_decode_counters
+
+    target, draft = tiny_pair
+    plain = run_engine(PROMPTS, greedy(24), **engine(target))
+    llm = LLM(**engine(target, draft=draft, num_speculative_tokens=4, cmasd=CMASD))
+    try:
+        executor = llm.llm_engine.model_executor
+        asked = []
+        take = executor.take_draft_token_ids
+        executor.take_draft_token_ids = lambda: asked.append(1) or take()
+        outputs = llm.generate(PROMPTS, greedy(24), use_tqdm=False)
+        counters = spec_decode_counters(llm)
+    finally:
+        shutdown(llm)
+    assert not asked
+    assert counters["num_draft_tokens"] > 0 and counters["num_accepted_tokens"] > 0
+    assert [list(o.outputs[0].token_ids) for o in outputs] == plain.token_ids
+
+
 def test_exact_greedy_under_preemption(tiny_pair):
     """A KV cache too small for the batch forces preemption and recompute."""
     target, draft = tiny_pair

@@ -24,7 +24,11 @@ The hooks are inert unless the engine's ``additional_config`` has a
    CUDA-graph capture) is done on every worker, the draft budget's proposers
    profile their cost model there, at engine start, not on the first
    request (which waited 2.4 s for it).
-5. ``sys.excepthook``: an uncaught invalid CM-ASD setting (a
+5. ``EngineCore.post_step``: each step's drafts reach the scheduler with the
+   worker's output (``sample_tokens`` attaches them, ``update_from_output``
+   keeps them), not by vLLM's extra ``take_draft_token_ids`` call to the
+   workers, a round trip every step where the worker has its own process.
+6. ``sys.excepthook``: an uncaught invalid CM-ASD setting (a
    :class:`CmasdConfigError`, which vLLM's pydantic config wraps in a
    ``ValidationError``) ends the process with one line, ``ERROR vllm-cmasd:
    cmasd.<field>: ...``, instead of a 40-line traceback (``vllm serve`` with a
@@ -153,15 +157,17 @@ def _swap_in_cmasd(original_init):
             ),
         )
         _register_cpu_kernels_if_needed()
-        self.sample_tokens = _with_report(self.sample_tokens, drafter)
+        self.sample_tokens = _with_report(self.sample_tokens, self, drafter)
 
     return __init__
 
 
-def _with_report(sample_tokens, drafter):
+def _with_report(sample_tokens, runner, drafter):
     """Each step's output carries the proposer's report (what lives only in the
     worker: skipped passes, catch-ups, calibration, cost fit) to the scheduler,
-    in the same process or pickled from the output rank."""
+    in the same process or pickled from the output rank, and the step's drafts
+    (``cmasd_drafts``, vLLM's ``DraftTokenIds`` or None), which spares the
+    engine core its ``take_draft_token_ids`` call (:func:`_drafts_from_output`)."""
     from vllm.v1.outputs import ModelRunnerOutput
 
     @functools.wraps(sample_tokens)
@@ -169,6 +175,7 @@ def _with_report(sample_tokens, drafter):
         output = sample_tokens(*args, **kwargs)
         if isinstance(output, ModelRunnerOutput) and output.req_ids:  # never vLLM's shared empty output
             output.cmasd_report = drafter.report()
+            output.cmasd_drafts = runner.take_draft_token_ids()
             if drafter.trace is not None:  # where each emitted token came from (the demo's --show)
                 for req_id, tokens in zip(output.req_ids, output.sampled_token_ids):
                     drafted, accepted = drafter.step_outcomes.pop(req_id, (0, 0))
@@ -198,10 +205,13 @@ def _profile_drafter_costs(worker) -> None:
 
 
 def _forward_report(original_update):
-    """The scheduler hands the worker's report on with its stats (``SchedulerStats.cmasd``)."""
+    """The scheduler hands the worker's report on with its stats (``SchedulerStats.cmasd``),
+    and keeps the drafts that came with the output for the engine core's ``post_step``."""
 
     @functools.wraps(original_update)
     def update_from_output(self, scheduler_output, model_runner_output):
+        if hasattr(model_runner_output, "cmasd_drafts"):
+            self.cmasd_drafts = (model_runner_output.cmasd_drafts,)  # a 1-tuple: None is a value
         outputs = original_update(self, scheduler_output, model_runner_output)
         report = getattr(model_runner_output, "cmasd_report", None)
         if report is not None:
@@ -211,6 +221,28 @@ def _forward_report(original_update):
         return outputs
 
     return update_from_output
+
+
+def _drafts_from_output(original_post_step):
+    """The drafts of the step just processed, from its output, not from a
+    ``take_draft_token_ids`` call to the workers: with the worker in a process
+    of its own (vLLM's CPU platform always, ``vllm serve`` anywhere) that call
+    is one more round trip every step, 1.8 ms a step on a 2-core CPU at 32
+    requests (docs/notes/eagle3-training.md, seventeenth session), which plain
+    decoding does not pay. Where the output brought none (vLLM's empty output),
+    and with pipeline parallelism's batch queue (outputs processed a step
+    behind the workers), vLLM's own call runs."""
+
+    @functools.wraps(original_post_step)
+    def post_step(self, model_executed: bool) -> None:
+        delivered = self.scheduler.__dict__.pop("cmasd_drafts", None)
+        if delivered is None or not model_executed or self.batch_queue is not None:
+            return original_post_step(self, model_executed)
+        (drafts,) = delivered
+        if drafts is not None and self.check_for_draft_tokens and not self.async_scheduling:
+            self.scheduler.update_draft_token_ids(drafts)
+
+    return post_step
 
 
 def _add_stats_field() -> None:
@@ -393,6 +425,7 @@ def install() -> None:
     _installed = True
     from vllm.config import VllmConfig
     from vllm.v1.core.sched.scheduler import Scheduler
+    from vllm.v1.engine.core import EngineCore
     from vllm.v1.executor.abstract import Executor
     from vllm.v1.metrics.loggers import PrometheusStatLogger
     from vllm.v1.worker.gpu_model_runner import GPUModelRunner
@@ -400,6 +433,7 @@ def install() -> None:
     _add_stats_field()
     VllmConfig.__post_init__ = _validate_at_startup(VllmConfig.__post_init__)
     Scheduler.update_from_output = _forward_report(Scheduler.update_from_output)
+    EngineCore.post_step = _drafts_from_output(EngineCore.post_step)
     GPUModelRunner.__init__ = _swap_in_cmasd(GPUModelRunner.__init__)
     Executor.compile_or_warm_up_model = _profile_costs_after_warm_up(Executor.compile_or_warm_up_model)
     PrometheusStatLogger.__init__ = _add_cmasd_metrics(PrometheusStatLogger.__init__)
