@@ -49,6 +49,44 @@ def test_exact_on_eagle3_is_identical_to_plain_decoding(tiny_pair, tiny_eagle3, 
     assert ours.drafter.stats.num_draft_tokens > 0 or cmasd is not CMASD
 
 
+def test_a_step_without_a_drafter_pass_skips_vllms_input_preparation(tiny_pair, tiny_eagle3):
+    """The controller decides before vLLM prepares the head's inputs: vLLM's
+    next-token preparation runs only on steps whose drafter pass runs, and the
+    output is still plain decoding's."""
+    from vllm import LLM
+    from vllm.v1.spec_decode.eagle import EagleProposer
+
+    from vllm_cmasd.engines import model_runner, shutdown
+
+    target, _ = tiny_pair
+    plain = run_engine(PROMPTS, greedy(32), **engine(target, **SETTINGS))
+    llm = LLM(**eagle3(target, tiny_eagle3, cmasd={"verification": "exact"}, **SETTINGS))
+    try:
+        drafter = model_runner(llm).drafter
+        calls = {"prepare": 0, "pass": 0}
+
+        def counted(name, method):
+            def call(*args, **kwargs):
+                calls[name] += 1
+                return method(*args, **kwargs)
+            return call
+
+        drafter.prepare_next_token_ids_padded = counted("prepare", drafter.prepare_next_token_ids_padded)
+        # vLLM's drafting loop, which CM-ASD's proposer runs only where the drafter runs.
+        loop = EagleProposer.propose
+        EagleProposer.propose = counted("pass", loop)
+        try:
+            outputs = llm.generate(PROMPTS, greedy(32), use_tqdm=False)
+        finally:
+            EagleProposer.propose = loop
+        skipped = drafter.stats.num_skipped_passes
+    finally:
+        shutdown(llm)
+    assert [list(o.outputs[0].token_ids) for o in outputs] == plain.token_ids
+    assert skipped > 0 and calls["pass"] > 0, (skipped, calls)
+    assert calls["prepare"] == calls["pass"], calls
+
+
 def test_the_head_s_signals_reduce_its_own_vocabulary(tiny_pair, tiny_eagle3):
     """The head's confidence reduces its ``draft_vocab_size`` logits, not vLLM's
     full-vocabulary expansion of them (-inf off the ``d2t`` ids): the same

@@ -10,7 +10,8 @@ The hooks are inert unless the engine's ``additional_config`` has a
 2. ``GPUModelRunner.__init__`` (the CPU runner inherits it): after vLLM built
    its proposer (draft_model, eagle or eagle3: ``PROPOSER_METHODS``) and rejection
    sampler, swap in CM-ASD's proposer for that method and its verifier.
-   vLLM's runner then drives them unchanged.
+   vLLM's runner then drives them, asking the proposer first whether the
+   drafter runs at all (before it prepares the drafter's inputs).
 3. ``PrometheusStatLogger.__init__``: add CM-ASD's series (draft-length
    histogram, early stops, drafts per position, policy) beside vLLM's
    speculative-decoding counters, fed from the same scheduler stats, and the
@@ -158,8 +159,37 @@ def _swap_in_cmasd(original_init):
         )
         _register_cpu_kernels_if_needed()
         self.sample_tokens = _with_report(self.sample_tokens, self, drafter)
+        self.propose_draft_token_ids = _decided_first(self.propose_draft_token_ids, self, drafter)
 
     return __init__
+
+
+def _decided_first(propose_draft_token_ids, runner, drafter):
+    """The proposer decides whether the drafter runs before vLLM prepares the
+    drafter's inputs (next tokens, rejected-token offsets, the head's hidden
+    states): a step where no request drafts (most steps under load) skips that
+    too, not only the drafter's pass. The arguments are vLLM 0.32's."""
+    import torch
+
+    @functools.wraps(propose_draft_token_ids)
+    def propose_draft_token_ids_decided_first(scheduler_output, sampled_token_ids, sampling_metadata, hidden_states,
+                                              sample_hidden_states, aux_hidden_states, spec_decode_metadata,
+                                              common_attn_metadata, slot_mappings):
+        target_hidden_states = None
+        if drafter.CATCH_UP_NEEDS_HIDDEN_STATES:  # an EAGLE head: the rows vLLM would hand it
+            num_tokens = int(common_attn_metadata.query_start_loc_cpu[-1])
+            target_hidden_states = (
+                torch.cat([h[:num_tokens] for h in aux_hidden_states], dim=-1)
+                if runner.use_aux_hidden_state_outputs else hidden_states[:num_tokens]
+            )
+        if drafter.decide(common_attn_metadata, target_hidden_states):
+            return propose_draft_token_ids(scheduler_output, sampled_token_ids, sampling_metadata, hidden_states,
+                                           sample_hidden_states, aux_hidden_states, spec_decode_metadata,
+                                           common_attn_metadata, slot_mappings)
+        runner._draft_probs = runner._draft_prob_req_ids = None  # as vLLM's own call resets them
+        return [[] for _ in range(common_attn_metadata.num_reqs)]
+
+    return propose_draft_token_ids_decided_first
 
 
 def _with_report(sample_tokens, runner, drafter):
