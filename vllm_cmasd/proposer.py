@@ -174,6 +174,7 @@ class _StepDecision:
     """What a step's decision found, for its drafting (:meth:`CmasdProposerMixin._draft`)."""
 
     start: float  # when the step's drafter work began
+    decided: float  # when it was decided: vLLM's input preparation, which runs after, is drafting's cost
     req_ids: list[str]
     num_computed: np.ndarray
     query_lens: np.ndarray
@@ -396,7 +397,7 @@ class CmasdProposerMixin:
         elif not drafts.all():
             # Only requests that draft catch up; the room goes to them.
             plan = self.lag.plan(req_ids, num_computed, query_lens, room=room, wanted=drafts)
-        return _StepDecision(start, req_ids, num_computed, query_lens, slots, plan, drafts)
+        return _StepDecision(start, time.perf_counter(), req_ids, num_computed, query_lens, slots, plan, drafts)
 
     def _draft(self, decision: _StepDecision, num_speculative_tokens, kwargs) -> list[list[int]]:
         """vLLM's drafting loop over the decided requests, with their catch-ups."""
@@ -406,7 +407,7 @@ class CmasdProposerMixin:
         slots, plan, drafts = decision.slots, decision.plan, decision.drafts
         pass_lens = plan.query_lens(query_lens) + self.net_num_new_slots_per_request
         pass_tokens = int(pass_lens.sum())
-        drafting_start = time.perf_counter()
+        drafting_start = decision.decided
         budget = StepBudget(self.costs, batch_size) if self.config.measures_costs else None
         if plan.num_tokens:
             rows = np.flatnonzero(plan.missed)
