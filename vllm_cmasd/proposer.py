@@ -331,13 +331,11 @@ class CmasdProposerMixin:
         return self._decision is not None
 
     def propose(self, num_speculative_tokens, **kwargs) -> list[list[int]]:
+        cad = kwargs["common_attn_metadata"]
+        # Not decided before vLLM's input preparation: decide now.
+        if self._decision is None and not self.decide(cad, kwargs.get("target_hidden_states")):
+            return [[] for _ in range(cad.batch_size())]
         decision, self._decision = self._decision, None
-        if decision is None:  # not decided before vLLM's input preparation
-            start = time.perf_counter()
-            decision = self._decide(kwargs["common_attn_metadata"], kwargs.get("target_hidden_states"), start)
-            if decision is None:
-                self._end_step(start)
-                return [[] for _ in range(kwargs["common_attn_metadata"].batch_size())]
         drafts = self._draft(decision, num_speculative_tokens, kwargs)
         self._end_step(decision.start)
         return drafts

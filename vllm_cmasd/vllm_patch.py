@@ -255,13 +255,15 @@ def _forward_report(original_update):
 
 def _drafts_from_output(original_post_step):
     """The drafts of the step just processed, from its output, not from a
-    ``take_draft_token_ids`` call to the workers: with the worker in a process
-    of its own (vLLM's CPU platform always, ``vllm serve`` anywhere) that call
-    is one more round trip every step, 1.8 ms a step on a 2-core CPU at 32
-    requests (docs/notes/eagle3-training.md, seventeenth session), which plain
-    decoding does not pay. Where the output brought none (vLLM's empty output),
-    and with pipeline parallelism's batch queue (outputs processed a step
-    behind the workers), vLLM's own call runs."""
+    ``take_draft_token_ids`` call to the workers: with the workers in processes
+    of their own (vLLM's CPU platform always; elsewhere its multiprocess and Ray
+    executors) that call is one more round trip every step, 2.0 ms a step on a
+    2-core CPU at 32 requests (docs/notes/eagle3-training.md, seventeenth
+    session), which plain decoding does not pay. Where the output brought none
+    (vLLM's empty output), and with pipeline parallelism's batch queue (outputs
+    processed a step behind the workers), vLLM's own call runs. CM-ASD turns
+    async scheduling off and always speculates, so vLLM's conditions for the
+    call hold wherever drafts were delivered."""
 
     @functools.wraps(original_post_step)
     def post_step(self, model_executed: bool) -> None:
@@ -269,7 +271,7 @@ def _drafts_from_output(original_post_step):
         if delivered is None or not model_executed or self.batch_queue is not None:
             return original_post_step(self, model_executed)
         (drafts,) = delivered
-        if drafts is not None and self.check_for_draft_tokens and not self.async_scheduling:
+        if drafts is not None:
             self.scheduler.update_draft_token_ids(drafts)
 
     return post_step
