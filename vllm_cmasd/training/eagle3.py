@@ -328,16 +328,20 @@ def evaluate(head, kept, teacher, records, args, max_tokens: int = 4096) -> dict
             "top1_agreement_by_step": [round(a / max(1, tot["anchors"]), 4) for a in tot["step_agree"]]}
 
 
-def _load_init(path):
-    """A warm start: an ``eagle-train`` checkpoint, or a shipped head directory."""
+def _load_init(head, path) -> None:
+    """Load a head's weights (a warm start, or one to evaluate) from an ``eagle-train``
+    checkpoint or a shipped head directory; refuses one of another shape."""
     torch = _torch()
     from safetensors.torch import load_file
 
     path = Path(path)
     if path.is_file():
-        return torch.load(path, weights_only=False, map_location="cpu")["head"]
-    sd = load_file(str(path / "model.safetensors"))
-    return {k: v.float() for k, v in sd.items() if k not in ("d2t", "t2d")}
+        state = torch.load(path, weights_only=False, map_location="cpu")["head"]
+    else:
+        state = {k: v.float() for k, v in load_file(str(path / "model.safetensors")).items() if k not in ("d2t", "t2d")}
+    missing, unexpected = head.load_state_dict(state, strict=False)
+    if unexpected or [k for k in missing if not k.startswith("rotary")]:
+        raise ValueError(f"--init-from {path}: not a head of this shape (missing {missing}, unexpected {unexpected})")
 
 
 def _prompt_key(record) -> tuple[int, ...]:
@@ -378,7 +382,7 @@ def stage_eagle_train(args) -> None:
         step, t_used, hist, best = st["step"], st["t_used"], st["hist"], st["best"]
         log(f"eagle-train: resumed from step {step} ({t_used / 60:.1f} min used)")
     elif args.init_from:
-        head.load_state_dict(_load_init(args.init_from), strict=False)
+        _load_init(head, args.init_from)
         hist.append({"step": 0, "init_from": str(args.init_from)})
         log(f"eagle-train: warm start from {args.init_from}")
     else:
@@ -518,10 +522,7 @@ def stage_eagle_eval(args) -> None:
     torch.set_num_threads(args.threads)
     kept = kept_ids(args).to(args.device)
     head = build_head(LlamaConfig.from_pretrained(args.target), len(kept)).to(args.device)
-    missing, unexpected = head.load_state_dict(_load_init(args.init_from), strict=False)
-    if unexpected or [k for k in missing if not k.startswith("rotary")]:
-        raise ValueError(f"--init-from {args.init_from}: not a head of this shape (missing {missing}, "
-                         f"unexpected {unexpected})")
+    _load_init(head, args.init_from)
     held = torch.load(Path(args.work) / "data.pt", weights_only=False)["eval_docs"]
     result = evaluate(head, kept, Teacher(args.target, kept, args.device), held, args)
     log(f"eagle-eval: {args.init_from} on the {len(held)} held-out docs records of {args.work}: {result}")
