@@ -58,7 +58,7 @@ def test_a_step_that_would_verify_pays_for_verifying_before_it_drafts():
     model = costs(lambda n: 1.0 + 0.01 * n, lambda n: 0.05)
     free = StepBudget(model, batch_size=2, first_pass_paid=False)
     assert free.another_pass([0.8, 0.7], [True, True]) == [True, True]
-    dear = StepBudget(replace(model, verify_s=1.0), batch_size=2, first_pass_paid=False)
+    dear = StepBudget(replace(model, verify_request_s=0.5), batch_size=2, first_pass_paid=False)
     assert dear.another_pass([0.8, 0.7], [True, True]) == [False, False]
 
 
@@ -156,14 +156,23 @@ def test_measured_costs_learn_what_the_profile_misses():
     assert measured.target(16) == pytest.approx(prior.target(16)) and measured.draft(9) == pytest.approx(prior.draft(9))
     # Real steps: 0.5 s more per step (scheduling, sampling) and attention
     # doubles the slope; measured at 16..40 tokens only.
-    # A step that verifies drafts costs 0.3 s more (rejection sampling, bookkeeping).
+    # A step that verifies drafts costs 0.03 s more per request (rejection
+    # sampling, bookkeeping, the attention backend's path for longer queries)
+    # and 0.05 s more per drafted token than per request token.
     for i in range(200):
-        n, verifies = 16 + (i % 4) * 8, i % 3 == 0
-        measured.observe_target_step(n, 1.5 + 0.2 * n + 0.3 * verifies, verified_drafts=verifies)
+        if i % 3:
+            n = 16 + (i % 4) * 8
+            measured.observe_target_step(n, 1.5 + 0.2 * n, batch_size=n)
+        else:
+            batch, drafted = 8 + (i % 5) * 2, 2 + (i % 4) * 4
+            n = batch + drafted
+            measured.observe_target_step(n, 1.5 + 0.2 * n + 0.03 * batch + 0.05 * drafted, batch_size=batch,
+                                         verified_drafts=True)
     assert measured.target(24) == pytest.approx(1.5 + 0.2 * 24, rel=0.02)
     assert measured.target(25) - measured.target(24) == pytest.approx(0.2, rel=0.05)  # the marginal cost
-    assert measured.verify_s == pytest.approx(0.3, rel=0.05)
-    assert measured.coefficients["target_verify_s"] == pytest.approx(0.3, rel=0.05)
+    assert measured.verify(10) == pytest.approx(0.3, rel=0.1)
+    assert measured.verified_token(24) == pytest.approx(0.25, rel=0.05)
+    assert measured.coefficients["target_verify_request_s"] == pytest.approx(0.03, rel=0.1)
     # Drafting costs 25% more per pass and per token than its profiled forwards.
     for i in range(200):
         first, more = 24 + i % 3 * 8, 1 + i % 4
@@ -173,10 +182,33 @@ def test_measured_costs_learn_what_the_profile_misses():
     assert measured.draft(40) == pytest.approx(1.25 * prior.draft(40), rel=0.02)
     # An idle gap between requests is not a step's cost.
     before, samples = measured.target(24), measured.num_target_samples
-    measured.observe_target_step(24, 100.0)
+    measured.observe_target_step(24, 100.0, batch_size=24)
     assert measured.target(24) == before and measured.num_target_samples == samples
     fit = measured.summary()
     assert fit["draft_samples"] == 200 and len(fit["target_s"]) == len(TOKENS)
+
+
+def test_a_long_run_of_verifying_steps_keeps_what_a_step_without_drafts_costs():
+    """Served at 8 streams on a 2-core CPU (step probe, 2026-12-05): a decode step
+    of 8 requests took 173 ms without drafts and ~85 ms more with a draft to
+    verify, then ~20 ms more per drafted token. Once the controller drafts on
+    every step, the fit must still know both: a single decay over all steps
+    forgot the steps without drafts and could not tell verifying's cost from the
+    intercept (served, it fitted that cost at -15 to -69 ms, and a step without
+    drafts looked as dear as one with)."""
+    from vllm_cmasd.budget import MeasuredCosts
+
+    # The profile: forwards only, cheaper than real steps.
+    measured = MeasuredCosts(costs(lambda n: 0.05 + 0.008 * n, lambda n: 0.005 + 0.0005 * n))
+    for i in range(40):  # decode steps without drafts, 6-8 requests
+        batch = 6 + i % 3
+        measured.observe_target_step(batch, 0.093 + 0.01 * batch, batch_size=batch)
+    for i in range(300):  # then every step verifies 1-6 drafted tokens at 8 requests
+        drafted = 1 + i % 6
+        measured.observe_target_step(8 + drafted, 0.093 + 0.01 * 8 + 0.085 + 0.02 * (drafted - 1),
+                                     batch_size=8, verified_drafts=True)
+    assert measured.target(8) == pytest.approx(0.173, rel=0.05)
+    assert measured.verify(8) == pytest.approx(0.085, rel=0.25)
 
 
 def test_measured_costs_learn_from_a_prior_several_times_too_low():
@@ -188,11 +220,11 @@ def test_measured_costs_learn_from_a_prior_several_times_too_low():
 
     measured = MeasuredCosts(costs(lambda n: 0.0007, lambda n: 0.0002))
     for i in range(30):
-        measured.observe_target_step(2, 0.0035 + 0.0001 * (i % 5))
+        measured.observe_target_step(2, 0.0035 + 0.0001 * (i % 5), batch_size=2)
     assert measured.num_target_samples >= 25
     assert measured.target(2) == pytest.approx(0.0037, rel=0.1)
     samples = measured.num_target_samples
-    measured.observe_target_step(2, 1.0)  # an idle gap between two generate calls
+    measured.observe_target_step(2, 1.0, batch_size=2)  # an idle gap between two generate calls
     assert measured.num_target_samples == samples
 
 

@@ -352,7 +352,7 @@ def test_options_through_vllm_serve(servers, option_servers):
     # engine core (tests/test_catchup.py checks the values in-process).
     m = option_servers["controller"].metrics()
     costs = {k: v for k, v in m.items() if k.startswith("vllm:cmasd_cost_seconds{")}
-    assert len(costs) == 6 and m[next(k for k in costs if 'term="target_step_s"' in k)] > 0, costs
+    assert len(costs) == 7 and m[next(k for k in costs if 'term="target_step_s"' in k)] > 0, costs
     assert len([k for k in m if k.startswith("vllm:cmasd_calibration_acceptance{")]) == 20
     passes = metric_total(m, "vllm:cmasd_skipped_drafter_passes_total")
     assert passes + metric_total(m, "vllm:spec_decode_num_drafts_total") > 0

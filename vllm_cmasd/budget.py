@@ -43,12 +43,20 @@ class CostModel:
     """One target forward over that many tokens, logits included."""
     draft_s: tuple[float, ...]
     """One drafter pass over that many tokens, logits included."""
-    verify_s: float = 0.0
+    verify_request_s: float = 0.0
     """What a target step that verifies drafts costs beyond the same tokens
-    without them (the profile runs forwards only: none)."""
+    without them, per request of its batch (the profile runs forwards only: none)."""
 
     def target(self, num_tokens: int) -> float:
         return _interpolate(self.tokens, self.target_s, num_tokens)
+
+    def verify(self, batch_size: int) -> float:
+        """What verifying drafts adds to a step of ``batch_size`` requests."""
+        return self.verify_request_s * batch_size
+
+    def verified_token(self, num_tokens: int) -> float:
+        """What one more drafted token adds to a step that verifies ``num_tokens`` tokens."""
+        return self.target(num_tokens + 1) - self.target(num_tokens)
 
     def draft(self, num_tokens: int) -> float:
         return _interpolate(self.tokens, self.draft_s, num_tokens)
@@ -80,7 +88,7 @@ class StepBudget:
         # A step that drafts also verifies: its fixed extra (rejection sampling,
         # bookkeeping) comes with the first pass.
         self.seconds = costs.target(batch_size) + (
-            costs.draft(batch_size) + costs.verify_s if first_pass_paid else 0.0
+            costs.draft(batch_size) + costs.verify(batch_size) if first_pass_paid else 0.0
         )
 
     def _admit(self, survival: list[float], candidates: list[bool], seconds: float, force: bool,
@@ -96,11 +104,11 @@ class StepBudget:
         tokens, verify = self.expected_tokens, self.verify_tokens
         own = extra_seconds or [0.0] * len(survival)
         admitted = [False] * len(survival)
-        first_extra = self.costs.target(verify + 1) - self.costs.target(verify)
+        first_extra = self.costs.verified_token(verify)
         order = sorted((i for i, c in enumerate(candidates) if c),
                        key=lambda i: -survival[i] / max(first_extra + own[i], 1e-12))
         for i in order:
-            extra = self.costs.target(verify + 1) - self.costs.target(verify) + own[i]
+            extra = self.costs.verified_token(verify) + own[i]
             # s / extra > tokens / seconds, without dividing by a zero cost.
             if not force and survival[i] * seconds <= tokens * extra:
                 break  # the rest are worth less for their cost
@@ -129,12 +137,12 @@ class StepBudget:
         vLLM's drafting loop runs every row of the batch, so a pass costs
         ``draft(batch_size)`` however few requests still draft; a first pass
         costs ``draft(pass_tokens)``: the verified tokens and one new slot per
-        request, and makes the step one that verifies (``verify_s``). ``extra_seconds``: what drafting for each request adds to the
+        request, and makes the step one that verifies (``costs.verify``). ``extra_seconds``: what drafting for each request adds to the
         pass beyond that (a lagging request's catch-up), paid only by those admitted.
         """
         with_pass = self.seconds + self.costs.draft(pass_tokens or self.batch_size)
         if not self.first_pass_paid:
-            with_pass += self.costs.verify_s
+            with_pass += self.costs.verify(self.batch_size)
         if force:
             self.seconds = with_pass
             return list(candidates)
@@ -164,7 +172,7 @@ def expected_draft(
     request at a time cost 0.14 ms a step at 32 requests."""
     acceptance = np.asarray(acceptance, dtype=np.float64)
     rate = batch_size / max(costs.target(batch_size), 1e-12)  # tokens per second without drafting
-    per_position = costs.draft(batch_size) / batch_size + costs.target(batch_size + 1) - costs.target(batch_size)
+    per_position = costs.draft(batch_size) / batch_size + costs.verified_token(batch_size)
     # Positions 2..k_max survive with a^2..a^k_max; drafting stops at the first that does not pay.
     survival = acceptance[:, None] ** np.arange(2, k_max + 1)
     drafted = np.cumprod(survival > rate * per_position, axis=1, dtype=bool)
@@ -174,21 +182,28 @@ def expected_draft(
 class _DecayedLinearFit:
     """y = w . f, least squares over exponentially decayed samples, anchored by
     fixed pseudo-samples (the prior) so it is defined before data arrive and
-    keeps a slope where the data have no spread."""
+    keeps a slope where the data have no spread.
+
+    Samples come in ``groups`` that decay apart: a sample decays the earlier
+    samples of its own group only. Where a feature tells the groups apart (a
+    step that verifies drafts or not), a long run of one group keeps what the
+    other measured last; one decay over both erased it, and the fit could no
+    longer tell that feature's term from the intercept."""
 
     def __init__(self, prior_features: list[tuple[float, ...]], prior_y: list[float], prior_weight: float,
-                 decay: float):
+                 decay: float, groups: int = 1):
         self.decay = decay
         features = np.asarray(prior_features, dtype=np.float64)
         weight = prior_weight / max(len(prior_y), 1)
         self.prior = (weight * features.T @ features, weight * features.T @ np.asarray(prior_y, dtype=np.float64))
         dim = features.shape[1]
-        self.data = (np.zeros((dim, dim)), np.zeros(dim))  # F^T W F, F^T W y
+        self.data = [(np.zeros((dim, dim)), np.zeros(dim)) for _ in range(groups)]  # per group F^T W F, F^T W y
         self.num_samples = 0
         self.weights = self._solve()
 
     def _solve(self) -> tuple[float, ...]:
-        ff, fy = self.prior[0] + self.data[0], self.prior[1] + self.data[1]
+        ff = self.prior[0] + sum(data[0] for data in self.data)
+        fy = self.prior[1] + sum(data[1] for data in self.data)
         try:
             return tuple(np.linalg.solve(ff, fy).tolist())
         except np.linalg.LinAlgError:
@@ -197,10 +212,10 @@ class _DecayedLinearFit:
     def __call__(self, *features: float) -> float:
         return float(sum(w * f for w, f in zip(self.weights, features)))
 
-    def update(self, *features: float, y: float) -> None:
+    def update(self, *features: float, y: float, group: int = 0) -> None:
         f = np.asarray(features, dtype=np.float64)
-        ff, fy = self.data
-        self.data = (self.decay * ff + np.outer(f, f), self.decay * fy + f * y)
+        ff, fy = self.data[group]
+        self.data[group] = (self.decay * ff + np.outer(f, f), self.decay * fy + f * y)
         self.num_samples += 1
         self.weights = self._solve()
 
@@ -208,13 +223,22 @@ class _DecayedLinearFit:
 class MeasuredCosts:
     """Costs measured on the running engine, with the start-up profile as prior.
 
-    The target's step: ``T(n) = a + b n`` seconds for n scheduled tokens, plus
-    ``c`` (``verify_s``) on a step that verifies drafts: a least-squares fit
-    through recent steps (each step's weight decays by
-    ``decay`` per step), anchored by the profile's points. The line learns
-    what the profile cannot see: per-step work outside the forward
-    (scheduling, sampling, bookkeeping) in ``a``, attention over real
-    contexts in the slope ``b`` (the profile runs no attention). Drafting: a
+    The target's step: ``T(n) = a + b n`` seconds for n scheduled tokens; a
+    step of B requests that verifies d drafted tokens (n = B + d) costs
+    ``c B`` (:meth:`verify`) and ``e d`` more (each drafted token ``b + e``,
+    :meth:`verified_token`): a least-squares fit through recent steps (each
+    step's weight decays by ``decay`` per step of its kind, verifying or
+    not), anchored by the profile's points. The line learns what the profile
+    cannot see: per-step work outside the forward (scheduling, sampling,
+    bookkeeping) in ``a``, attention over real contexts in the slope ``b``
+    (the profile runs no attention). Both verifying terms are there because
+    that is how verifying was measured: on vLLM's CPU backend a decode step
+    of 8 requests took 173 ms without drafts, ~85 ms more with one drafted
+    token and ~20 ms more for each further one, against ~10 ms for each
+    request's own token; at one request the first drafted token added ~8 ms
+    (AMD, 2026-12-05; the step probe, docs/notes/eagle3-training.md). With
+    one term for all tokens, the fit gave verifying a zero or negative fixed
+    cost and a steeper ``b``. Drafting: a
     step's whole drafting time (metadata, sampling, host syncs included) is
     ``passes x d0 + tokens x d1`` over its passes and the tokens they run, the
     same kind of fit; ``D(n) = d0 + d1 n`` is one pass over n tokens. A
@@ -237,11 +261,19 @@ class MeasuredCosts:
             kind: collections.deque(maxlen=self.OUTLIER_WINDOW) for kind in ("target", "draft", "warm_up")
         }
         points = [(1.0, float(n)) for n in prior.tokens]
-        # The target's third feature is 1 on a step that verifies drafts; the
-        # profile has none, so one pseudo-sample holds it at the profile's verify_s
-        # until real steps with and without drafts tell them apart.
-        self._target = _DecayedLinearFit([(*p, 0.0) for p in points] + [(0.0, 0.0, 1.0)],
-                                         [*prior.target_s, prior.verify_s], prior_weight, decay)
+        # The target's features beyond (1, n), on a step that verifies drafts:
+        # its batch size and its drafted tokens (0 and 0 on one that does not).
+        # The profile has neither, so two pseudo-samples hold their weights at
+        # the profile's until real steps with and without drafts tell them
+        # apart. Those two kinds decay apart (group = verifies): when every step
+        # of a long stretch verified, one decay over both left only verifying
+        # steps, whose extra the intercept could then take (served at 8 streams:
+        # a fixed verifying cost fitted at -15 to -69 ms), and a step without
+        # drafts looked as dear as one with.
+        self._target = _DecayedLinearFit(
+            [(*p, 0.0, 0.0) for p in points] + [(0.0, 0.0, 1.0, 0.0), (0.0, 0.0, 0.0, 1.0)],
+            [*prior.target_s, prior.verify_request_s, 0.0], prior_weight, decay, groups=2,
+        )
         self._draft = _DecayedLinearFit(points, list(prior.draft_s), prior_weight, decay)
         # A pass's tokens beyond a decode step's (a prompt's prefill, a
         # catch-up) are priced per token on their own: a long pass costs far
@@ -260,12 +292,15 @@ class MeasuredCosts:
 
     def target(self, num_tokens: int) -> float:
         """A target step over ``num_tokens`` scheduled tokens (without drafts to verify)."""
-        return max(self._target(1.0, num_tokens, 0.0), 0.0)
+        return max(self._target(1.0, num_tokens, 0.0, 0.0), 0.0)
 
-    @property
-    def verify_s(self) -> float:
-        """What a step that verifies drafts costs beyond the same tokens without them."""
-        return max(self._target.weights[2], 0.0)
+    def verify(self, batch_size: int) -> float:
+        """What a step of ``batch_size`` requests that verifies drafts costs beyond its requests' own tokens."""
+        return max(self._target.weights[2], 0.0) * batch_size
+
+    def verified_token(self, num_tokens: int) -> float:
+        """What one more drafted token adds to a step that verifies drafts."""
+        return max(self._target.weights[1] + self._target.weights[3], 0.0)
 
     def draft(self, num_tokens: int) -> float:
         return max(self._draft(1.0, num_tokens), 0.0)
@@ -284,12 +319,13 @@ class MeasuredCosts:
         ratios.append(measured / estimate)
         return measured <= self.outlier_ratio * typical * estimate
 
-    def observe_target_step(self, num_tokens: int, seconds: float, verified_drafts: bool = False) -> None:
+    def observe_target_step(self, num_tokens: int, seconds: float, *, batch_size: int,
+                            verified_drafts: bool = False) -> None:
         """One engine step's time outside the drafter, for ``num_tokens`` scheduled
-        tokens, of which some were drafts to verify or not."""
-        verifies = float(verified_drafts)
-        if self._plausible("target", seconds, self.target(num_tokens) + verifies * self.verify_s):
-            self._target.update(1.0, num_tokens, verifies, y=seconds)
+        tokens of ``batch_size`` requests, of which some were drafts to verify or not."""
+        features = (1.0, num_tokens, batch_size, num_tokens - batch_size) if verified_drafts else (1.0, num_tokens, 0.0, 0.0)
+        if self._plausible("target", seconds, max(self._target(*features), 0.0)):
+            self._target.update(*features, y=seconds, group=int(verified_drafts))
 
     def observe_drafting(self, first_pass_tokens: int, more_passes: int, batch_size: int, seconds: float) -> None:
         """One step's drafting, everything included: a first pass over
@@ -306,10 +342,12 @@ class MeasuredCosts:
 
     @property
     def coefficients(self) -> dict[str, float]:
-        """The fitted lines: target step a + b n (+ c when it verifies drafts),
+        """The fitted lines: target step a + b n (+ c per request and e per drafted
+        token when it verifies drafts),
         drafting pass d0 + d1 n, and a pass's tokens beyond a decode step's (seconds)."""
-        (a, b, c), (d0, d1) = self._target.weights, self._draft.weights
-        return {"target_step_s": a, "target_token_s": b, "target_verify_s": c, "draft_pass_s": d0, "draft_token_s": d1,
+        (a, b, c, e), (d0, d1) = self._target.weights, self._draft.weights
+        return {"target_step_s": a, "target_token_s": b, "target_verify_request_s": c, "target_drafted_token_s": e,
+                "draft_pass_s": d0, "draft_token_s": d1,
                 "warm_up_token_s": self._warm_up.weights[0]}
 
     def summary(self) -> dict:

@@ -137,7 +137,8 @@ class CmasdPrometheus:
         self.verified = gauge("vllm:cmasd_calibration_tokens",
                               "Reliability diagram: drafted tokens verified, by bin of prediction.", "predicted_bin")
         self.cost = gauge("vllm:cmasd_cost_seconds",
-                          "CM-ASD's measured cost fit: target step a + b n (+ V verifying), drafter pass d0 + d1 n, "
+                          "CM-ASD's measured cost fit: target step a + b n (verifying: + c per request, + e per drafted "
+                          "token), drafter pass d0 + d1 n, "
                           "a pass's tokens beyond a decode step's w each (seconds).",
                           "term")
 

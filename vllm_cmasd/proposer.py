@@ -351,7 +351,7 @@ class CmasdProposerMixin:
             # per token than verifying drafts, and would set the slope.
             decoding = cad.max_query_len <= self.config.k_max + 1
             self._observe_costs(cad.num_actual_tokens, start - self._step_end, target_sample=decoding,
-                                verified_drafts=cad.num_actual_tokens > cad.batch_size())
+                                batch_size=cad.batch_size(), verified_drafts=cad.num_actual_tokens > cad.batch_size())
         batch_size = cad.batch_size()
         batch = self.runner.input_batch
         req_ids = list(batch.req_ids[:batch_size])
@@ -449,7 +449,8 @@ class CmasdProposerMixin:
         self.stats.record_drafts(lengths)
         return [row[:n] for row, n in zip(tokens, lengths)]
 
-    def _observe_costs(self, num_tokens: int, step_seconds: float, target_sample: bool, verified_drafts: bool) -> None:
+    def _observe_costs(self, num_tokens: int, step_seconds: float, target_sample: bool, batch_size: int,
+                       verified_drafts: bool) -> None:
         """Feed the measured costs: the time since the last return (the rest of
         that step, scheduling this one, the target's forward and verification,
         synced since the verifier's outcome reached the host) for this step's
@@ -465,14 +466,14 @@ class CmasdProposerMixin:
         if tp_group.world_size > 1:
             seconds = tp_group.broadcast(torch.tensor(seconds, dtype=torch.float64, device=self.device), src=0).tolist()
         if target_sample:
-            self.costs.observe_target_step(num_tokens, seconds[0], verified_drafts=verified_drafts)
+            self.costs.observe_target_step(num_tokens, seconds[0], batch_size=batch_size, verified_drafts=verified_drafts)
         if drafting is None:
             return
-        pass_tokens, more_passes, batch_size, _, decoding, warm_up = drafting
+        pass_tokens, more_passes, drafted_batch, _, decoding, warm_up = drafting  # the last step's
         if decoding:
-            self.costs.observe_drafting(pass_tokens, more_passes, batch_size, seconds[1])
+            self.costs.observe_drafting(pass_tokens, more_passes, drafted_batch, seconds[1])
         elif warm_up:
-            decode_part = self.costs.draft(pass_tokens - warm_up) + more_passes * self.costs.draft(batch_size)
+            decode_part = self.costs.draft(pass_tokens - warm_up) + more_passes * self.costs.draft(drafted_batch)
             self.costs.observe_warm_up(warm_up, seconds[1] - decode_part)
 
     @staticmethod
