@@ -233,10 +233,11 @@ class MeasuredCosts:
     bookkeeping) in ``a``, attention over real contexts in the slope ``b``
     (the profile runs no attention). Both verifying terms are there because
     that is how verifying was measured: on vLLM's CPU backend a decode step
-    of 8 requests took 173 ms without drafts, ~85 ms more with one drafted
-    token and ~20 ms more for each further one, against ~10 ms for each
-    request's own token; at one request the first drafted token added ~8 ms
-    (AMD, 2026-12-05; the step probe, docs/notes/eagle3-training.md). With
+    of 8 requests took 172-202 ms without drafts, 24-85 ms more (two runs)
+    with one drafted token and ~20 ms more for each further one, against
+    ~10 ms for each request's own token; at one request the first drafted
+    token added ~8 ms (AMD, 2026-12-05; the step probe,
+    docs/notes/eagle3-training.md). With
     one term for all tokens, the fit gave verifying a zero or negative fixed
     cost and a steeper ``b``. Drafting: a
     step's whole drafting time (metadata, sampling, host syncs included) is
@@ -299,7 +300,8 @@ class MeasuredCosts:
         return max(self._target.weights[2], 0.0) * batch_size
 
     def verified_token(self, num_tokens: int) -> float:
-        """What one more drafted token adds to a step that verifies drafts."""
+        """What one more drafted token adds to a step that verifies drafts (``b + e``:
+        the same at any ``num_tokens``, the fit being linear)."""
         return max(self._target.weights[1] + self._target.weights[3], 0.0)
 
     def draft(self, num_tokens: int) -> float:
