@@ -53,12 +53,17 @@ def tiny_flags(target, draft=None, cmasd=None, draft_method="draft_model", **ove
 
 
 def start_all(servers: list[VllmServer]) -> None:
-    """Start side by side (startup is mostly imports), then wait for each; stop all on failure."""
+    """Start side by side (startup is mostly imports), then wait for each; stop all on failure.
+
+    Servers started together share the machine's cores, so they get STARTUP_TIMEOUT
+    each, together: on the slow 2-core AMD kind the first of four took over 240 s
+    (a fresh-clone run of the suite, 2026-12-05), which a deadline of its own failed."""
     try:
         for s in servers:
             s.start()
+        deadline = time.monotonic() + STARTUP_TIMEOUT * len(servers)
         for s in servers:
-            s.wait_ready(STARTUP_TIMEOUT)
+            s.wait_ready(max(deadline - time.monotonic(), 1.0))
     except BaseException:
         for s in servers:
             s.stop()
