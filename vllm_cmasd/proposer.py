@@ -346,13 +346,13 @@ class CmasdProposerMixin:
 
     def _decide(self, cad, target_hidden_states: torch.Tensor | None, start: float) -> _StepDecision | None:
         """The step's costs observed, who drafts decided; None: no drafter pass (the skip is recorded)."""
+        batch_size = cad.batch_size()
         if self.costs is not None and self._step_end is not None:
             # Decode steps only: a prefill's big batched matmuls cost far less
             # per token than verifying drafts, and would set the slope.
             decoding = cad.max_query_len <= self.config.k_max + 1
             self._observe_costs(cad.num_actual_tokens, start - self._step_end, target_sample=decoding,
-                                batch_size=cad.batch_size(), verified_drafts=cad.num_actual_tokens > cad.batch_size())
-        batch_size = cad.batch_size()
+                                batch_size=batch_size, verified_drafts=cad.num_actual_tokens > batch_size)
         batch = self.runner.input_batch
         req_ids = list(batch.req_ids[:batch_size])
         # Tokens whose KV the target holds before this step (not yet advanced by it).
