@@ -221,8 +221,11 @@ def test_interleaving_by_calls_runs_each_batch_on_every_engine_in_turn(tiny_pair
 
     for r in report.build(raw)["summary"]:
         assert len(r["speedup_by_round"]) == 2 and all(x > 0 for x in r["speedup_by_round"]), r["setting"]
+        low, high = r["speedup_interval"]  # over the two rounds
+        assert low <= min(r["speedup_by_round"]) <= max(r["speedup_by_round"]) <= high
         if r["method"] == "ar":
             assert r["speedup_by_round"] == pytest.approx([1.0, 1.0])
+            assert r["speedup_interval"] == pytest.approx((1.0, 1.0))
 
 
 def test_an_engine_that_cannot_start_fails_alone_and_leaves_no_process(tiny_pair):

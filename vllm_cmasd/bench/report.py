@@ -8,6 +8,9 @@ Definitions (see docs/notes/benchmark.md for the reasoning):
 * ``speedup_vs_ar``: tokens_per_s / AR's tokens_per_s on the same prompts and batch size.
 * ``speedup_by_round``: the same within each round (its share of the prompts): how
   far the machine's drift moved the ratio over the run.
+* ``speedup_interval``: the 95% confidence interval of a round's speedup (geometric
+  mean over the rounds, Student's t: :mod:`vllm_cmasd.bench.intervals`); None under
+  two rounds.
 * ``mean_acceptance_length``: 1 + accepted / drafts, vLLM's counters (tokens a
   request gains per verification step in which it drafted; 1.0 for AR).
 * ``rollback_rate``: (drafted - accepted) / drafted.
@@ -34,6 +37,7 @@ from collections import defaultdict
 from pathlib import Path
 from typing import Any
 
+from vllm_cmasd.bench.intervals import speedup_interval
 from vllm_cmasd.bench.runner import CMASD_METHODS, FIXED_K_METHODS, LOSSY_METHODS, METHODS
 from vllm_cmasd.metrics import CONTROLLER_TOTALS
 
@@ -198,6 +202,7 @@ def build(raw: dict[str, Any]) -> dict[str, Any]:
         m = methods[label]
         method = m["method"]
         ar_tps = ar.tps if ar is not None else None
+        by_round = _by_round(g, ar) if ar is not None else []
         rec: dict[str, Any] = {
             "method": method,
             "setting": label,
@@ -212,7 +217,8 @@ def build(raw: dict[str, Any]) -> dict[str, Any]:
             "seconds": g.seconds,
             "tokens_per_s": g.tps,
             "speedup_vs_ar": g.tps / ar_tps if ar_tps else None,
-            "speedup_by_round": _by_round(g, ar) if ar is not None else [],
+            "speedup_by_round": by_round,
+            "speedup_interval": speedup_interval(by_round),
             "engine_steps": g.steps,
             "tokens_per_engine_step": g.tokens / g.steps if g.steps else None,
             "num_drafts": g.drafts,
@@ -356,9 +362,13 @@ def _fmt_range(values: list[float] | None) -> str:
     return f"{min(values):.2f}-{max(values):.2f}"
 
 
+def _fmt_interval(interval: tuple[float, float] | list[float] | None) -> str:
+    return "-" if interval is None else f"{interval[0]:.2f}-{interval[1]:.2f}"
+
+
 def _table(rows: list[dict]) -> list[str]:
     head = (
-        "| method | setting | batch | tok/s | speedup | by round | acc. len | draft len | rollback | "
+        "| method | setting | batch | tok/s | speedup | by round | 95% CI | acc. len | draft len | rollback | "
         "BLEU vs AR | ROUGE-L vs AR | identical | oracle speedup | of oracle | draft weights MiB |"
     )
     lines = [head, "|" + "---|" * head.count(" | ") + "---|"]
@@ -370,6 +380,7 @@ def _table(rows: list[dict]) -> list[str]:
         lines.append(
             f"| {r['method']} | {setting} | {r['batch_size']} | {_fmt(r['tokens_per_s'], '.1f')} | "
             f"{_fmt(r['speedup_vs_ar'])} | {_fmt_range(r.get('speedup_by_round'))} | "
+            f"{_fmt_interval(r.get('speedup_interval'))} | "
             f"{_fmt(r['mean_acceptance_length'])} | {_fmt(r['mean_draft_length'])} | "
             f"{_fmt(r['rollback_rate'], '.1%')} | {_fmt(r['rel_bleu_vs_ar'], '.1f')} | {_fmt(r['rouge_l_vs_ar'], '.3f')} | "
             f"{identical} | {_fmt(r['oracle_speedup'])} | {_fmt(r['oracle_fraction'], '.0%')} | {_fmt(draft_mib, '.1f')} |"
@@ -410,7 +421,8 @@ def markdown(bench: dict[str, Any], command: str | None = None) -> str:
         "",
         "Columns: tok/s = output tokens per second of generate calls; speedup vs plain decoding (AR) on the same "
         "prompts and batch size; by round = the lowest and highest of the same speedup within each round (the "
-        "machine's drift); acc. len = mean tokens per verification step that had a draft (1 + accepted/drafts); "
+        "machine's drift); 95% CI = where a round's speedup lies at 95% confidence (Student's t over the rounds' "
+        "log ratios; each round runs new engines); acc. len = mean tokens per verification step that had a draft (1 + accepted/drafts); "
         "draft len = mean drafted tokens per draft; rollback = rejected / drafted tokens; BLEU (0-100) and ROUGE-L F1 "
         "(0-1) use AR's text as the reference; identical = prompts whose output tokens equal AR's; oracle speedup = "
         "a drafter that drafts exactly the tokens that will be accepted (k_max, same draft, measured costs); "

@@ -36,6 +36,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from vllm_cmasd.bench.intervals import speedup_interval
 from vllm_cmasd.bench.runner import MethodSpec, cmasd, cmasd_budget, cmasd_eagle3, cmasd_exact, rstitch, turns
 from vllm_cmasd.metrics import CONTROLLER_TOTALS
 
@@ -425,7 +426,7 @@ def speedups_vs_ar(summaries: list[dict[str, Any]]) -> list[dict[str, Any]]:
         if s["method"] != "ar" and base:
             ratios.setdefault((s["label"], s["concurrency"]), []).append(s["throughput_tok_s"] / base)
     return [{"label": label, "concurrency": c, "ratios": values, "median": statistics.median(values),
-             "min": min(values), "max": max(values)} for (label, c), values in ratios.items()]
+             "min": min(values), "max": max(values), "interval": speedup_interval(values)} for (label, c), values in ratios.items()]
 
 
 def machine_info() -> dict[str, Any]:
@@ -474,11 +475,14 @@ def markdown_table(record: dict[str, Any]) -> str:
         )
     speedups = record.get("speedup_vs_ar") or []
     if speedups:
-        lines += ["", "Output tok/s over plain decoding's in the same round: median over rounds (range; each round's).", "",
-                  "| method | concurrency | vs plain, median | range | per round |", "|---|---:|---:|---:|---|"]
+        lines += ["", "Output tok/s over plain decoding's in the same round: median over rounds (range; "
+                  "95% confidence interval of a round's, Student's t over the rounds' log ratios; each round's).", "",
+                  "| method | concurrency | vs plain, median | range | 95% CI | per round |", "|---|---:|---:|---:|---:|---|"]
         for row in speedups:
+            interval = row.get("interval")
+            shown = "-" if interval is None else f"{interval[0]:.3f}-{interval[1]:.3f}"
             lines.append(f"| {row['label']} | {row['concurrency']} | {row['median']:.3f}x | "
-                         f"{row['min']:.3f}-{row['max']:.3f} | {', '.join(f'{x:.3f}' for x in row['ratios'])} |")
+                         f"{row['min']:.3f}-{row['max']:.3f} | {shown} | {', '.join(f'{x:.3f}' for x in row['ratios'])} |")
     return "\n".join(lines) + "\n"
 
 
