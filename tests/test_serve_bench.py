@@ -97,5 +97,5 @@ def test_rounds_alternate_the_servers_and_ratios_pair_within_a_round():
     assert only["ratios"] == [0.9, 1.2, 1.0] and only["median"] == 1.0
     assert (only["min"], only["max"]) == (0.9, 1.2)
     low, high = only["interval"]
-    assert low < 0.9 * 1.2 * 1.0 ** (1 / 3) < high  # around the rounds' geometric mean
+    assert low < (0.9 * 1.2 * 1.0) ** (1 / 3) < high  # around the rounds' geometric mean
     assert speedups_vs_ar([row("cmasd", ctl.label, 0, 90.0)]) == []  # no plain decoding to compare with

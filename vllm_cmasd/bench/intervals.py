@@ -7,8 +7,8 @@ rounds are then the independent samples of a method's ratio to plain decoding,
 and a figure within a few percent of a target (0.98x) means nothing without
 the spread over them: four rounds of 0.84-1.04 and of 0.97-0.99 both average
 0.95. The interval is Student's t over the rounds' log ratios (a ratio's noise
-is multiplicative), turned back into a ratio: where the speedup of a typical
-round lies, at that confidence, if the rounds are independent.
+is multiplicative), turned back into a ratio: an interval for the geometric mean of
+the rounds' speedups, if the rounds are independent.
 """
 
 from __future__ import annotations

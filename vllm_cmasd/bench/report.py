@@ -8,8 +8,8 @@ Definitions (see docs/notes/benchmark.md for the reasoning):
 * ``speedup_vs_ar``: tokens_per_s / AR's tokens_per_s on the same prompts and batch size.
 * ``speedup_by_round``: the same within each round (its share of the prompts): how
   far the machine's drift moved the ratio over the run.
-* ``speedup_interval``: the 95% confidence interval of a round's speedup (geometric
-  mean over the rounds, Student's t: :mod:`vllm_cmasd.bench.intervals`); None under
+* ``speedup_interval``: the 95% confidence interval of the geometric mean of the
+  rounds' speedups (Student's t: :mod:`vllm_cmasd.bench.intervals`); None under
   two rounds.
 * ``mean_acceptance_length``: 1 + accepted / drafts, vLLM's counters (tokens a
   request gains per verification step in which it drafted; 1.0 for AR).
@@ -421,8 +421,8 @@ def markdown(bench: dict[str, Any], command: str | None = None) -> str:
         "",
         "Columns: tok/s = output tokens per second of generate calls; speedup vs plain decoding (AR) on the same "
         "prompts and batch size; by round = the lowest and highest of the same speedup within each round (the "
-        "machine's drift); 95% CI = where a round's speedup lies at 95% confidence (Student's t over the rounds' "
-        "log ratios; each round runs new engines); acc. len = mean tokens per verification step that had a draft (1 + accepted/drafts); "
+        "machine's drift); 95% CI = the 95% confidence interval of the rounds' geometric mean speedup (Student's t "
+        "over the rounds' log ratios; each round runs new engines); acc. len = mean tokens per verification step that had a draft (1 + accepted/drafts); "
         "draft len = mean drafted tokens per draft; rollback = rejected / drafted tokens; BLEU (0-100) and ROUGE-L F1 "
         "(0-1) use AR's text as the reference; identical = prompts whose output tokens equal AR's; oracle speedup = "
         "a drafter that drafts exactly the tokens that will be accepted (k_max, same draft, measured costs); "

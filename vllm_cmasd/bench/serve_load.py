@@ -476,7 +476,7 @@ def markdown_table(record: dict[str, Any]) -> str:
     speedups = record.get("speedup_vs_ar") or []
     if speedups:
         lines += ["", "Output tok/s over plain decoding's in the same round: median over rounds (range; "
-                  "95% confidence interval of a round's, Student's t over the rounds' log ratios; each round's).", "",
+                  "95% confidence interval of the rounds' geometric mean, Student's t over their log ratios; each round's).", "",
                   "| method | concurrency | vs plain, median | range | 95% CI | per round |", "|---|---:|---:|---:|---:|---|"]
         for row in speedups:
             interval = row.get("interval")
