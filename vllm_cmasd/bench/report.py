@@ -355,15 +355,11 @@ def _fmt(value: Any, spec: str = ".2f") -> str:
     return format(value, spec)
 
 
-def _fmt_range(values: list[float] | None) -> str:
-    """min-max of two or more values."""
+def _fmt_range(values: list[float] | tuple[float, float] | None) -> str:
+    """min-max of two or more values (of an interval: low-high)."""
     if not values or len(values) < 2:
         return "-"
     return f"{min(values):.2f}-{max(values):.2f}"
-
-
-def _fmt_interval(interval: tuple[float, float] | list[float] | None) -> str:
-    return "-" if interval is None else f"{interval[0]:.2f}-{interval[1]:.2f}"
 
 
 def _table(rows: list[dict]) -> list[str]:
@@ -380,7 +376,7 @@ def _table(rows: list[dict]) -> list[str]:
         lines.append(
             f"| {r['method']} | {setting} | {r['batch_size']} | {_fmt(r['tokens_per_s'], '.1f')} | "
             f"{_fmt(r['speedup_vs_ar'])} | {_fmt_range(r.get('speedup_by_round'))} | "
-            f"{_fmt_interval(r.get('speedup_interval'))} | "
+            f"{_fmt_range(r.get('speedup_interval'))} | "
             f"{_fmt(r['mean_acceptance_length'])} | {_fmt(r['mean_draft_length'])} | "
             f"{_fmt(r['rollback_rate'], '.1%')} | {_fmt(r['rel_bleu_vs_ar'], '.1f')} | {_fmt(r['rouge_l_vs_ar'], '.3f')} | "
             f"{identical} | {_fmt(r['oracle_speedup'])} | {_fmt(r['oracle_fraction'], '.0%')} | {_fmt(draft_mib, '.1f')} |"
