@@ -33,13 +33,17 @@ import numpy as np
 import torch
 
 
-# A step runs the drafter's first pass only where that is predicted to raise
-# its rate of tokens by at least this share. Near break-even the prediction
-# (a few verified drafts per request, a cost fit over ~20 noisy steps) cannot
-# tell a gain from a loss, while each switch on costs what it does not price
-# whole: a lagging request's catch-up, amortised over steps it may not draft
-# on. Served at 32 streams (Intel, 2026-12-05) the engine that never drafted
-# ran 1.023x plain and the controller, switching on near break-even, 0.967x.
+# A step of B requests runs the drafter's first pass only where that is
+# predicted to raise its rate of tokens by at least this share x (1 - 1/B).
+# The pass pays for the requests the rule picks by their estimated acceptance
+# (a few verified drafts each): picked from many, the best estimates are the
+# luckiest, so at a large batch a predicted gain of a few percent is a loss
+# as often as not; served at 32 streams (Intel, 2026-12-05) the controller
+# ran 0.967x plain where an engine that never drafted ran 1.023x, and 1.017x
+# with a flat margin of 0.1. At batch 1 nothing is picked, and there the
+# prediction errs low: the flat margin kept the draft model off in whole
+# rounds that drafting ran at 1.27x (docs/notes/eagle3-training.md,
+# twentieth session).
 FIRST_PASS_MARGIN = 0.1
 
 
@@ -142,7 +146,8 @@ class StepBudget:
         extra_seconds: list[float] | None = None,
     ) -> list[bool]:
         """Which requests should draft one more token; all False if the pass does
-        not pay (a first pass: unless it raises the rate by ``FIRST_PASS_MARGIN``;
+        not pay (a first pass: unless it raises the rate by ``FIRST_PASS_MARGIN``
+        x (1 - 1 / batch size);
         all candidates, and the pass paid, when ``force``).
 
         vLLM's drafting loop runs every row of the batch, so a pass costs
@@ -158,8 +163,8 @@ class StepBudget:
             self.seconds = with_pass
             return list(candidates)
         admitted, tokens, seconds, _ = self._admit(predicted_survival, candidates, with_pass, False, extra_seconds)
-        # The rate would not rise (a first pass: by FIRST_PASS_MARGIN).
-        margin = 1.0 if self.first_pass_paid else 1.0 + FIRST_PASS_MARGIN
+        # The rate would not rise (a first pass: by its margin).
+        margin = 1.0 if self.first_pass_paid else 1.0 + FIRST_PASS_MARGIN * (1.0 - 1.0 / self.batch_size)
         if tokens * self.seconds <= margin * self.expected_tokens * seconds:
             return [False] * len(candidates)
         self.seconds = with_pass
