@@ -1,5 +1,7 @@
 """The batch-aware draft budget's decisions, on hand-made cost models."""
 
+import math
+
 import pytest
 import torch
 
@@ -62,17 +64,17 @@ def test_a_step_that_would_verify_pays_for_verifying_before_it_drafts():
     assert dear.another_pass([0.8, 0.7], [True, True]) == [False, False]
 
 
-@pytest.mark.parametrize("gain", [0.02, 0.08, 0.15])
+@pytest.mark.parametrize("gain", [0.02, 0.09, 0.16])
 @pytest.mark.parametrize("batch_size", [1, 2, 32])
 def test_a_first_pass_runs_only_where_it_raises_the_rate_by_the_margin(gain, batch_size):
     """A step of B requests runs a first pass only where it is predicted to
-    raise the rate by FIRST_PASS_MARGIN x (1 - 1/B): at a large batch the
-    requests it pays for are the best of many noisy estimates; at batch 1
-    nothing is picked and any rise will do. A later pass needs only to raise it."""
+    raise the rate by FIRST_PASS_MARGIN x sqrt(2 ln B): the requests it pays
+    for are the best of B noisy estimates; at batch 1 nothing is picked and any
+    rise will do. A later pass needs only to raise it."""
     from vllm_cmasd.budget import FIRST_PASS_MARGIN
 
-    assert FIRST_PASS_MARGIN == 0.1  # the gains below sit off each batch size's margin
-    margin = FIRST_PASS_MARGIN * (1 - 1 / batch_size)  # 0, 0.05, 0.097
+    assert FIRST_PASS_MARGIN == 0.05  # the gains below sit off each batch size's margin
+    margin = FIRST_PASS_MARGIN * math.sqrt(2 * math.log(batch_size))  # 0, 0.059, 0.132
     model = costs(lambda n: 1.0, lambda n: 0.1)  # flat target: a verified token is free
     # Rate without the pass: B tokens / 1 s; with it: B (1 + s) / 1.1 s.
     survival = (1 + gain) * 1.1 - 1.0

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import bisect
 import collections
+import math
 import statistics
 import time
 from dataclasses import dataclass
@@ -34,17 +35,18 @@ import torch
 
 
 # A step of B requests runs the drafter's first pass only where that is
-# predicted to raise its rate of tokens by at least this share x (1 - 1/B).
-# The pass pays for the requests the rule picks by their estimated acceptance
-# (a few verified drafts each): picked from many, the best estimates are the
-# luckiest, so at a large batch a predicted gain of a few percent is a loss
-# as often as not; served at 32 streams (Intel, 2026-12-05) the controller
-# ran 0.967x plain where an engine that never drafted ran 1.023x, and 1.017x
-# with a flat margin of 0.1. At batch 1 nothing is picked, and there the
-# prediction errs low: the flat margin kept the draft model off in whole
-# rounds that drafting ran at 1.27x (docs/notes/eagle3-training.md,
-# twentieth session).
-FIRST_PASS_MARGIN = 0.1
+# predicted to raise its rate of tokens by at least this share x sqrt(2 ln B)
+# (0 at batch 1, 0.083 at 4, 0.10 at 8, 0.13 at 32). The pass pays for the
+# requests the rule picks by their estimated acceptance (a few verified
+# drafts each): picked from many, the best estimates are the luckiest, by
+# about sqrt(2 ln B) of their spread (the expected maximum of B draws), so at
+# a large batch a predicted gain of a few percent is a loss as often as not.
+# Served at 32 streams (Intel, 2026-12-05) the controller without a margin
+# ran 0.967x plain where an engine that never drafted ran 1.023x. At batch 1
+# nothing is picked, and there the prediction errs low: a flat margin of 0.1
+# kept the draft model off in whole rounds that drafting ran at 1.27x
+# (docs/notes/eagle3-training.md, twentieth session).
+FIRST_PASS_MARGIN = 0.05
 
 
 @dataclass(frozen=True)
@@ -147,7 +149,7 @@ class StepBudget:
     ) -> list[bool]:
         """Which requests should draft one more token; all False if the pass does
         not pay (a first pass: unless it raises the rate by ``FIRST_PASS_MARGIN``
-        x (1 - 1 / batch size);
+        x sqrt(2 ln batch size);
         all candidates, and the pass paid, when ``force``).
 
         vLLM's drafting loop runs every row of the batch, so a pass costs
@@ -164,7 +166,7 @@ class StepBudget:
             return list(candidates)
         admitted, tokens, seconds, _ = self._admit(predicted_survival, candidates, with_pass, False, extra_seconds)
         # The rate would not rise (a first pass: by its margin).
-        margin = 1.0 if self.first_pass_paid else 1.0 + FIRST_PASS_MARGIN * (1.0 - 1.0 / self.batch_size)
+        margin = 1.0 if self.first_pass_paid else 1.0 + FIRST_PASS_MARGIN * math.sqrt(2.0 * math.log(self.batch_size))
         if tokens * self.seconds <= margin * self.expected_tokens * seconds:
             return [False] * len(candidates)
         self.seconds = with_pass
