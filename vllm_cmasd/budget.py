@@ -39,13 +39,15 @@ import torch
 # (0 at batch 1, 0.083 at 4, 0.10 at 8, 0.13 at 32). The pass pays for the
 # requests the rule picks by their estimated acceptance (a few verified
 # drafts each): picked from many, the best estimates are the luckiest, by
-# about sqrt(2 ln B) of their spread (the expected maximum of B draws), so at
-# a large batch a predicted gain of a few percent is a loss as often as not.
-# Served at 32 streams (Intel, 2026-12-05) the controller without a margin
-# ran 0.967x plain where an engine that never drafted ran 1.023x. At batch 1
-# nothing is picked, and there the prediction errs low: a flat margin of 0.1
-# kept the draft model off in whole rounds that drafting ran at 1.27x
-# (docs/notes/eagle3-training.md, twentieth session).
+# about sqrt(2 ln B) of their spread (the expected maximum of B draws). And at
+# a large batch a switch-on costs more than the rule prices: served at 32
+# streams it switched all 32 requests on at a predicted 1.18 while their
+# catch-ups (~2,000 tokens), priced over up to MAX_HORIZON steps, served one
+# step (a decision log; docs/notes/eagle3-training.md, twentieth session).
+# Without a margin the controller served 0.967x plain there, an engine that
+# never drafted 1.023x. At batch 1 nothing is picked and the prediction errs
+# low: a flat margin of 0.1 kept the draft model off in whole rounds that
+# drafting ran at 1.27x.
 FIRST_PASS_MARGIN = 0.05
 
 
