@@ -8,7 +8,7 @@ import torch
 from vllm_cmasd.budget import CostModel, StepBudget
 from vllm_cmasd.calibration import NUM_BINS, AcceptanceCalibration
 from vllm_cmasd.config import CmasdConfig
-from vllm_cmasd.proposer import DraftWindow
+from vllm_cmasd.proposer import MAX_HORIZON, DraftWindow
 
 TOKENS = (1, 2, 4, 8, 16, 32, 64, 128)
 
@@ -331,7 +331,7 @@ def test_only_requests_whose_catch_up_pays_draft_and_only_they_catch_up(monkeypa
 
     import numpy as np
 
-    from vllm_cmasd.budget import AcceptanceHistory, MeasuredCosts
+    from vllm_cmasd.budget import AcceptanceHistory, DraftingRuns, MeasuredCosts
     from vllm_cmasd.catchup import DrafterLag
     from vllm_cmasd import proposer as proposer_module
     from vllm_cmasd.proposer import CmasdProposer
@@ -341,7 +341,7 @@ def test_only_requests_whose_catch_up_pays_draft_and_only_they_catch_up(monkeypa
     remaining = {"current": 1000, "lagging": 1000}
     proposer = SimpleNamespace(config=CmasdConfig(k_max=4), costs=MeasuredCosts(model), net_num_new_slots_per_request=1,
                                acceptance=AcceptanceHistory(prior=0.8), _skipped_in_a_row=0, _explore_every=8,
-                               _remaining_tokens=lambda ids: np.array([remaining[i] for i in ids], dtype=float))
+                               runs=DraftingRuns(prior_run=MAX_HORIZON), _remaining_tokens=lambda ids: np.array([remaining[i] for i in ids], dtype=float))
     lag = DrafterLag(max_tracked=8)
     lag.skip(["current", "lagging"], np.array([40, 600]))
     lag.lag_start.pop("current")  # "current" drafted since
@@ -366,6 +366,63 @@ def test_only_requests_whose_catch_up_pays_draft_and_only_they_catch_up(monkeypa
     assert lag.lag_start == {"lagging": 0}  # still lags from its prompt's start
 
 
+
+def test_a_drafting_run_is_long_while_requests_draft_on_and_short_after_switch_ons_that_end():
+    """The steps a request is expected to go on drafting once it drafts: long at
+    batch 1, where one request drafts on every step; a step that switches 32
+    requests on for that step alone shortens it to about 3; steps without a
+    drafter pass tell nothing."""
+    from vllm_cmasd.budget import DraftingRuns
+
+    runs = DraftingRuns(prior_run=MAX_HORIZON)
+    assert runs.expected_run == MAX_HORIZON  # nothing seen: the old horizon
+    for _ in range(100):
+        runs.observe(["a"], [True])
+    assert runs.expected_run > MAX_HORIZON
+    ids = [f"r{i}" for i in range(32)]
+    runs.observe(ids, [True] * 32)  # "a" left: neither went on nor ended
+    runs.observe(ids, [False] * 32)  # all 32 runs ended after one step
+    assert 2.0 < runs.expected_run < 4.0
+    before = runs.expected_run
+    for _ in range(10):
+        runs.observe(ids, [False] * 32)
+    assert runs.expected_run == before
+    for _ in range(40):  # they draft on, step after step
+        runs.observe(ids, [True] * 32)
+    assert runs.expected_run > 20
+
+
+def test_a_catch_up_is_priced_over_the_run_it_is_expected_to_serve(monkeypatch):
+    """32 lagging requests (60 tokens each) whose drafts would pay were their
+    catch-ups priced over the tokens they may still generate (64 steps) do not
+    switch on once switch-ons have been seen to last one step: the catch-ups'
+    drafter KV then serves about 3 steps (served at 32 streams, 2026-12-05,
+    such a switch-on ran ~2,000 catch-up tokens for one step of drafts).
+    Requests that do not lag still draft."""
+    from types import SimpleNamespace
+
+    import numpy as np
+
+    from vllm_cmasd.budget import AcceptanceHistory, DraftingRuns, MeasuredCosts
+    from vllm_cmasd import proposer as proposer_module
+    from vllm_cmasd.proposer import CmasdProposer
+
+    monkeypatch.setattr(proposer_module, "get_tp_group", lambda: SimpleNamespace(world_size=1))  # one rank
+    model = costs(lambda n: 0.1 + 0.001 * n, lambda n: 0.002 + 0.0002 * n)  # a cheap drafter
+    ids = [f"r{i}" for i in range(32)]
+    proposer = SimpleNamespace(config=CmasdConfig(k_max=4), costs=MeasuredCosts(model), net_num_new_slots_per_request=1,
+                               acceptance=AcceptanceHistory(prior=0.7), _skipped_in_a_row=0, _explore_every=8,
+                               runs=DraftingRuns(prior_run=MAX_HORIZON),
+                               _remaining_tokens=lambda ids: np.full(len(ids), 1000.0))
+    query_lens, lagging, current = np.ones(32, dtype=np.int64), np.full(32, 60), np.zeros(32, dtype=np.int64)
+    drafts, _ = CmasdProposer._who_drafts(proposer, ids, query_lens, lagging)
+    assert drafts.all()
+    proposer.runs.observe(ids, [False] * 32)  # the next step drafted nothing: the runs ended
+    drafts, _ = CmasdProposer._who_drafts(proposer, ids, query_lens, lagging)
+    assert not drafts.any() and proposer.runs.expected_run < 4.0
+    drafts, _ = CmasdProposer._who_drafts(proposer, ids, query_lens, current)
+    assert drafts.all()
+
 def test_an_exploring_pass_spends_at_most_its_share_of_the_step(monkeypatch):
     """After EXPLORE_EVERY steps without a drafter pass every request explores,
     in a pass that costs at most EXPLORE_MAX_COST of the target's step for the
@@ -378,7 +435,7 @@ def test_an_exploring_pass_spends_at_most_its_share_of_the_step(monkeypatch):
 
     import numpy as np
 
-    from vllm_cmasd.budget import AcceptanceHistory, MeasuredCosts
+    from vllm_cmasd.budget import AcceptanceHistory, DraftingRuns, MeasuredCosts
     from vllm_cmasd.catchup import DrafterLag
     from vllm_cmasd import proposer as proposer_module
     from vllm_cmasd.proposer import EXPLORE_EVERY, CmasdProposer
@@ -392,7 +449,7 @@ def test_an_exploring_pass_spends_at_most_its_share_of_the_step(monkeypatch):
         model = costs(lambda n: 0.1 + 0.002 * n, lambda n: draft_pass_s + 0.001 * n)
         proposer = SimpleNamespace(config=CmasdConfig(k_max=4), costs=MeasuredCosts(model), net_num_new_slots_per_request=1,
                                    acceptance=AcceptanceHistory(prior=0.01), _skipped_in_a_row=skipped_in_a_row,
-                                   _explore_every=EXPLORE_EVERY, _remaining_tokens=lambda ids: np.full(len(ids), 1000.0))
+                                   _explore_every=EXPLORE_EVERY, runs=DraftingRuns(prior_run=MAX_HORIZON), _remaining_tokens=lambda ids: np.full(len(ids), 1000.0))
         drafts, explore_room = CmasdProposer._who_drafts(proposer, ids, query_lens, np.array(catch_ups))
         return drafts.tolist(), explore_room
 
@@ -427,7 +484,7 @@ def test_exploring_backs_off_while_it_finds_nothing_and_resets_once_the_rule_dra
 
     import numpy as np
 
-    from vllm_cmasd.budget import AcceptanceHistory, MeasuredCosts
+    from vllm_cmasd.budget import AcceptanceHistory, DraftingRuns, MeasuredCosts
     from vllm_cmasd import proposer as proposer_module
     from vllm_cmasd.proposer import EXPLORE_EVERY, MAX_EXPLORE_EVERY, CmasdProposer
 
@@ -435,7 +492,7 @@ def test_exploring_backs_off_while_it_finds_nothing_and_resets_once_the_rule_dra
     model = costs(lambda n: 0.1 + 0.002 * n, lambda n: 0.0105 + 0.001 * n)
     proposer = SimpleNamespace(config=CmasdConfig(k_max=4), costs=MeasuredCosts(model), net_num_new_slots_per_request=1,
                                acceptance=AcceptanceHistory(prior=0.01), _skipped_in_a_row=0,
-                               _explore_every=EXPLORE_EVERY, _remaining_tokens=lambda ids: np.full(len(ids), 1000.0))
+                               _explore_every=EXPLORE_EVERY, runs=DraftingRuns(prior_run=MAX_HORIZON), _remaining_tokens=lambda ids: np.full(len(ids), 1000.0))
     ids, query_lens, catch_ups = ["a", "b"], np.ones(2, dtype=np.int64), np.zeros(2, dtype=np.int64)
 
     def exploring_steps(num_steps: int) -> list[int]:

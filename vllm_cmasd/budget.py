@@ -461,6 +461,46 @@ class AcceptanceHistory:
         return (accepted + self.prior_weight * self.overall_rate) / (reached + self.prior_weight)
 
 
+
+class DraftingRuns:
+    """How many steps in a row a request goes on drafting once it drafts: the
+    steps a catch-up's drafter KV serves before the request stops drafting and
+    lags again (what :meth:`~vllm_cmasd.proposer.CmasdProposerMixin._who_drafts`
+    prices a catch-up over, with the tokens the request may still generate).
+
+    On every step, each request that drafted on the engine's previous step
+    either drafts again or its run ends (a request that left the batch is
+    neither). Decayed counts (``decay`` per step that observes one) of the
+    two; the expected run is ``1 / P(end)``, ``(went_on + ended + w P) /
+    (ended + w)`` with a prior run ``P`` of ``prior_weight`` ``w`` ends. Near
+    break-even (served at 32 streams) the rule switched 32 lagging requests on
+    for one step, their catch-ups (~2,000 tokens) priced over up to 64 steps;
+    at batch 1 a request drafts on every step and the run stays long.
+    """
+
+    def __init__(self, prior_run: float, prior_weight: float = 1.0, decay: float = 0.95):
+        self.prior_run = prior_run
+        self.prior_weight = prior_weight
+        self.decay = decay
+        self.went_on = 0.0
+        self.ended = 0.0
+        self._drafted: set[str] = set()
+
+    def observe(self, req_ids: list[str], drafts: list[bool]) -> None:
+        """This step's requests and which of them draft (all False: no drafter pass)."""
+        went_on = ended = 0
+        for req_id, drafting in zip(req_ids, drafts):
+            if req_id in self._drafted:
+                went_on, ended = went_on + drafting, ended + (not drafting)
+        if went_on or ended:
+            self.went_on = self.decay * self.went_on + went_on
+            self.ended = self.decay * self.ended + ended
+        self._drafted = {r for r, d in zip(req_ids, drafts) if d}
+
+    @property
+    def expected_run(self) -> float:
+        return (self.went_on + self.ended + self.prior_weight * self.prior_run) / (self.ended + self.prior_weight)
+
 # The largest batch profiled; the cost model extends linearly past it. By
 # then a forward is compute-bound (cost linear in tokens) on CPUs, and the
 # curve's slope is what the budget needs. Profiling up to vLLM's default

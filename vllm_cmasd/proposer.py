@@ -33,6 +33,7 @@ from vllm.v1.spec_decode.eagle import EagleProposer
 from vllm_cmasd.budget import (
     AcceptanceHistory,
     CostModel,
+    DraftingRuns,
     MeasuredCosts,
     StepBudget,
     expected_draft,
@@ -61,7 +62,8 @@ MAX_EXPLORE_EVERY = 64
 EXPLORE_MAX_COST = 0.5
 # A first pass's tokens beyond a decode step's (a prefill, a catch-up) write
 # drafter KV for the request's later steps: priced per step over the steps it
-# may still run, at most this many (a request may stop early at its EOS).
+# may still run and is expected to go on drafting (budget.DraftingRuns), at
+# most this many (a request may stop early at its EOS).
 MAX_HORIZON = 64
 
 
@@ -220,6 +222,7 @@ class CmasdProposerMixin:
         self.lag = DrafterLag(max_tracked=self._max_signal_rows)
         self.dirty = DirtySlots(keep_hidden_states=self.CATCH_UP_NEEDS_HIDDEN_STATES)
         self.acceptance = AcceptanceHistory(max_tracked=self._max_signal_rows)
+        self.runs = DraftingRuns(prior_run=MAX_HORIZON)
         self.calibration = self._warm_start(vllm_config.speculative_config.draft_model_config.model)
         self._skipped_in_a_row = 0
         self._explore_every = EXPLORE_EVERY
@@ -501,8 +504,9 @@ class CmasdProposerMixin:
         the batch) and the first verified token, its later positions and its
         warm-up: prefill tokens beyond a decode step's and its catch-up
         (``catch_ups`` tokens), whose drafter KV serves the steps it may still
-        run, so priced per step over them (``remaining tokens / (1 + draft)``,
-        at most ``MAX_HORIZON``). A request that does not draft on a step that
+        run and go on drafting, so priced per step over them (``remaining
+        tokens / (1 + draft)``, at most the expected drafting run, at most
+        ``MAX_HORIZON``). A request that does not draft on a step that
         does still runs its first pass (it does not lag, or keeps its lag
         without catching up). If none pays after ``EXPLORE_EVERY`` skipped
         steps (doubling, up to ``MAX_EXPLORE_EVERY``, while exploring is all that
@@ -521,7 +525,8 @@ class CmasdProposerMixin:
         warm_ups = beyond + catch_ups
         acceptance = np.array([self.acceptance.predict(r) for r in req_ids])
         values, seconds = expected_draft(self.costs, acceptance, batch_size, k_max)
-        horizons = np.clip(self._remaining_tokens(req_ids) / (1.0 + values), 1.0, MAX_HORIZON)
+        steps_left = self._remaining_tokens(req_ids) / (1.0 + values)
+        horizons = np.clip(np.minimum(steps_left, self.runs.expected_run), 1.0, MAX_HORIZON)
         extra = (seconds + self.costs.warm_up(warm_ups / horizons)).tolist()
         budget = StepBudget(self.costs, batch_size, first_pass_paid=False)
         drafts = np.array(
@@ -547,6 +552,7 @@ class CmasdProposerMixin:
         if tp_group.world_size > 1:
             drafts = tp_group.broadcast(torch.from_numpy(drafts).to(self.device), src=0).cpu().numpy()
         self._skipped_in_a_row = 0 if drafts.any() else self._skipped_in_a_row + 1
+        self.runs.observe(req_ids, drafts.tolist())
         self.acceptance.forget([r for r, d in zip(req_ids, drafts.tolist()) if not d])
         return drafts, explore_room
 
