@@ -233,6 +233,33 @@ def test_a_long_run_of_verifying_steps_keeps_what_a_step_without_drafts_costs():
     assert measured.verify(8) == pytest.approx(0.085, rel=0.25)
 
 
+
+@pytest.mark.parametrize("seed", range(6))
+def test_steps_that_draft_one_token_a_request_leave_a_drafted_token_priced_as_a_step_s_own(seed):
+    """Where the only verifying steps are exploring passes (every request drafts
+    one token, now and then one or two left out), the per-request extra and the
+    per-drafted-token extra are one column: the fit puts their sum on the
+    request and keeps a drafted token at what a step's own token costs. Split
+    by the noise instead, served at 32 streams, a drafted token fitted at -17 ms
+    (priced free) and in-process at -15 to +8 ms (2026-12-04/05)."""
+    import numpy as np
+
+    from vllm_cmasd.budget import MeasuredCosts
+
+    rng = np.random.default_rng(seed)
+    measured = MeasuredCosts(costs(lambda n: 0.04 + 0.002 * n, lambda n: 0.004 + 0.0002 * n))
+    for i in range(250):  # 2.5 ms a token, 2 ms more a request when verifying, 5 ms of noise
+        if i % 20 == 19:
+            batch, drafted = 32, 32 - int(rng.choice([0, 0, 0, 1, 2]))
+            measured.observe_target_step(batch + drafted, 0.07 + 0.0025 * (batch + drafted) + 0.002 * batch
+                                         + rng.normal(0, 0.005), batch_size=batch, verified_drafts=True)
+        else:
+            batch = int(rng.integers(24, 33))
+            measured.observe_target_step(batch, 0.07 + 0.0025 * batch + rng.normal(0, 0.005), batch_size=batch)
+    assert abs(measured.coefficients["target_drafted_token_s"]) < 0.0005
+    assert 0.0015 < measured.verified_token(64) < 0.0035
+    assert 0.032 < measured.verify(32) < 0.128
+
 def test_measured_costs_learn_from_a_prior_several_times_too_low():
     """A profile that misses most of a step (a tiny model: 0.7 ms of forward in
     a 3-4 ms step) must not make every real step look like a stall: a sample

@@ -231,6 +231,15 @@ class _DecayedLinearFit:
         except np.linalg.LinAlgError:
             return (0.0,) * len(fy)
 
+    def hold(self, index: int, value: float, weight: float) -> None:
+        """Holds one weight at ``value`` unless the data tell it apart: a ridge
+        term ``weight (w_index - value)^2``, in the squared units of its feature."""
+        ff, fy = self.prior[0].copy(), self.prior[1].copy()
+        ff[index, index] += weight
+        fy[index] += weight * value
+        self.prior = (ff, fy)
+        self.weights = self._solve()
+
     def __call__(self, *features: float) -> float:
         return float(sum(w * f for w, f in zip(self.weights, features)))
 
@@ -240,6 +249,13 @@ class _DecayedLinearFit:
         self.data[group] = (self.decay * ff + np.outer(f, f), self.decay * fy + f * y)
         self.num_samples += 1
         self.weights = self._solve()
+
+
+# How firmly the target fit holds a drafted token's extra cost at 0, in
+# squared drafted tokens: as firmly as ~16 steps whose drafts are two tokens a
+# request longer than one (blocked requests in exploring passes, one or two
+# fewer, move it little; a drafting engine's varied lengths move it).
+DRAFTED_TOKEN_PRIOR_WEIGHT = 64.0
 
 
 class MeasuredCosts:
@@ -294,9 +310,16 @@ class MeasuredCosts:
         # a fixed verifying cost fitted at -15 to -69 ms), and a step without
         # drafts looked as dear as one with.
         self._target = _DecayedLinearFit(
-            [(*p, 0.0, 0.0) for p in points] + [(0.0, 0.0, 1.0, 0.0), (0.0, 0.0, 0.0, 1.0)],
-            [*prior.target_s, prior.verify_request_s, 0.0], prior_weight, decay, groups=2,
+            [(*p, 0.0, 0.0) for p in points] + [(0.0, 0.0, 1.0, 0.0)],
+            [*prior.target_s, prior.verify_request_s], prior_weight, decay, groups=2,
         )
+        # A drafted token's extra (e) stays at 0, a drafted token priced as one
+        # of the step's own, until steps whose drafts differ in length tell it
+        # from the per-request extra (c): where every request drafts one token
+        # (an exploring pass) the two are one column, and the few steps with a
+        # request left out split them by noise (served: c, e = +2.2, -17 ms;
+        # in-process c = e exactly, or -15 / +8 ms).
+        self._target.hold(3, 0.0, DRAFTED_TOKEN_PRIOR_WEIGHT)
         self._draft = _DecayedLinearFit(points, list(prior.draft_s), prior_weight, decay)
         # A pass's tokens beyond a decode step's (a prompt's prefill, a
         # catch-up) are priced per token on their own: a long pass costs far
