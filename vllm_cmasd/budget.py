@@ -484,7 +484,6 @@ class AcceptanceHistory:
         return (accepted + self.prior_weight * self.overall_rate) / (reached + self.prior_weight)
 
 
-
 class DraftingRuns:
     """How many steps in a row a request goes on drafting once it drafts: the
     steps a catch-up's drafter KV serves before the request stops drafting and
@@ -523,6 +522,7 @@ class DraftingRuns:
     @property
     def expected_run(self) -> float:
         return (self.went_on + self.ended + self.prior_weight * self.prior_run) / (self.ended + self.prior_weight)
+
 
 # The largest batch profiled; the cost model extends linearly past it. By
 # then a forward is compute-bound (cost linear in tokens) on CPUs, and the
