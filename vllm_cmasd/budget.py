@@ -302,9 +302,9 @@ class MeasuredCosts:
         points = [(1.0, float(n)) for n in prior.tokens]
         # The target's features beyond (1, n), on a step that verifies drafts:
         # its batch size and its drafted tokens (0 and 0 on one that does not).
-        # The profile has neither, so two pseudo-samples hold their weights at
-        # the profile's until real steps with and without drafts tell them
-        # apart. Those two kinds decay apart (group = verifies): when every step
+        # The profile has neither, so a pseudo-sample holds the first at the
+        # profile's (and a ridge, below, the second at 0) until real steps with
+        # and without drafts tell them apart. Those two kinds decay apart (group = verifies): when every step
         # of a long stretch verified, one decay over both left only verifying
         # steps, whose extra the intercept could then take (served at 8 streams:
         # a fixed verifying cost fitted at -15 to -69 ms), and a step without

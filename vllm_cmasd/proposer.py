@@ -552,8 +552,9 @@ class CmasdProposerMixin:
         if tp_group.world_size > 1:
             drafts = tp_group.broadcast(torch.from_numpy(drafts).to(self.device), src=0).cpu().numpy()
         self._skipped_in_a_row = 0 if drafts.any() else self._skipped_in_a_row + 1
-        self.runs.observe(req_ids, drafts.tolist())
-        self.acceptance.forget([r for r, d in zip(req_ids, drafts.tolist()) if not d])
+        drafting = drafts.tolist()
+        self.runs.observe(req_ids, drafting)
+        self.acceptance.forget([r for r, d in zip(req_ids, drafting) if not d])
         return drafts, explore_room
 
     def _remaining_tokens(self, req_ids: list[str]) -> np.ndarray:
