@@ -17,6 +17,26 @@ def costs(target, draft):
     return CostModel(TOKENS, tuple(float(target(n)) for n in TOKENS), tuple(float(draft(n)) for n in TOKENS))
 
 
+def deciding_proposer(model: CostModel, acceptance_prior: float, remaining=None, skipped_in_a_row: int = 0):
+    """What ``CmasdProposer._who_drafts`` reads of its proposer, by hand: k_max 4,
+    a draft model's one new slot a request, costs measured from ``model``, every
+    request at ``acceptance_prior``, ``remaining`` tokens per request (1000 each
+    by default)."""
+    from types import SimpleNamespace
+
+    import numpy as np
+
+    from vllm_cmasd.budget import AcceptanceHistory, DraftingRuns, MeasuredCosts
+    from vllm_cmasd.proposer import EXPLORE_EVERY
+
+    return SimpleNamespace(
+        config=CmasdConfig(k_max=4), costs=MeasuredCosts(model), net_num_new_slots_per_request=1,
+        acceptance=AcceptanceHistory(prior=acceptance_prior), _skipped_in_a_row=skipped_in_a_row,
+        _explore_every=EXPLORE_EVERY, runs=DraftingRuns(prior_run=MAX_HORIZON),
+        _remaining_tokens=remaining or (lambda ids: np.full(len(ids), 1000.0)),
+    )
+
+
 def test_cost_model_interpolates_and_extends():
     model = costs(lambda n: 1.0 + 0.5 * n, lambda n: 0.1 * n)
     assert model.target(3) == pytest.approx(2.5)
@@ -358,7 +378,6 @@ def test_only_requests_whose_catch_up_pays_draft_and_only_they_catch_up(monkeypa
 
     import numpy as np
 
-    from vllm_cmasd.budget import AcceptanceHistory, DraftingRuns, MeasuredCosts
     from vllm_cmasd.catchup import DrafterLag
     from vllm_cmasd import proposer as proposer_module
     from vllm_cmasd.proposer import CmasdProposer
@@ -366,9 +385,8 @@ def test_only_requests_whose_catch_up_pays_draft_and_only_they_catch_up(monkeypa
     monkeypatch.setattr(proposer_module, "get_tp_group", lambda: SimpleNamespace(world_size=1))  # one rank
     model = costs(lambda n: 0.1 + 0.002 * n, lambda n: 0.01 + 0.001 * n)
     remaining = {"current": 1000, "lagging": 1000}
-    proposer = SimpleNamespace(config=CmasdConfig(k_max=4), costs=MeasuredCosts(model), net_num_new_slots_per_request=1,
-                               acceptance=AcceptanceHistory(prior=0.8), _skipped_in_a_row=0, _explore_every=8,
-                               runs=DraftingRuns(prior_run=MAX_HORIZON), _remaining_tokens=lambda ids: np.array([remaining[i] for i in ids], dtype=float))
+    proposer = deciding_proposer(model, acceptance_prior=0.8,
+                                 remaining=lambda ids: np.array([remaining[i] for i in ids], dtype=float))
     lag = DrafterLag(max_tracked=8)
     lag.skip(["current", "lagging"], np.array([40, 600]))
     lag.lag_start.pop("current")  # "current" drafted since
@@ -430,17 +448,13 @@ def test_a_catch_up_is_priced_over_the_run_it_is_expected_to_serve(monkeypatch):
 
     import numpy as np
 
-    from vllm_cmasd.budget import AcceptanceHistory, DraftingRuns, MeasuredCosts
     from vllm_cmasd import proposer as proposer_module
     from vllm_cmasd.proposer import CmasdProposer
 
     monkeypatch.setattr(proposer_module, "get_tp_group", lambda: SimpleNamespace(world_size=1))  # one rank
     model = costs(lambda n: 0.1 + 0.001 * n, lambda n: 0.002 + 0.0002 * n)  # a cheap drafter
     ids = [f"r{i}" for i in range(32)]
-    proposer = SimpleNamespace(config=CmasdConfig(k_max=4), costs=MeasuredCosts(model), net_num_new_slots_per_request=1,
-                               acceptance=AcceptanceHistory(prior=0.7), _skipped_in_a_row=0, _explore_every=8,
-                               runs=DraftingRuns(prior_run=MAX_HORIZON),
-                               _remaining_tokens=lambda ids: np.full(len(ids), 1000.0))
+    proposer = deciding_proposer(model, acceptance_prior=0.7)
     query_lens, lagging, current = np.ones(32, dtype=np.int64), np.full(32, 60), np.zeros(32, dtype=np.int64)
     drafts, _ = CmasdProposer._who_drafts(proposer, ids, query_lens, lagging)
     assert drafts.all()
@@ -462,7 +476,6 @@ def test_an_exploring_pass_spends_at_most_its_share_of_the_step(monkeypatch):
 
     import numpy as np
 
-    from vllm_cmasd.budget import AcceptanceHistory, DraftingRuns, MeasuredCosts
     from vllm_cmasd.catchup import DrafterLag
     from vllm_cmasd import proposer as proposer_module
     from vllm_cmasd.proposer import EXPLORE_EVERY, CmasdProposer
@@ -474,9 +487,7 @@ def test_an_exploring_pass_spends_at_most_its_share_of_the_step(monkeypatch):
     def decide(skipped_in_a_row: int, catch_ups: list[int], draft_pass_s: float = 0.0105, query_lens=query_lens):
         # Acceptance so low that no draft pays by the rule: only exploring drafts.
         model = costs(lambda n: 0.1 + 0.002 * n, lambda n: draft_pass_s + 0.001 * n)
-        proposer = SimpleNamespace(config=CmasdConfig(k_max=4), costs=MeasuredCosts(model), net_num_new_slots_per_request=1,
-                                   acceptance=AcceptanceHistory(prior=0.01), _skipped_in_a_row=skipped_in_a_row,
-                                   _explore_every=EXPLORE_EVERY, runs=DraftingRuns(prior_run=MAX_HORIZON), _remaining_tokens=lambda ids: np.full(len(ids), 1000.0))
+        proposer = deciding_proposer(model, acceptance_prior=0.01, skipped_in_a_row=skipped_in_a_row)
         drafts, explore_room = CmasdProposer._who_drafts(proposer, ids, query_lens, np.array(catch_ups))
         return drafts.tolist(), explore_room
 
@@ -511,15 +522,12 @@ def test_exploring_backs_off_while_it_finds_nothing_and_resets_once_the_rule_dra
 
     import numpy as np
 
-    from vllm_cmasd.budget import AcceptanceHistory, DraftingRuns, MeasuredCosts
     from vllm_cmasd import proposer as proposer_module
     from vllm_cmasd.proposer import EXPLORE_EVERY, MAX_EXPLORE_EVERY, CmasdProposer
 
     monkeypatch.setattr(proposer_module, "get_tp_group", lambda: SimpleNamespace(world_size=1))  # one rank
     model = costs(lambda n: 0.1 + 0.002 * n, lambda n: 0.0105 + 0.001 * n)
-    proposer = SimpleNamespace(config=CmasdConfig(k_max=4), costs=MeasuredCosts(model), net_num_new_slots_per_request=1,
-                               acceptance=AcceptanceHistory(prior=0.01), _skipped_in_a_row=0,
-                               _explore_every=EXPLORE_EVERY, runs=DraftingRuns(prior_run=MAX_HORIZON), _remaining_tokens=lambda ids: np.full(len(ids), 1000.0))
+    proposer = deciding_proposer(model, acceptance_prior=0.01)
     ids, query_lens, catch_ups = ["a", "b"], np.ones(2, dtype=np.int64), np.zeros(2, dtype=np.int64)
 
     def exploring_steps(num_steps: int) -> list[int]:
