@@ -297,3 +297,24 @@ def test_the_eagle3_methods_run_vllms_eagle3_on_the_head(tiny_pair, tiny_eagle3)
     assert offered["draft_model"].engine_kwargs(target, drafters, {})["speculative_config"]["method"] == "draft_model"
     with pytest.raises(ValueError, match="eagle3 checkpoint"):
         offered["cmasd_eagle3"].engine_kwargs(target, {"draft": draft, "eagle3": None}, {})
+
+
+def test_repeats_run_every_round_again_on_the_same_prompts():
+    """``--repeats`` gives more rounds of every task instead of splitting the prompts
+    into rounds of one task each; a bad value is refused naming the flag."""
+    import dataclasses
+
+    from vllm_cmasd.bench import resolve_preset
+    from vllm_cmasd.bench.runner import plan_rounds
+
+    base = resolve_preset("batch16", prompts_per_task=32, rounds=2)
+    prompts = {t: [{"id": f"{t}-{i}"} for i in range(32)] for t in base.tasks}
+    once = plan_rounds(prompts, base)
+    repeated = plan_rounds(prompts, resolve_preset("batch16", prompts_per_task=32, rounds=2, repeats=3))
+    assert len(repeated) == 6 and repeated == once * 3
+    assert all({u.task for u in units} == set(base.tasks) for units in repeated)
+    # More rounds alone split the six batches: no round holds every task.
+    split = plan_rounds(prompts, dataclasses.replace(base, rounds=6))
+    assert all({u.task for u in units} != set(base.tasks) for units in split)
+    with pytest.raises(ValueError, match=r"--repeats: must be a whole number >= 1; got 0"):
+        resolve_preset("batch16", repeats=0)

@@ -29,6 +29,7 @@ def resolve_preset(
     prompts_per_task: int | None = None,
     batch_sizes: tuple[int, ...] | None = None,
     rounds: int | None = None,
+    repeats: int | None = None,
     methods: tuple[str, ...] | None = None,
     interleave: str | None = None,
 ):
@@ -47,6 +48,10 @@ def resolve_preset(
         changes["batch_sizes"] = tuple(batch_sizes)
     if rounds is not None:
         changes["rounds"] = rounds
+    if repeats is not None:
+        if repeats < 1:
+            raise ValueError(f"--repeats: must be a whole number >= 1; got {repeats}")
+        changes["repeats"] = repeats
     if methods is not None:
         unknown = sorted(set(methods) - set(METHODS))
         if unknown:
@@ -107,6 +112,10 @@ def add_arguments(parser) -> None:
     parser.add_argument("--batch-sizes", default=None, help="comma list, e.g. 1,4,16")
     parser.add_argument("--rounds", type=int, default=None, help="interleaved rounds")
     parser.add_argument(
+        "--repeats", type=int, default=None,
+        help="run the rounds this many times over, the same prompts each time (more rounds of every task)",
+    )
+    parser.add_argument(
         "--interleave", choices=INTERLEAVE_MODES, default=None,
         help="rounds (the presets' default): one engine at a time, each round's share of the batches; "
              "calls: every engine held at once (few methods), each batch on each engine in turn",
@@ -122,6 +131,7 @@ def main_from_args(args) -> int:
         prompts_per_task=args.prompts_per_task,
         batch_sizes=tuple(int(b) for b in args.batch_sizes.split(",")) if args.batch_sizes else None,
         rounds=args.rounds,
+        repeats=args.repeats,
         methods=tuple(m.strip() for m in args.methods.split(",")) if args.methods else None,
         interleave=args.interleave,
     )

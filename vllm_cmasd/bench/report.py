@@ -106,10 +106,11 @@ class _Group:
             sum(c["accepted_per_position"][i] for c in calls if i < len(c["accepted_per_position"]))
             for i in range(width)
         ]
-        self.outputs: dict[str, tuple[list[int], str]] = {}
+        # By round and prompt: under --repeats a prompt runs once a repeat, each output compared with AR's.
+        self.outputs: dict[tuple[int, str], tuple[list[int], str]] = {}
         for c in sorted(calls, key=lambda c: c["round"]):
             for pid, ids, text in zip(c["prompt_ids"], c["output_token_ids"], c["texts"]):
-                self.outputs.setdefault(pid, (ids, text))
+                self.outputs.setdefault((c["round"], pid), (ids, text))
 
     @property
     def tps(self) -> float:
@@ -397,7 +398,8 @@ def markdown(bench: dict[str, Any], command: str | None = None) -> str:
         f"{_fmt((m.get('load_average_at_end') or [None])[0])}",
         f"- target `{bench['target']}`, draft `{bench['draft']}`, self-draft `{bench.get('self_draft')}`; prompts v{bench['prompts_version']}, "
         f"{bench['preset_settings']['prompts_per_task']} per task, max {bench['preset_settings']['max_tokens']} "
-        f"new tokens, greedy, {bench['preset_settings']['rounds']} round(s), interleaved by "
+        f"new tokens, greedy, {bench['preset_settings']['rounds'] * bench['preset_settings'].get('repeats', 1)} "
+        f"round(s), interleaved by "
         f"{bench['preset_settings'].get('interleave', 'rounds')}",
         f"- oracle reference: `{bench['oracle']['reference_setting']}`; measured costs (all tasks): "
         + "; ".join(
@@ -420,7 +422,7 @@ def markdown(bench: dict[str, Any], command: str | None = None) -> str:
         "machine's drift); 95% CI = the 95% confidence interval of the rounds' geometric mean speedup (Student's t "
         "over the rounds' log ratios; each round runs new engines); acc. len = mean tokens per verification step that had a draft (1 + accepted/drafts); "
         "draft len = mean drafted tokens per draft; rollback = rejected / drafted tokens; BLEU (0-100) and ROUGE-L F1 "
-        "(0-1) use AR's text as the reference; identical = prompts whose output tokens equal AR's; oracle speedup = "
+        "(0-1) use AR's text as the reference; identical = outputs (a prompt's, once a repeat) whose tokens equal AR's; oracle speedup = "
         "a drafter that drafts exactly the tokens that will be accepted (k_max, same draft, measured costs); "
         "of oracle = speedup / oracle speedup; draft weights = the drafter's weights not shared with the target "
         "(0 for the self-draft). Definitions: docs/notes/benchmark.md.",

@@ -151,6 +151,10 @@ class Preset:
     overrides or VLLM_CPU_KVCACHE_SPACE set one: small pools start faster."""
     interleave: str = "rounds"
     """How the methods take turns (:data:`INTERLEAVE_MODES`)."""
+    repeats: int = 1
+    """The rounds run this many times over (new engines each round, the same
+    prompts each time): more rounds of every task where ``rounds`` alone would
+    split the prompts into rounds of one task (``batch16``: 6 batches, 2 rounds)."""
 
 
 def _config_default(name: str) -> Any:
@@ -298,7 +302,8 @@ class Unit:
 
 
 def plan_rounds(prompts: dict[str, list[dict]], preset: Preset) -> list[list[Unit]]:
-    """Spread every (task, batch size)'s batches over the rounds, each batch once.
+    """Spread every (task, batch size)'s batches over the rounds, each batch once,
+    then the rounds ``repeats`` times over.
 
     Each batch size runs the same prompts. Batch j of the i-th task goes to
     round (i + j) mod rounds, so the rounds get a similar mix of tasks and batch
@@ -310,7 +315,7 @@ def plan_rounds(prompts: dict[str, list[dict]], preset: Preset) -> list[list[Uni
             ids = [p["id"] for p in prompts[task]]
             for j, start in enumerate(range(0, len(ids), batch_size)):
                 rounds[(i + j) % preset.rounds].append(Unit(task, batch_size, ids[start : start + batch_size]))
-    return rounds
+    return rounds * preset.repeats
 
 
 # ---------------------------------------------------------------------------

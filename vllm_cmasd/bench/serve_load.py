@@ -235,11 +235,28 @@ def write_dataset(prompts: list[str], max_tokens: int, path: Path) -> Path:
     return path
 
 
+def warm_up(server: VllmServer, prompt: str, *, max_tokens: int, timeout: float) -> None:
+    """What ``vllm bench serve`` would send before its measured requests (a test
+    request and one warm-up: the first prompt, greedy), sent here instead, before
+    the server's counters are read: they then count the measured requests alone
+    (vLLM's client reads its own spec-decode counters after its warm-up, not ours)."""
+    import httpx
+
+    body = {"model": server.model, "messages": [{"role": "user", "content": prompt}],
+            "max_completion_tokens": max_tokens, "temperature": 0.0}
+    for _ in range(2):
+        reply = httpx.post(server.url + "/v1/chat/completions", json=body, timeout=timeout)
+        if reply.status_code != 200:
+            raise RuntimeError(f"{server.name}: warm-up request failed ({reply.status_code}): {reply.text[:500]}\n"
+                               f"{server.log_tail()}")
+
+
 def vllm_bench_serve(server: VllmServer, dataset: Path, *, concurrency: int, num_requests: int, max_tokens: int,
-                     result_dir: Path, result_filename: str, timeout: float) -> dict[str, Any]:
+                     result_dir: Path, result_filename: str) -> dict[str, Any]:
     """One load level through vLLM's ``vllm bench serve`` (its CLI arguments,
     run in this process): streaming chat completions, greedy, at most
-    ``concurrency`` in flight. Returns vLLM's result JSON (also saved as
+    ``concurrency`` in flight, no test or warm-up request (:func:`warm_up` sent
+    them). Returns vLLM's result JSON (also saved as
     ``result_dir/result_filename``): TTFT / TPOT / ITL / E2EL percentiles,
     throughputs, and the server's speculative-decoding counters."""
     from vllm_cmasd.cli import answer_vllm_metadata_lookups
@@ -254,10 +271,10 @@ def vllm_bench_serve(server: VllmServer, dataset: Path, *, concurrency: int, num
         "--backend", "openai-chat", "--base-url", server.url, "--endpoint", "/v1/chat/completions",
         "--model", server.model, "--dataset-name", "custom", "--dataset-path", str(dataset),
         "--disable-shuffle", "--skip-chat-template", "--num-prompts", str(num_requests), "--max-concurrency", str(concurrency),
-        "--custom-output-len", str(max_tokens), "--temperature", "0", "--num-warmups", "1",
+        "--custom-output-len", str(max_tokens), "--temperature", "0", "--num-warmups", "0", "--ready-check-timeout-sec", "0",
         "--percentile-metrics", "ttft,tpot,itl,e2el", "--metric-percentiles", "50,99",
         "--save-result", "--save-detailed", "--result-dir", str(result_dir), "--result-filename", result_filename,
-        "--ready-check-timeout-sec", str(int(timeout)), "--disable-tqdm",
+        "--disable-tqdm",
     ])
     return main(args)
 
@@ -372,14 +389,18 @@ def run_serve_bench(cfg: ServeBenchConfig, out_dir: str | Path, prompts: list[st
             for c in cfg.concurrencies:
                 n = max(cfg.requests_per_concurrency * c, cfg.min_requests)
                 filename = f"vllm-{method.method}-c{c}" + (f"-r{round_}" if cfg.rounds > 1 else "") + ".json"
+                warm_up(server, prompts[0], max_tokens=cfg.max_tokens, timeout=cfg.request_timeout)
                 before = server.metrics()
                 result = vllm_bench_serve(server, dataset, concurrency=c, num_requests=n, max_tokens=cfg.max_tokens,
-                                          result_dir=out_dir, result_filename=filename, timeout=cfg.request_timeout)
+                                          result_dir=out_dir, result_filename=filename)
                 summary = {**level_summary(method, c, startup_s, result), "round": round_}
                 after = server.metrics()
                 counted = controller_counters(before)
                 summary.update({k: v - counted[k] for k, v in controller_counters(after).items()})
                 summary["cost_fit"] = cost_fit(after)  # at the end of the level
+                # The requests the server finished between the two reads: the measured ones alone.
+                summary["server_requests"] = (metric_total(after, "vllm:request_success_total")
+                                              - metric_total(before, "vllm:request_success_total"))
                 # An EAGLE engine drops its last matched block (vLLM re-runs it for the
                 # head's hidden states): on CPU's 128-token blocks, most of a short prompt.
                 (queried, hit), (queried_after, hit_after) = prefix_cache_counts(before), prefix_cache_counts(after)
