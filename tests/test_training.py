@@ -255,6 +255,34 @@ def test_eagle3_export_writes_vllms_layout(tiny_eagle3_training):
     assert all((assembled / f).exists() for f in TOKENIZER_FILES if (target / f).exists())
 
 
+def test_eagle3_training_learns_with_its_forward_in_bf16(tiny_eagle3_training, tmp_path, capsys):
+    """``--compute-dtype bfloat16`` (the forward autocast, ~2x on a CPU with AMX):
+    the head still learns the target's continuations, its weights stay fp32, and
+    the held-out figure matches ``eagle-eval`` in the same dtype."""
+    import shutil
+
+    import torch
+
+    from vllm_cmasd.training.cli import main
+
+    target, work, _, _, _ = tiny_eagle3_training
+    shutil.copy(work / "data.pt", tmp_path / "data.pt")
+    common = ["--target", str(target), "--work", str(tmp_path), "--kept-from", str(work.parent / "kept.safetensors"),
+              "--max-len", "128", "--threads", "1", "--compute-dtype", "bfloat16"]
+    assert main(["eagle-train", *common, "--batch-tokens", "768", "--max-minutes", "0.33", "--warmup", "5",
+                 "--lr", "2e-3", "--ckpt-every", "20", "--eval-every", "20", "--eval-subset", "8"]) == 0
+    final = json.loads((tmp_path / "eagle_final_eval.json").read_text())["last"]
+    assert final["anchors"] > 100 and final["acceptance_length"] > 1.3, final
+    head = torch.load(tmp_path / "eagle_ckpt.pt", weights_only=False)["head"]
+    assert {t.dtype for t in head.values() if t.is_floating_point()} == {torch.float32}
+    capsys.readouterr()
+    assert main(["eagle-eval", *common, "--init-from", str(tmp_path / "eagle_ckpt.pt")]) == 0
+    assert f"'acceptance_length': {final['acceptance_length']}, 'anchors': {final['anchors']}," in capsys.readouterr().out
+    with pytest.raises(SystemExit):
+        main(["eagle-eval", *common[:-1], "float16"])
+    assert "argument --compute-dtype: invalid choice: 'float16'" in capsys.readouterr().err
+
+
 @pytest.mark.engine
 def test_vllms_eagle3_runs_the_trained_tiny_head(tiny_eagle3_training):
     from conftest import run_engine
