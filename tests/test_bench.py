@@ -181,6 +181,8 @@ def test_micro_bench_is_interleaved(micro_bench):
     # Each engine ran in a process of its own, none in the caller's.
     pids = [s["pid"] for s in bench["engine_starts"]]
     assert len(set(pids)) == len(pids) and os.getpid() not in pids
+    # Each engine warmed up on a batch of the run's largest size before its first timed call.
+    assert {s["warmup_requests"] for s in bench["engine_starts"]} == {max(bench["preset_settings"]["batch_sizes"])}
 
 
 def _few_methods_preset(interleave: str):

@@ -33,9 +33,13 @@ class EngineFailed(RuntimeError):
 
 class EngineHost:
     """A child process holding one engine (``engine_kwargs``: ``vllm.LLM``'s), warmed
-    up on ``warmup_prompt`` before :attr:`start_record` is returned."""
+    up on ``warmup_batch`` copies of ``warmup_prompt`` before :attr:`start_record` is
+    returned: the run's largest batch, since an engine's first call of a larger batch
+    than it had run took ~10% longer (batch 16, docs/notes/eagle3-training.md,
+    twenty-second session), a cost the first engine of each round paid alone."""
 
-    def __init__(self, engine_kwargs: dict[str, Any], *, warmup_prompt: list[int], max_tokens: int, name: str):
+    def __init__(self, engine_kwargs: dict[str, Any], *, warmup_prompt: list[int], warmup_batch: int = 1,
+                 max_tokens: int, name: str):
         # forkserver: each child forks from a server process that has imported vLLM
         # once (an import takes 18-33 s on these 2-core machines), not from the
         # caller, whose threads and torch state a forked child would inherit. The
@@ -45,7 +49,7 @@ class EngineHost:
         ctx.set_forkserver_preload(_PRELOAD)
         self._conn, child_conn = ctx.Pipe()
         self._proc = ctx.Process(
-            target=_serve, args=(child_conn, dict(os.environ), engine_kwargs, warmup_prompt, max_tokens),
+            target=_serve, args=(child_conn, dict(os.environ), engine_kwargs, warmup_prompt, warmup_batch, max_tokens),
             name=f"bench-{name}",
         )
         self._proc.start()
@@ -101,7 +105,7 @@ _PRELOAD = ["vllm", "vllm.entrypoints.llm", __name__]
 
 
 def _serve(conn, environ: dict[str, str], engine_kwargs: dict[str, Any], warmup_prompt: list[int],
-           max_tokens: int) -> None:
+           warmup_batch: int, max_tokens: int) -> None:
     """The child: start the engine, then answer calls until told to stop."""
     os.environ.clear()
     os.environ.update(environ)
@@ -115,9 +119,10 @@ def _serve(conn, environ: dict[str, str], engine_kwargs: dict[str, Any], warmup_
         install_dispatcher_scan_fix()
         start = time.perf_counter()
         llm = LLM(**engine_kwargs)
-        llm.generate([{"prompt_token_ids": warmup_prompt}], SamplingParams(temperature=0.0, max_tokens=WARMUP_TOKENS),
-                     use_tqdm=False)
-        record = {"seconds": time.perf_counter() - start, "pid": os.getpid(), **weight_memory(llm)}
+        warm = llm.generate([{"prompt_token_ids": warmup_prompt}] * warmup_batch,
+                            SamplingParams(temperature=0.0, max_tokens=WARMUP_TOKENS), use_tqdm=False)
+        record = {"seconds": time.perf_counter() - start, "pid": os.getpid(), "warmup_requests": len(warm),
+                  **weight_memory(llm)}
         params = SamplingParams(temperature=0.0, max_tokens=max_tokens, seed=0)
         probe = instrument(llm)
     except Exception as exc:  # a method that cannot start must not sink the others

@@ -436,7 +436,7 @@ def run(
                     )
             try:
                 host = EngineHost(spec.engine_kwargs(target, drafters, overrides), warmup_prompt=warmup_prompt,
-                                  max_tokens=preset.max_tokens, name=spec.method)
+                                  warmup_batch=max(preset.batch_sizes), max_tokens=preset.max_tokens, name=spec.method)
             except EngineFailed as exc:
                 failed[spec.label] = str(exc)
                 log(f"[bench] {spec.label}: engine failed, skipped: {exc}")
