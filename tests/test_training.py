@@ -80,6 +80,43 @@ def test_docs_prompts_split_by_document_and_mixed_by_task(monkeypatch):
         assert is_pydoc == sorted(is_pydoc) and any(is_pydoc) and not all(is_pydoc)
 
 
+def test_the_held_out_draw_does_not_depend_on_the_training_pool(monkeypatch):
+    """More training documents (another machine's packages, or setuptools' vendored
+    ones on the path after a vLLM import) leave the held-out prompts as they were: the
+    ``data`` and ``prompts`` stages must hold out the same ones."""
+    pool = [{"task": task, "prompt": f"{task} prompt on document {i}", "source": f"pypi-metadata:pkg{i}==1.0#{task}",
+             "origin": f"pypi:pkg{i}"} for i in range(300) for task in TASKS]
+    extra = [{"task": task, "prompt": f"{task} prompt on extra {i}", "source": f"pypi-metadata:extra{i}==1.0#{task}",
+              "origin": f"pypi:extra{i}"} for i in range(40) for task in TASKS]
+    extra = [q for q in extra if stable_hash(q["origin"]) % 1000 >= 100]  # training documents only
+    monkeypatch.setattr(sources, "training_prompts", lambda: pool)
+    train, held = sources.docs_prompts(seed=1234)
+    monkeypatch.setattr(sources, "training_prompts", lambda: pool + extra)
+    more_train, same_held = sources.docs_prompts(seed=1234)
+    assert len(more_train) == len(train) + len(extra) and held
+    assert same_held == held
+
+
+def test_vendored_distributions_are_not_documents():
+    """setuptools' vendored copies (on ``sys.path`` once it is imported) are not
+    installed packages: the document pool does not depend on what was imported."""
+    from importlib import metadata
+    from pathlib import Path
+
+    import setuptools  # noqa: F401  (puts setuptools/_vendor on sys.path)
+
+    from vllm_cmasd.bench.sources import _installed_distributions, _pypi_packages
+
+    vendored = [d for d in metadata.distributions() if "_vendor" in Path(str(d.locate_file(""))).parts]
+    if not vendored:
+        pytest.skip("this setuptools vendors no distributions")
+    kept = list(_installed_distributions())
+    assert len(kept) == len(list(metadata.distributions())) - len(vendored)
+    assert not [d for d in kept if "_vendor" in Path(str(d.locate_file(""))).parts]
+    only_vendored = {d.metadata["Name"].lower() for d in vendored} - {d.metadata["Name"].lower() for d in kept}
+    assert not only_vendored & {name.lower() for name, *_ in _pypi_packages()}
+
+
 def summarize(*paragraphs: str) -> str:
     return SUMMARIZATION_TEMPLATE.format(text="\n\n".join(paragraphs))
 

@@ -144,12 +144,22 @@ def _read_text(path: Path) -> str:
 # Sources
 
 
-def _pypi_packages() -> list[tuple[str, str, str, str]]:
-    """(name, version, summary, long description) of every installed distribution."""
+def _installed_distributions():
+    """The installed distributions, less the copies a package vendors for itself
+    (setuptools' ``_vendor``, on ``sys.path`` once setuptools is imported, as vLLM's
+    import does): with them the document pool depended on what the process had
+    imported, and the ``data`` and ``prompts`` stages drew different held-out sets."""
     from importlib import metadata
 
-    seen, out = set(), []
     for dist in metadata.distributions():
+        if "_vendor" not in Path(str(dist.locate_file(""))).parts:
+            yield dist
+
+
+def _pypi_packages() -> list[tuple[str, str, str, str]]:
+    """(name, version, summary, long description) of every installed distribution."""
+    seen, out = set(), []
+    for dist in _installed_distributions():
         meta = dist.metadata
         name = meta["Name"]
         if not name or name.lower() in seen or name.lower().startswith("vllm-cmasd"):
@@ -174,10 +184,8 @@ def _pypi_passages() -> list[Passage]:
 def _package_files(keep) -> list[tuple[str, str, str, Path]]:
     """(name, version, path in the distribution, file) of the installed distributions'
     files for which ``keep(path)`` holds, this project's own left out."""
-    from importlib import metadata
-
     out = []
-    for dist in metadata.distributions():
+    for dist in _installed_distributions():
         name, version = dist.metadata["Name"], dist.metadata["Version"]
         if not name or name.lower().startswith("vllm-cmasd"):
             continue

@@ -376,10 +376,13 @@ def docs_prompts(seed: int, eval_frac: float = 0.1, mix: dict[str, int] | None =
     never appears in training either. Each list is shuffled and then interleaved by task,
     ``mix[task]`` prompts of each task per round (default one each), so a time-boxed
     generation gets the tasks in that ratio; within a task, prompts on READMEs and man
-    pages (the benchmark's own kinds of document) come before those on docstrings."""
+    pages (the benchmark's own kinds of document) come before those on docstrings.
+    Each part shuffles with a generator of its own: with one shared, a training pool a
+    few documents larger (the ``data`` stage's, whose vLLM import put setuptools'
+    vendored distributions on the path) drew another held-out set (7 of 96 in common
+    with the ``prompts`` stage's)."""
 
     mix = mix or {t: 1 for t in TASKS}
-    rng = random.Random(seed + 23)
     split = {"train": {t: [] for t in TASKS}, "eval": {t: [] for t in TASKS}}
     for q in training_prompts():
         part = "eval" if (stable_hash(q["origin"]) % 1000) < eval_frac * 1000 else "train"
@@ -387,6 +390,7 @@ def docs_prompts(seed: int, eval_frac: float = 0.1, mix: dict[str, int] | None =
                                        "prompt": q["prompt"]})
     out = []
     for part in ("train", "eval"):
+        rng = random.Random(f"{seed + 23}:{part}")
         queues = []
         for task, queue in split[part].items():
             rng.shuffle(queue)
