@@ -33,7 +33,7 @@ class EngineFailed(RuntimeError):
 
 class EngineHost:
     """A child process holding one engine (``engine_kwargs``: ``vllm.LLM``'s), warmed
-    up on ``warmup_batch`` copies of ``warmup_prompt`` before :attr:`start_record` is
+    up on ``warmup_batch`` rotations of ``warmup_prompt`` before :attr:`start_record` is
     returned: the run's largest batch, since an engine's first call of a larger batch
     than it had run took ~10% longer (batch 16, docs/notes/eagle3-training.md,
     twenty-second session), a cost the first engine of each round paid alone."""
