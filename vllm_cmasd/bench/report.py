@@ -107,10 +107,10 @@ class _Group:
             for i in range(width)
         ]
         # By round and prompt: under --repeats a prompt runs once a repeat, each output compared with AR's.
-        self.outputs: dict[tuple[int, str], tuple[list[int], str]] = {}
-        for c in sorted(calls, key=lambda c: c["round"]):
-            for pid, ids, text in zip(c["prompt_ids"], c["output_token_ids"], c["texts"]):
-                self.outputs.setdefault((c["round"], pid), (ids, text))
+        self.outputs: dict[tuple[int, str], tuple[list[int], str]] = {
+            (c["round"], pid): (ids, text)
+            for c in calls for pid, ids, text in zip(c["prompt_ids"], c["output_token_ids"], c["texts"])
+        }
 
     @property
     def tps(self) -> float:
