@@ -548,3 +548,39 @@ def test_exploring_backs_off_while_it_finds_nothing_and_resets_once_the_rule_dra
         proposer.acceptance.observe(ids, [4, 4], [4, 4])
     drafts, explore_room = CmasdProposer._who_drafts(proposer, ids, query_lens, catch_ups)
     assert drafts.all() and explore_room is None and proposer._explore_every == EXPLORE_EVERY
+
+
+def test_exploring_waits_where_even_its_best_outcome_would_not_switch_drafting_on(monkeypatch):
+    """An exploring pass runs only if the rule would draft after the best it
+    could show (every request's draft accepted, every catch-up run). At 32
+    requests on a CPU-like target (a drafted token ~ a request's own token) the
+    rule needs ~0.9 accepted per drafted token: a drafter seen to accept 35% is
+    not explored there (at 32 streams exploring cost ~2% and never switched
+    drafting on), but is at 4 requests (~0.4 needed), and so is one with nothing verified yet."""
+    from types import SimpleNamespace
+
+    import numpy as np
+
+    from vllm_cmasd import proposer as proposer_module
+    from vllm_cmasd.proposer import EXPLORE_EVERY, CmasdProposer
+
+    monkeypatch.setattr(proposer_module, "get_tp_group", lambda: SimpleNamespace(world_size=1))  # one rank
+    # The served 32-stream fit (bench-serve, 2026-12-05): 68 ms + 3.1 ms a token; 5.5 ms + 0.22 ms a drafter token.
+    model = CostModel(TOKENS, tuple(0.068 + 0.0031 * n for n in TOKENS), tuple(0.0055 + 0.00022 * n for n in TOKENS),
+                      verify_request_s=0.0005)
+
+    def explores(batch_size: int, seen: bool) -> bool:
+        proposer = deciding_proposer(model, acceptance_prior=0.5, skipped_in_a_row=EXPLORE_EVERY)
+        if seen:  # 400 one-token drafts of earlier requests, 35% accepted
+            for i in range(400):
+                proposer.acceptance.observe([f"old{i}"], [1], [int(i % 20 < 7)])
+        ids = [f"r{i}" for i in range(batch_size)]
+        drafts, explore_room = CmasdProposer._who_drafts(
+            proposer, ids, np.ones(batch_size, dtype=np.int64), np.zeros(batch_size, dtype=np.int64)
+        )
+        assert drafts.all() == (explore_room is not None) and drafts.any() == drafts.all()
+        return explore_room is not None
+
+    assert not explores(batch_size=32, seen=True)
+    assert explores(batch_size=4, seen=True)
+    assert explores(batch_size=32, seen=False)

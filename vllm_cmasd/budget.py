@@ -483,6 +483,20 @@ class AcceptanceHistory:
         accepted, reached = self.per_request.get(req_id, (0.0, 0.0))
         return (accepted + self.prior_weight * self.overall_rate) / (reached + self.prior_weight)
 
+    def predict_if_accepted(self, req_ids: list[str]) -> np.ndarray:
+        """Each request's prediction were every one of them to draft one token
+        now and have it accepted (what :meth:`observe` would then leave; nothing
+        is changed): the best that an exploring pass could show."""
+        n = len(req_ids)
+        kept = self.overall_decay**n  # n observations in a row, each adding 1 of 1
+        added = float(n) if self.overall_decay == 1.0 else (1.0 - kept) / (1.0 - self.overall_decay)
+        accepted, reached = self.overall
+        rate = (accepted * kept + added) / (reached * kept + added)
+        return np.array([
+            (self.decay * accepted + 1.0 + self.prior_weight * rate) / (self.decay * reached + 1.0 + self.prior_weight)
+            for accepted, reached in (self.per_request.get(r, (0.0, 0.0)) for r in req_ids)
+        ])
+
 
 class DraftingRuns:
     """How many steps in a row a request goes on drafting once it drafts: the
