@@ -316,6 +316,27 @@ def test_acceptance_history_predicts_per_request_and_falls_back_to_all():
     assert history.predict("b") == pytest.approx(history.predict("new"), abs=0.01)
 
 
+def test_the_best_outcome_of_exploring_is_what_observing_it_would_leave():
+    """``predict_if_accepted`` is the prediction after every request's one-token
+    draft is observed accepted, computed without changing the history."""
+    import copy
+
+    from vllm_cmasd.budget import AcceptanceHistory
+
+    history = AcceptanceHistory(prior=0.5)
+    for i in range(50):
+        history.observe(["a", f"old{i}"], [3, 1], [i % 3, 0])
+    history.forget(["a"])
+    ids = ["a", "new", "other"]
+    before = copy.deepcopy((history.overall, history.per_request))
+    best = history.predict_if_accepted(ids)
+    assert (history.overall, history.per_request) == before  # nothing changed
+    observed = copy.deepcopy(history)
+    observed.observe(ids, [1, 1, 1], [1, 1, 1])
+    assert best.tolist() == pytest.approx([observed.predict(r) for r in ids])
+    assert (best > [history.predict(r) for r in ids]).all()
+
+
 def test_the_overall_rate_outlives_one_request_s_tail():
     """A new request borrows the rate over all requests; one request's bad tail
     does not become it (AMD, 2026-12-03: it did, at 0.28, and at batch 1 no new
