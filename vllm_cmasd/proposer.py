@@ -523,11 +523,12 @@ class CmasdProposerMixin:
         own_lens = query_lens + self.net_num_new_slots_per_request  # a draft model: + one new slot each
         beyond = CmasdProposerMixin._warm_up_tokens(own_lens, k_max)
         pass_tokens = int((own_lens - beyond).sum())
-        steps_left = self._remaining_tokens(req_ids)
+        remaining = self._remaining_tokens(req_ids)
 
         def rule(acceptance: np.ndarray, warm_ups: np.ndarray) -> np.ndarray:
             values, seconds = expected_draft(self.costs, acceptance, batch_size, k_max)
-            horizons = np.clip(np.minimum(steps_left / (1.0 + values), self.runs.expected_run), 1.0, MAX_HORIZON)
+            steps_left = remaining / (1.0 + values)  # the steps it may still run
+            horizons = np.clip(np.minimum(steps_left, self.runs.expected_run), 1.0, MAX_HORIZON)
             extra = (seconds + self.costs.warm_up(warm_ups / horizons)).tolist()
             budget = StepBudget(self.costs, batch_size, first_pass_paid=False)
             return np.array(
