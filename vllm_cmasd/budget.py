@@ -479,9 +479,12 @@ class AcceptanceHistory:
         accepted, reached = self.overall
         return accepted / reached if reached > 0 else 0.0
 
+    def _shrunk(self, accepted: float, reached: float, overall_rate: float) -> float:
+        """A request's counts shrunk toward ``overall_rate`` by ``prior_weight`` pseudo-tokens."""
+        return (accepted + self.prior_weight * overall_rate) / (reached + self.prior_weight)
+
     def predict(self, req_id: str) -> float:
-        accepted, reached = self.per_request.get(req_id, (0.0, 0.0))
-        return (accepted + self.prior_weight * self.overall_rate) / (reached + self.prior_weight)
+        return self._shrunk(*self.per_request.get(req_id, (0.0, 0.0)), self.overall_rate)
 
     def predict_if_accepted(self, req_ids: list[str]) -> np.ndarray:
         """Each request's prediction were every one of them to draft one token
@@ -493,7 +496,7 @@ class AcceptanceHistory:
         accepted, reached = self.overall
         rate = (accepted * kept + added) / (reached * kept + added)
         return np.array([
-            (self.decay * accepted + 1.0 + self.prior_weight * rate) / (self.decay * reached + 1.0 + self.prior_weight)
+            self._shrunk(self.decay * accepted + 1.0, self.decay * reached + 1.0, rate)
             for accepted, reached in (self.per_request.get(r, (0.0, 0.0)) for r in req_ids)
         ])
 
