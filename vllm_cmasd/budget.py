@@ -257,6 +257,20 @@ class _DecayedLinearFit:
 # fewer, move it little; a drafting engine's varied lengths move it).
 DRAFTED_TOKEN_PRIOR_WEIGHT = 64.0
 
+# How firmly the target fit holds the verifying extra per request at the
+# profile's (which cannot see it: 0), in squared requests: as firmly as 8
+# verifying steps of one request, an eighth of one step of 8. A step without
+# drafts measures nothing of it, so what the first verifying steps say stays.
+# At batch 1 an engine's first verifying steps ran 6-10 ms over its steps
+# without drafts, later ones 0-4 ms (bench engines, 2026-12-05): fitted from
+# the warm-up request's three, the extra read 5-6 ms, drafting the head paid
+# only above ~0.28 accepted per drafted token (its warm-up left 0.20, it
+# accepts ~0.28), and the engine drafted on 1-23% of its steps for the rest
+# of its life (3 rounds of 4; the other drafted on 69%). Held, the same
+# steps read 0.1-1.2 ms. At 8 requests and more one verifying step outweighs
+# the hold 8 times over.
+VERIFY_PRIOR_WEIGHT = 8.0
+
 
 class MeasuredCosts:
     """Costs measured on the running engine, with the start-up profile as prior.
@@ -302,16 +316,15 @@ class MeasuredCosts:
         points = [(1.0, float(n)) for n in prior.tokens]
         # The target's features beyond (1, n), on a step that verifies drafts:
         # its batch size and its drafted tokens (0 and 0 on one that does not).
-        # The profile has neither, so a pseudo-sample holds the first at the
-        # profile's (and a ridge, below, the second at 0) until real steps with
+        # The profile has neither, so ridges (below) hold the first at the
+        # profile's and the second at 0 until real steps with
         # and without drafts tell them apart. Those two kinds decay apart (group = verifies): when every step
         # of a long stretch verified, one decay over both left only verifying
         # steps, whose extra the intercept could then take (served at 8 streams:
         # a fixed verifying cost fitted at -15 to -69 ms), and a step without
         # drafts looked as dear as one with.
         self._target = _DecayedLinearFit(
-            [(*p, 0.0, 0.0) for p in points] + [(0.0, 0.0, 1.0, 0.0)],
-            [*prior.target_s, prior.verify_request_s], prior_weight, decay, groups=2,
+            [(*p, 0.0, 0.0) for p in points], list(prior.target_s), prior_weight, decay, groups=2
         )
         # A drafted token's extra (e) stays at 0, a drafted token priced as one
         # of the step's own, until steps whose drafts differ in length tell it
@@ -320,6 +333,7 @@ class MeasuredCosts:
         # request left out split them by noise (served: c, e = +2.2, -17 ms;
         # in-process c = e exactly, or -15 / +8 ms).
         self._target.hold(3, 0.0, DRAFTED_TOKEN_PRIOR_WEIGHT)
+        self._target.hold(2, prior.verify_request_s, VERIFY_PRIOR_WEIGHT)
         self._draft = _DecayedLinearFit(points, list(prior.draft_s), prior_weight, decay)
         # A pass's tokens beyond a decode step's (a prompt's prefill, a
         # catch-up) are priced per token on their own: a long pass costs far
