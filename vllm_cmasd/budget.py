@@ -265,7 +265,7 @@ DRAFTED_TOKEN_PRIOR_WEIGHT = 64.0
 # without drafts, later ones 0-4 ms (bench engines, 2026-12-05): fitted from
 # the warm-up request's three, the extra read 5-6 ms, drafting the head paid
 # only above ~0.28 accepted per drafted token (its warm-up left 0.20, it
-# accepts ~0.28), and the engine drafted on 1-23% of its steps for the rest
+# accepts ~0.26), and the engine drafted on 1-23% of its steps for the rest
 # of its life (3 rounds of 4; the other drafted on 69%). Held, the same
 # steps read 0.1-1.2 ms. At 8 requests and more one verifying step outweighs
 # the hold 8 times over.
@@ -439,6 +439,21 @@ def _long_pass_slope(profile: CostModel, from_tokens: int = 16) -> float:
     return slopes[len(slopes) // 2]
 
 
+# How firmly the rate over all requests starts at its prior, in drafted
+# tokens. Nothing moves it while no request drafts, so what a new engine's
+# first drafts show stays. At batch 1 the head accepts ~0.26 of its first
+# drafted tokens and drafting pays from ~0.17: held as 2 tokens, the rate read
+# 0.12-0.18 after the warm-up request's first rejections (none of 6 accepted:
+# 16% likely at 0.26) and the engine drafted on ~1% of its later steps (bench
+# engines, 2026-12-05: 2 of 4 once the verifying extra was held). Simulated
+# (that rule, one token a draft, 0.26): 28% of engines drafted on under 30% of
+# their steps held as 2 tokens, 9% as 8, 1% as 16; but as 16 a new engine no
+# longer explored at 32 requests where drafting pays from ~0.9 (its best
+# outcome, 0.90, falls short), as 8 it does (0.95). It fades by
+# ``overall_decay`` per drafted token: at 32 requests within a few steps.
+OVERALL_PRIOR_TOKENS = 8.0
+
+
 class AcceptanceHistory:
     """Each request's recent acceptance rate per drafted token, known before its
     next drafter pass (what the budget predicts the first drafted position by).
@@ -448,7 +463,8 @@ class AcceptanceHistory:
     token after the last accepted one was reached and rejected; later ones were
     not reached). The prediction shrinks them toward the rate over all requests
     with ``prior_weight`` pseudo-tokens, ``(accepted + w p) / (reached + w)``;
-    that rate decays slower (``overall_decay``), from a weak prior of ``prior``.
+    that rate decays slower (``overall_decay``), from ``prior`` held as
+    ``prior_tokens`` drafted tokens (see :data:`OVERALL_PRIOR_TOKENS`).
     A request's counts also fade (``idle_decay``) on every step it drafts
     nothing (:meth:`forget`): a request that stopped drafting after a bad
     stretch learns nothing more, and kept its bad rate to its end (at batch 1,
@@ -458,13 +474,14 @@ class AcceptanceHistory:
     """
 
     def __init__(self, prior: float = 0.5, prior_weight: float = 2.0, decay: float = 0.9,
-                 overall_decay: float = 0.99, idle_decay: float = 0.8, max_tracked: int = 1024):
+                 overall_decay: float = 0.99, idle_decay: float = 0.8, max_tracked: int = 1024,
+                 prior_tokens: float = OVERALL_PRIOR_TOKENS):
         self.prior_weight = prior_weight
         self.decay = decay
         self.overall_decay = overall_decay
         self.idle_decay = idle_decay
         self.max_tracked = max_tracked
-        self.overall = [prior * prior_weight, prior_weight]
+        self.overall = [prior * prior_tokens, prior_tokens]
         self.per_request: dict[str, list[float]] = {}
 
     def observe(self, req_ids: list[str], num_draft_tokens: list[int], num_accepted: list[int]) -> None:
