@@ -17,6 +17,16 @@ def costs(target, draft):
     return CostModel(TOKENS, tuple(float(target(n)) for n in TOKENS), tuple(float(draft(n)) for n in TOKENS))
 
 
+@pytest.fixture
+def one_rank(monkeypatch):
+    """``_who_drafts`` outside an engine: one tensor-parallel rank, nothing to broadcast."""
+    from types import SimpleNamespace
+
+    from vllm_cmasd import proposer as proposer_module
+
+    monkeypatch.setattr(proposer_module, "get_tp_group", lambda: SimpleNamespace(world_size=1))
+
+
 def deciding_proposer(model: CostModel, acceptance_prior: float, remaining=None, skipped_in_a_row: int = 0):
     """What ``CmasdProposer._who_drafts`` reads of its proposer, by hand: k_max 4,
     a draft model's one new slot a request, costs measured from ``model``, every
@@ -390,20 +400,16 @@ def test_a_long_pass_s_extra_tokens_are_priced_at_their_own_measured_rate():
     assert measured.warm_up(100) == pytest.approx(0.04, rel=0.01)
 
 
-def test_only_requests_whose_catch_up_pays_draft_and_only_they_catch_up(monkeypatch):
+def test_only_requests_whose_catch_up_pays_draft_and_only_they_catch_up(one_rank):
     """The controller's first-pass decision on hand-made costs: of two
     requests with the same history, the one lagging by a long prompt does not
     draft; the catch-up plan then leaves it lagging (blocked, nothing missed
     run) and gives the room to the one that drafts."""
-    from types import SimpleNamespace
-
     import numpy as np
 
     from vllm_cmasd.catchup import DrafterLag
-    from vllm_cmasd import proposer as proposer_module
     from vllm_cmasd.proposer import CmasdProposer
 
-    monkeypatch.setattr(proposer_module, "get_tp_group", lambda: SimpleNamespace(world_size=1))  # one rank
     model = costs(lambda n: 0.1 + 0.002 * n, lambda n: 0.01 + 0.001 * n)
     remaining = {"current": 1000, "lagging": 1000}
     proposer = deciding_proposer(model, acceptance_prior=0.8,
@@ -458,21 +464,17 @@ def test_a_drafting_run_is_long_while_requests_draft_on_and_short_after_switch_o
     assert runs.expected_run > 20
 
 
-def test_a_catch_up_is_priced_over_the_run_it_is_expected_to_serve(monkeypatch):
+def test_a_catch_up_is_priced_over_the_run_it_is_expected_to_serve(one_rank):
     """32 lagging requests (60 tokens each) whose drafts would pay were their
     catch-ups priced over the tokens they may still generate (64 steps) do not
     switch on once switch-ons have been seen to last one step: the catch-ups'
     drafter KV then serves about 3 steps (served at 32 streams, 2026-12-05,
     such a switch-on ran ~2,000 catch-up tokens for one step of drafts).
     Requests that do not lag still draft."""
-    from types import SimpleNamespace
-
     import numpy as np
 
-    from vllm_cmasd import proposer as proposer_module
     from vllm_cmasd.proposer import CmasdProposer
 
-    monkeypatch.setattr(proposer_module, "get_tp_group", lambda: SimpleNamespace(world_size=1))  # one rank
     model = costs(lambda n: 0.1 + 0.001 * n, lambda n: 0.002 + 0.0002 * n)  # a cheap drafter
     ids = [f"r{i}" for i in range(32)]
     proposer = deciding_proposer(model, acceptance_prior=0.7)
@@ -485,7 +487,7 @@ def test_a_catch_up_is_priced_over_the_run_it_is_expected_to_serve(monkeypatch):
     drafts, _ = CmasdProposer._who_drafts(proposer, ids, query_lens, current)
     assert drafts.all()
 
-def test_an_exploring_pass_spends_at_most_its_share_of_the_step(monkeypatch):
+def test_an_exploring_pass_spends_at_most_its_share_of_the_step(one_rank):
     """After EXPLORE_EVERY steps without a drafter pass every request explores,
     in a pass that costs at most EXPLORE_MAX_COST of the target's step for the
     tokens it schedules, every token at full price: the catch-ups that fit run,
@@ -493,15 +495,11 @@ def test_an_exploring_pass_spends_at_most_its_share_of_the_step(monkeypatch):
     the catch-up horizon instead, one exploring pass at 32 streams ran a
     handful of whole-prompt catch-ups to draft a token each (bench-serve,
     2026-12-02: 13093 catch-up tokens for 64 requests)."""
-    from types import SimpleNamespace
-
     import numpy as np
 
     from vllm_cmasd.catchup import DrafterLag
-    from vllm_cmasd import proposer as proposer_module
     from vllm_cmasd.proposer import EXPLORE_EVERY, CmasdProposer
 
-    monkeypatch.setattr(proposer_module, "get_tp_group", lambda: SimpleNamespace(world_size=1))  # one rank
     ids = ["a", "b", "c", "d"]
     query_lens = np.ones(4, dtype=np.int64)  # a decode step: 0.108 s of target, half of it 54 ms
 
@@ -535,18 +533,14 @@ def test_an_exploring_pass_spends_at_most_its_share_of_the_step(monkeypatch):
     assert decide(EXPLORE_EVERY, [0, 0, 0, 0], query_lens=prefilling) == ([False] * 4, None)
 
 
-def test_exploring_backs_off_while_it_finds_nothing_and_resets_once_the_rule_drafts(monkeypatch):
+def test_exploring_backs_off_while_it_finds_nothing_and_resets_once_the_rule_drafts(one_rank):
     """Exploring that leads to no drafting by the rule comes half as often each
     time (8, 16, 32, 64 steps apart, then 64); once the rule drafts by itself,
     the next exploring pass comes EXPLORE_EVERY steps after it stops."""
-    from types import SimpleNamespace
-
     import numpy as np
 
-    from vllm_cmasd import proposer as proposer_module
     from vllm_cmasd.proposer import EXPLORE_EVERY, MAX_EXPLORE_EVERY, CmasdProposer
 
-    monkeypatch.setattr(proposer_module, "get_tp_group", lambda: SimpleNamespace(world_size=1))  # one rank
     model = costs(lambda n: 0.1 + 0.002 * n, lambda n: 0.0105 + 0.001 * n)
     proposer = deciding_proposer(model, acceptance_prior=0.01)
     ids, query_lens, catch_ups = ["a", "b"], np.ones(2, dtype=np.int64), np.zeros(2, dtype=np.int64)
@@ -571,21 +565,17 @@ def test_exploring_backs_off_while_it_finds_nothing_and_resets_once_the_rule_dra
     assert drafts.all() and explore_room is None and proposer._explore_every == EXPLORE_EVERY
 
 
-def test_exploring_waits_where_even_its_best_outcome_would_not_switch_drafting_on(monkeypatch):
+def test_exploring_waits_where_even_its_best_outcome_would_not_switch_drafting_on(one_rank):
     """An exploring pass runs only if the rule would draft after the best it
     could show (every request's draft accepted, every catch-up run). At 32
     requests on a CPU-like target (a drafted token ~ a request's own token) the
     rule needs ~0.9 accepted per drafted token: a drafter seen to accept 35% is
     not explored there (at 32 streams exploring cost ~2% and never switched
     drafting on), but is at 4 requests (~0.4 needed), and so is one with nothing verified yet."""
-    from types import SimpleNamespace
-
     import numpy as np
 
-    from vllm_cmasd import proposer as proposer_module
     from vllm_cmasd.proposer import EXPLORE_EVERY, CmasdProposer
 
-    monkeypatch.setattr(proposer_module, "get_tp_group", lambda: SimpleNamespace(world_size=1))  # one rank
     # The served 32-stream fit (bench-serve, 2026-12-05): 68 ms + 3.1 ms a token; 5.5 ms + 0.22 ms a drafter token.
     model = CostModel(TOKENS, tuple(0.068 + 0.0031 * n for n in TOKENS), tuple(0.0055 + 0.00022 * n for n in TOKENS),
                       verify_request_s=0.0005)
@@ -607,7 +597,7 @@ def test_exploring_waits_where_even_its_best_outcome_would_not_switch_drafting_o
     assert explores(batch_size=32, seen=False)
 
 
-def test_an_engine_s_first_verifying_steps_do_not_keep_it_from_drafting(monkeypatch):
+def test_an_engine_s_first_verifying_steps_do_not_keep_it_from_drafting(one_rank):
     """A bench engine's first steps on the head at batch 1 (2026-12-05), replayed:
     its warm-up request's three verifying steps ran 6-10 ms over the steps without
     drafts around them, and it drafted with a ~5 ms head pass. At 0.2 accepted per
@@ -616,14 +606,10 @@ def test_an_engine_s_first_verifying_steps_do_not_keep_it_from_drafting(monkeypa
     those three steps alone, verifying read 5-6 ms, drafting paid only above
     ~0.28, and the engine, measuring nothing of verifying while it did not draft,
     drafted on 1-23% of its steps from then on."""
-    from types import SimpleNamespace
-
     import numpy as np
 
-    from vllm_cmasd import proposer as proposer_module
     from vllm_cmasd.proposer import CmasdProposer
 
-    monkeypatch.setattr(proposer_module, "get_tp_group", lambda: SimpleNamespace(world_size=1))  # one rank
     # Its profile: forwards only (38-41 ms for the target, 2 ms for the head).
     model = costs(lambda n: 0.038 + 0.001 * n, lambda n: 0.002 + 0.00015 * n)
     proposer = deciding_proposer(model, acceptance_prior=0.2)
@@ -643,7 +629,7 @@ def test_an_engine_s_first_verifying_steps_do_not_keep_it_from_drafting(monkeypa
     assert drafts.all() and explore_room is None  # the rule drafts, not an exploring pass
 
 
-def test_a_new_engine_s_first_rejections_do_not_keep_it_from_drafting(monkeypatch):
+def test_a_new_engine_s_first_rejections_do_not_keep_it_from_drafting(one_rank):
     """At batch 1 the head accepts ~0.26 of its first drafted tokens and drafting
     one pays from ~0.17 (the costs a bench engine measured, 2026-12-05). A new
     engine whose first six drafts were rejected (16% likely at 0.26) still
@@ -651,14 +637,10 @@ def test_a_new_engine_s_first_rejections_do_not_keep_it_from_drafting(monkeypatc
     as 2 drafted tokens it read 0.12 and the engine drafted on ~1% of its later
     steps, since nothing moves that rate while no request drafts. A drafter seen
     to accept 10% over 60 drafts is not drafted."""
-    from types import SimpleNamespace
-
     import numpy as np
 
-    from vllm_cmasd import proposer as proposer_module
     from vllm_cmasd.proposer import CmasdProposer
 
-    monkeypatch.setattr(proposer_module, "get_tp_group", lambda: SimpleNamespace(world_size=1))  # one rank
     model = CostModel(TOKENS, tuple(0.0446 + 0.0012 * n for n in TOKENS), tuple(0.005 + 0.00015 * n for n in TOKENS),
                       verify_request_s=0.001)
 
