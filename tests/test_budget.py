@@ -326,6 +326,36 @@ def test_acceptance_history_predicts_per_request_and_falls_back_to_all():
     assert history.predict("b") == pytest.approx(history.predict("new"), abs=0.01)
 
 
+def test_the_shrinkage_weight_is_learnt_from_how_far_requests_differ():
+    """Where every request drafts at one rate (the head's, near enough), one
+    request's rejections say little of its next draft: the history learns to
+    lean on the overall rate, and a request rejected twice still predicts near
+    it (a fixed 2 pseudo-tokens read 0.13 and stopped it, 2026-12-05). Where
+    requests differ (some nearly always accepted, some nearly never), it
+    learns to believe each request."""
+    import numpy as np
+
+    from vllm_cmasd.budget import SHRINKAGE_WEIGHTS, AcceptanceHistory
+
+    def history_of(rates) -> AcceptanceHistory:
+        rng = np.random.default_rng(0)
+        history = AcceptanceHistory(prior=0.5)
+        for i, rate in enumerate(rates):
+            for _ in range(30):  # one-token drafts
+                history.observe([f"r{i}"], [1], [int(rng.random() < rate)])
+        return history
+
+    alike = history_of([0.28] * 40)
+    assert alike.prior_weight >= 32
+    alike.observe(["new", "new"], [1, 1], [0, 0])
+    assert alike.predict("new") > 0.2
+    differing = history_of([0.95, 0.05] * 20)
+    assert differing.prior_weight <= 2
+    differing.observe(["new", "new"], [1, 1], [0, 0])
+    assert differing.predict("new") < 0.2
+    assert set(SHRINKAGE_WEIGHTS) >= {alike.prior_weight, differing.prior_weight}
+
+
 def test_the_best_outcome_of_exploring_is_what_observing_it_would_leave():
     """``predict_if_accepted`` is the prediction after every request's one-token
     draft is observed accepted, computed without changing the history."""
@@ -655,3 +685,28 @@ def test_a_new_engine_s_first_rejections_do_not_keep_it_from_drafting(one_rank):
 
     assert drafts_next_request([0] * 6)
     assert not drafts_next_request([int(i % 10 == 0) for i in range(60)])
+
+
+def test_a_request_s_rejections_do_not_stop_it_where_requests_differ_little(one_rank):
+    """The batch-1 decision log on the head (2026-12-05), replayed: requests
+    accept ~0.28 of their drafted tokens alike, drafting one pays from ~0.17,
+    and a request's next draft after a rejection accepted ~0.26. With 2
+    pseudo-tokens of shrinkage two rejections put a request at ~0.13 and it
+    skipped the next steps (vLLM's fixed k drafted through them and ran ~4%
+    faster); with the weight learnt from the earlier requests it drafts on."""
+    import numpy as np
+
+    from vllm_cmasd.proposer import CmasdProposer
+
+    model = CostModel(TOKENS, tuple(0.0446 + 0.0012 * n for n in TOKENS), tuple(0.005 + 0.00015 * n for n in TOKENS),
+                      verify_request_s=0.001)
+    proposer = deciding_proposer(model, acceptance_prior=0.5)
+    proposer.net_num_new_slots_per_request = 0  # a head: no new slot
+    rng = np.random.default_rng(0)
+    for i in range(40):
+        for _ in range(30):
+            proposer.acceptance.observe([f"earlier{i}"], [1], [int(rng.random() < 0.28)])
+    proposer.acceptance.observe(["next", "next"], [1, 1], [0, 0])
+    drafts, explore_room = CmasdProposer._who_drafts(proposer, ["next"], np.ones(1, dtype=np.int64),
+                                                     np.zeros(1, dtype=np.int64))
+    assert drafts.all() and explore_room is None

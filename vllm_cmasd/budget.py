@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import bisect
 import collections
+import copy
 import math
 import statistics
 import time
@@ -454,6 +455,17 @@ def _long_pass_slope(profile: CostModel, from_tokens: int = 16) -> float:
 OVERALL_PRIOR_TOKENS = 8.0
 
 
+# The per-request shrinkage weights (pseudo-drafted tokens) the history picks
+# among, from "believe each request" to "believe only the overall rate". What
+# one request's own rate tells of its next draft depends on the drafter: the
+# head's requests differ little (a decision log at batch 1, 2026-12-05: 0.26
+# accepted after a rejected draft, 0.33 after an accepted one; ~23 pseudo-tokens
+# by the between-request spread), and a fixed 2 stopped a request after one
+# rejection (0.13, under break-even 0.165) whose next drafts accepted ~1.6x
+# break-even; the draft model's requests differ more.
+SHRINKAGE_WEIGHTS = (0.5, 1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0, 128.0)
+
+
 class AcceptanceHistory:
     """Each request's recent acceptance rate per drafted token, known before its
     next drafter pass (what the budget predicts the first drafted position by).
@@ -465,6 +477,11 @@ class AcceptanceHistory:
     with ``prior_weight`` pseudo-tokens, ``(accepted + w p) / (reached + w)``;
     that rate decays slower (``overall_decay``), from ``prior`` held as
     ``prior_tokens`` drafted tokens (see :data:`OVERALL_PRIOR_TOKENS`).
+    The weight is learnt (empirical Bayes, see :data:`SHRINKAGE_WEIGHTS`):
+    each verified draft scores every candidate weight by how likely the
+    prediction it would have made was to see that outcome (the candidates'
+    log-likelihoods, decayed by ``score_decay`` a draft), and the best one
+    predicts; ``prior_weight`` until a draft is verified.
     A request's counts also fade (``idle_decay``) on every step it drafts
     nothing (:meth:`forget`): a request that stopped drafting after a bad
     stretch learns nothing more, and kept its bad rate to its end (at batch 1,
@@ -475,8 +492,10 @@ class AcceptanceHistory:
 
     def __init__(self, prior: float = 0.5, prior_weight: float = 2.0, decay: float = 0.9,
                  overall_decay: float = 0.99, idle_decay: float = 0.8, max_tracked: int = 1024,
-                 prior_tokens: float = OVERALL_PRIOR_TOKENS):
+                 prior_tokens: float = OVERALL_PRIOR_TOKENS, score_decay: float = 0.999):
         self.prior_weight = prior_weight
+        self.score_decay = score_decay
+        self.weight_scores = np.zeros(len(SHRINKAGE_WEIGHTS))
         self.decay = decay
         self.overall_decay = overall_decay
         self.idle_decay = idle_decay
@@ -490,12 +509,22 @@ class AcceptanceHistory:
                 continue
             reached = accepted + (accepted < drafted)
             counts = self.per_request.pop(req_id, None) or [0.0, 0.0]
+            self._score_weights(counts, accepted=accepted, rejected=reached - accepted)
             for c, decay in ((counts, self.decay), (self.overall, self.overall_decay)):
                 c[0] = decay * c[0] + accepted
                 c[1] = decay * c[1] + reached
             self.per_request[req_id] = counts  # most recent last
         while len(self.per_request) > self.max_tracked:
             self.per_request.pop(next(iter(self.per_request)))
+
+    def _score_weights(self, counts: list[float], accepted: int, rejected: int) -> None:
+        """Score each candidate weight by the log-likelihood of one verified
+        draft under the prediction it would have made before it (the request's
+        counts then, the overall rate now), and predict with the best."""
+        weights = np.asarray(SHRINKAGE_WEIGHTS)
+        rate = np.clip((counts[0] + weights * self.overall_rate) / (counts[1] + weights), 1e-6, 1.0 - 1e-6)
+        self.weight_scores = self.score_decay * self.weight_scores + accepted * np.log(rate) + rejected * np.log1p(-rate)
+        self.prior_weight = float(weights[np.argmax(self.weight_scores)])
 
     def forget(self, req_ids: list[str]) -> None:
         """These requests draft nothing this step: their own counts fade toward the overall rate."""
@@ -519,17 +548,14 @@ class AcceptanceHistory:
 
     def predict_if_accepted(self, req_ids: list[str]) -> np.ndarray:
         """Each request's prediction were every one of them to draft one token
-        now and have it accepted (what :meth:`observe` would then leave; nothing
-        is changed): the best that an exploring pass could show."""
-        n = len(req_ids)
-        kept = self.overall_decay**n  # n observations in a row, each adding 1 of 1
-        added = float(n) if self.overall_decay == 1.0 else (1.0 - kept) / (1.0 - self.overall_decay)
-        accepted, reached = self.overall
-        rate = (accepted * kept + added) / (reached * kept + added)
-        return np.array([
-            self._shrunk(self.decay * accepted + 1.0, self.decay * reached + 1.0, rate)
-            for accepted, reached in (self.per_request.get(r, (0.0, 0.0)) for r in req_ids)
-        ])
+        now and have it accepted (what :meth:`observe` would then leave, the
+        weight's scores included; nothing is changed): the best that an
+        exploring pass could show."""
+        trial = copy.copy(self)
+        trial.overall = list(self.overall)
+        trial.per_request = {r: list(self.per_request[r]) for r in req_ids if r in self.per_request}
+        trial.observe(req_ids, [1] * len(req_ids), [1] * len(req_ids))
+        return np.array([trial.predict(r) for r in req_ids])
 
 
 class DraftingRuns:
