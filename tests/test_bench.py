@@ -208,7 +208,8 @@ def test_interleaving_by_calls_runs_each_batch_on_every_engine_in_turn(tiny_pair
     # Every engine started once a round, in a process of its own.
     assert [(s["label"], s["round"]) for s in raw["engine_starts"]] == [(m, r) for r in range(2) for m in labels]
     assert len({s["pid"] for s in raw["engine_starts"]}) == 2 * len(labels)
-    assert all(s["cost_fit"]["target_step_s"] > 0 for s in raw["engine_starts"] if s["label"].startswith("cmasd "))
+    assert all(s["cost_fit"]["target_step_s"] > 0 and s["acceptance"]["shrinkage_weight"] > 0
+               for s in raw["engine_starts"] if s["label"].startswith("cmasd "))
     calls = raw["calls"]
     n = len(preset.tasks) * sum(-(-preset.prompts_per_task // b) for b in preset.batch_sizes)  # batches
     assert len(calls) == n * len(labels)

@@ -300,3 +300,5 @@ def test_controller_reports_what_it_did_and_learnt_on_the_metrics(tiny_pair, mon
     assert verified == drafter.calibration.num_observed
     costs = {m.labels["term"]: m.value for m in series("vllm:cmasd_cost_seconds")}
     assert costs == pytest.approx(drafter.costs.coefficients)
+    acceptance = {m.labels["term"]: m.value for m in series("vllm:cmasd_acceptance")}
+    assert acceptance == pytest.approx(drafter.acceptance.summary())

@@ -539,6 +539,10 @@ class AcceptanceHistory:
         accepted, reached = self.overall
         return accepted / reached if reached > 0 else 0.0
 
+    def summary(self) -> dict[str, float]:
+        """The rate over all requests and the shrinkage weight learnt (for /metrics and the benchmarks)."""
+        return {"overall_rate": self.overall_rate, "shrinkage_weight": self.prior_weight}
+
     def _shrunk(self, accepted: float, reached: float, overall_rate: float) -> float:
         """A request's counts shrunk toward ``overall_rate`` by ``prior_weight`` pseudo-tokens."""
         return (accepted + self.prior_weight * overall_rate) / (reached + self.prior_weight)

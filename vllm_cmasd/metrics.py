@@ -141,6 +141,10 @@ class CmasdPrometheus:
                           "token), drafter pass d0 + d1 n, "
                           "a pass's tokens beyond a decode step's w each (seconds).",
                           "term")
+        self.acceptance = gauge("vllm:cmasd_acceptance",
+                                "CM-ASD's acceptance history: the rate over all requests per drafted token "
+                                "(overall_rate) and the per-request shrinkage weight it learnt, in drafted "
+                                "tokens (shrinkage_weight).", "term")
 
     def observe_controller(self, report: dict, engine_idx: int = 0) -> None:
         for name, counters in self.totals.items():
@@ -160,6 +164,8 @@ class CmasdPrometheus:
                 self.verified[engine_idx](label).set(row["tokens"])
         for term, seconds in (report.get("costs") or {}).items():
             self.cost[engine_idx](term).set(seconds)
+        for term, value in (report.get("acceptance") or {}).items():
+            self.acceptance[engine_idx](term).set(value)
 
     def observe(self, stats, engine_idx: int = 0) -> None:
         reached = list(stats.num_draft_tokens_per_pos)[: self.k_max]

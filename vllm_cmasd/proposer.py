@@ -658,6 +658,7 @@ class CmasdProposerMixin:
         out = {**self.totals(), "calibration": self.calibration.summary()}
         if self.costs is not None:
             out["costs"] = self.costs.coefficients
+            out["acceptance"] = self.acceptance.summary()
         return out
 
     def signal_for(self, name: str, req_ids: list[str], num_draft_tokens: list[int]) -> torch.Tensor | None:

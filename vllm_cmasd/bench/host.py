@@ -76,7 +76,7 @@ class EngineHost:
         return self._reply()
 
     def controller_state(self) -> dict[str, Any]:
-        """What a CM-ASD controller learnt so far (its cost fit and calibration); {} for other methods."""
+        """What a CM-ASD controller learnt so far (its cost fit, calibration, acceptance history); {} for other methods."""
         self._conn.send(("state", None))
         return self._reply()
 
@@ -265,12 +265,14 @@ def measured_call(llm, probe: Probe, prompts: list[list[int]], params) -> dict[s
 
 
 def controller_state(llm) -> dict[str, Any]:
-    """What the controller learnt by now: the cost fit (budget.MeasuredCosts.summary)
-    and the calibration (calibration.AcceptanceCalibration.summary)."""
+    """What the controller learnt by now: the cost fit (budget.MeasuredCosts.summary),
+    the calibration (calibration.AcceptanceCalibration.summary) and the acceptance
+    history's rate and shrinkage weight (budget.AcceptanceHistory.summary)."""
     drafter = getattr(model_runner(llm), "drafter", None)
     if getattr(drafter, "costs", None) is None:
         return {}
-    return {"cost_fit": drafter.costs.summary(), "calibration": drafter.calibration.summary()}
+    return {"cost_fit": drafter.costs.summary(), "calibration": drafter.calibration.summary(),
+            "acceptance": drafter.acceptance.summary()}
 
 
 def weight_memory(llm) -> dict[str, int]:
