@@ -474,14 +474,18 @@ class AcceptanceHistory:
     accepted drafted tokens and of drafted tokens the verifier reached (the
     token after the last accepted one was reached and rejected; later ones were
     not reached). The prediction shrinks them toward the rate over all requests
-    with ``prior_weight`` pseudo-tokens, ``(accepted + w p) / (reached + w)``;
+    with ``w`` pseudo-tokens, ``(accepted + w p) / (reached + w)``;
     that rate decays slower (``overall_decay``), from ``prior`` held as
     ``prior_tokens`` drafted tokens (see :data:`OVERALL_PRIOR_TOKENS`).
-    The weight is learnt (empirical Bayes, see :data:`SHRINKAGE_WEIGHTS`):
-    each verified draft scores every candidate weight by how likely the
-    prediction it would have made was to see that outcome (the candidates'
-    log-likelihoods, decayed by ``score_decay`` a draft), and the best one
-    predicts; ``prior_weight`` until a draft is verified.
+    The weight is learnt (hierarchical Bayes over :data:`SHRINKAGE_WEIGHTS`,
+    uniform at first): each verified draft multiplies every candidate's
+    posterior by the likelihood of its outcome under the prediction that weight
+    would have made just before it (``score_decay`` a draft forgets old
+    evidence), and a prediction averages the candidates' by their posterior.
+    Not the single best candidate: one engine picked 0.5 after the warm-up
+    request's first two rejections (bench, 2026-12-06), every later rejection
+    then put a request at ~0.07, it skipped the steps whose drafts would have
+    shown otherwise, and it drafted on 7% of its steps.
     A request's counts also fade (``idle_decay``) on every step it drafts
     nothing (:meth:`forget`): a request that stopped drafting after a bad
     stretch learns nothing more, and kept its bad rate to its end (at batch 1,
@@ -490,12 +494,11 @@ class AcceptanceHistory:
     last request's tail: new requests borrowed it and never drafted).
     """
 
-    def __init__(self, prior: float = 0.5, prior_weight: float = 2.0, decay: float = 0.9,
+    def __init__(self, prior: float = 0.5, decay: float = 0.9,
                  overall_decay: float = 0.99, idle_decay: float = 0.8, max_tracked: int = 1024,
                  prior_tokens: float = OVERALL_PRIOR_TOKENS, score_decay: float = 0.999):
-        self.prior_weight = prior_weight
         self.score_decay = score_decay
-        self.weight_scores = np.zeros(len(SHRINKAGE_WEIGHTS))
+        self.weight_scores = np.zeros(len(SHRINKAGE_WEIGHTS))  # log posterior, up to a constant
         self.decay = decay
         self.overall_decay = overall_decay
         self.idle_decay = idle_decay
@@ -518,13 +521,15 @@ class AcceptanceHistory:
             self.per_request.pop(next(iter(self.per_request)))
 
     def _score_weights(self, counts: list[float], accepted: int, rejected: int) -> None:
-        """Score each candidate weight by the log-likelihood of one verified
-        draft under the prediction it would have made before it (the request's
-        counts then, the overall rate now), and predict with the best."""
-        weights = np.asarray(SHRINKAGE_WEIGHTS)
-        rate = np.clip((counts[0] + weights * self.overall_rate) / (counts[1] + weights), 1e-6, 1.0 - 1e-6)
+        """Add to each candidate weight's log posterior the log-likelihood of one
+        verified draft under the prediction it would have made before it (the
+        request's counts then, the overall rate now)."""
+        rate = np.clip(self._candidates(*counts, self.overall_rate), 1e-6, 1.0 - 1e-6)
         self.weight_scores = self.score_decay * self.weight_scores + accepted * np.log(rate) + rejected * np.log1p(-rate)
-        self.prior_weight = float(weights[np.argmax(self.weight_scores)])
+
+    def _posterior(self) -> np.ndarray:
+        odds = np.exp(self.weight_scores - self.weight_scores.max())
+        return odds / odds.sum()
 
     def forget(self, req_ids: list[str]) -> None:
         """These requests draft nothing this step: their own counts fade toward the overall rate."""
@@ -539,13 +544,23 @@ class AcceptanceHistory:
         accepted, reached = self.overall
         return accepted / reached if reached > 0 else 0.0
 
+    @property
+    def shrinkage_weight(self) -> float:
+        """The weight learnt: the posterior's geometric mean over the candidates."""
+        return float(np.exp(self._posterior() @ np.log(SHRINKAGE_WEIGHTS)))
+
     def summary(self) -> dict[str, float]:
         """The rate over all requests and the shrinkage weight learnt (for /metrics and the benchmarks)."""
-        return {"overall_rate": self.overall_rate, "shrinkage_weight": self.prior_weight}
+        return {"overall_rate": self.overall_rate, "shrinkage_weight": self.shrinkage_weight}
+
+    @staticmethod
+    def _candidates(accepted: float, reached: float, overall_rate: float) -> np.ndarray:
+        """A request's counts shrunk toward ``overall_rate`` by each candidate weight."""
+        weights = np.asarray(SHRINKAGE_WEIGHTS)
+        return (accepted + weights * overall_rate) / (reached + weights)
 
     def _shrunk(self, accepted: float, reached: float, overall_rate: float) -> float:
-        """A request's counts shrunk toward ``overall_rate`` by ``prior_weight`` pseudo-tokens."""
-        return (accepted + self.prior_weight * overall_rate) / (reached + self.prior_weight)
+        return float(self._posterior() @ self._candidates(accepted, reached, overall_rate))
 
     def predict(self, req_id: str) -> float:
         return self._shrunk(*self.per_request.get(req_id, (0.0, 0.0)), self.overall_rate)
