@@ -455,8 +455,8 @@ def _long_pass_slope(profile: CostModel, from_tokens: int = 16) -> float:
 OVERALL_PRIOR_TOKENS = 8.0
 
 
-# The per-request shrinkage weights (pseudo-drafted tokens) the history picks
-# among, from "believe each request" to "believe only the overall rate". What
+# The per-request shrinkage weights (pseudo-drafted tokens) the history's
+# posterior spans, from "believe each request" to "believe only the overall rate". What
 # one request's own rate tells of its next draft depends on the drafter: the
 # head's requests differ little (a decision log at batch 1, 2026-12-05: 0.26
 # accepted after a rejected draft, 0.33 after an accepted one; ~23 pseudo-tokens
