@@ -499,6 +499,7 @@ class AcceptanceHistory:
                  prior_tokens: float = OVERALL_PRIOR_TOKENS, score_decay: float = 0.999):
         self.score_decay = score_decay
         self.weight_scores = np.zeros(len(SHRINKAGE_WEIGHTS))  # log posterior, up to a constant
+        self.posterior = self._normalised(self.weight_scores)  # what every prediction reads until the next observe
         self.decay = decay
         self.overall_decay = overall_decay
         self.idle_decay = idle_decay
@@ -519,6 +520,7 @@ class AcceptanceHistory:
             self.per_request[req_id] = counts  # most recent last
         while len(self.per_request) > self.max_tracked:
             self.per_request.pop(next(iter(self.per_request)))
+        self.posterior = self._normalised(self.weight_scores)
 
     def _score_weights(self, counts: list[float], accepted: int, rejected: int) -> None:
         """Add to each candidate weight's log posterior the log-likelihood of one
@@ -527,8 +529,9 @@ class AcceptanceHistory:
         rate = np.clip(self._candidates(*counts, self.overall_rate), 1e-6, 1.0 - 1e-6)
         self.weight_scores = self.score_decay * self.weight_scores + accepted * np.log(rate) + rejected * np.log1p(-rate)
 
-    def _posterior(self) -> np.ndarray:
-        odds = np.exp(self.weight_scores - self.weight_scores.max())
+    @staticmethod
+    def _normalised(log_posterior: np.ndarray) -> np.ndarray:
+        odds = np.exp(log_posterior - log_posterior.max())
         return odds / odds.sum()
 
     def forget(self, req_ids: list[str]) -> None:
@@ -547,7 +550,7 @@ class AcceptanceHistory:
     @property
     def shrinkage_weight(self) -> float:
         """The weight learnt: the posterior's geometric mean over the candidates."""
-        return float(np.exp(self._posterior() @ np.log(SHRINKAGE_WEIGHTS)))
+        return float(np.exp(self.posterior @ np.log(SHRINKAGE_WEIGHTS)))
 
     def summary(self) -> dict[str, float]:
         """The rate over all requests and the shrinkage weight learnt (for /metrics and the benchmarks)."""
@@ -560,7 +563,7 @@ class AcceptanceHistory:
         return (accepted + weights * overall_rate) / (reached + weights)
 
     def _shrunk(self, accepted: float, reached: float, overall_rate: float) -> float:
-        return float(self._posterior() @ self._candidates(accepted, reached, overall_rate))
+        return float(self.posterior @ self._candidates(accepted, reached, overall_rate))
 
     def predict(self, req_id: str) -> float:
         return self._shrunk(*self.per_request.get(req_id, (0.0, 0.0)), self.overall_rate)
