@@ -166,11 +166,10 @@ class DraftWindow:
             # confidence is unknown before its pass: the lookahead predicts its
             # acceptance from this token's. Taking this token's acceptance
             # instead misprices it both ways: on the head a token's confidence
-            # says little about the next token's (tuning prompts, 2026-12-06:
-            # next tokens after ones calibrated at 0.71 were accepted 13% of the
-            # time), while on prompts whose drafts run in easy stretches a later
-            # position is accepted more often than a first (vLLM's k=2 on
-            # instruction prompts: 0.49 against 0.36).
+            # says little about the next token's (benchmark-domain prompts that
+            # are not the benchmark's, 2026-12-06: after accepted tokens
+            # calibrated at 0.0-0.2 the next was accepted 24% of the time, after
+            # 0.8-1.0 41%; docs/notes/eagle3-training.md, twenty-seventh session).
             next_acceptance = acceptance if self.lookahead is None else self.lookahead.predict(confidence)
             more = self.budget.another_pass(
                 (self.survival * next_acceptance).tolist(), candidates, force=position + 1 < min_draft
