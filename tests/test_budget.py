@@ -41,8 +41,7 @@ def deciding_proposer(model: CostModel, acceptance_prior: float, remaining=None,
 
     return SimpleNamespace(
         config=CmasdConfig(k_max=4), costs=MeasuredCosts(model), net_num_new_slots_per_request=1,
-        acceptance=AcceptanceHistory(prior=acceptance_prior), lookahead=flat_calibration(acceptance_prior),
-        _skipped_in_a_row=skipped_in_a_row,
+        acceptance=AcceptanceHistory(prior=acceptance_prior), _skipped_in_a_row=skipped_in_a_row,
         _explore_every=EXPLORE_EVERY, runs=DraftingRuns(prior_run=MAX_HORIZON),
         _remaining_tokens=remaining or (lambda ids: np.full(len(ids), 1000.0)),
     )
@@ -163,8 +162,8 @@ def flat_calibration(acceptance: float) -> AcceptanceCalibration:
     return AcceptanceCalibration(prior_accepted=[1000 * acceptance] * NUM_BINS, prior_reached=[1000.0] * NUM_BINS)
 
 
-def draft_lengths(config, budget, calibration, confidence, lookahead=None) -> list[int]:
-    window = DraftWindow(len(confidence), config, torch.device("cpu"), budget, calibration, lookahead=lookahead)
+def draft_lengths(config, budget, calibration, confidence) -> list[int]:
+    window = DraftWindow(len(confidence), config, torch.device("cpu"), budget, calibration)
     tokens = torch.arange(len(confidence))
     while window.add(tokens, None, confidence):
         pass
@@ -191,53 +190,6 @@ def test_controller_drafts_longer_under_a_more_lenient_verifier():
 
     strict, lenient = lengths(0.5), lengths(0.95)
     assert 1 <= strict < lenient <= 8
-
-
-def test_another_drafter_pass_is_priced_by_the_lookahead():
-    """Whether a request drafts another token is decided before that token's
-    pass, by the lookahead's acceptance for it (from this token's confidence),
-    not by this token's: where the next token is seldom accepted the draft
-    stops after one token, where it is accepted as often it goes on as before."""
-    config = CmasdConfig(k_max=8)
-    confidence = torch.tensor([0.6])
-
-    def length(lookahead):
-        budget = StepBudget(costs(lambda n: 1.0 + 0.02 * n, lambda n: 0.15), batch_size=1)
-        return draft_lengths(config, budget, flat_calibration(0.8), confidence, lookahead=lookahead)[0]
-
-    alone = length(None)
-    assert alone >= 2
-    assert length(flat_calibration(0.05)) == 1
-    assert length(flat_calibration(0.8)) == alone
-
-
-def test_the_lookahead_learns_each_accepted_token_s_next_outcome():
-    """A verified draft teaches the lookahead one pair per drafted token after
-    an accepted one: the accepted token's confidence and whether the next was
-    accepted. Tokens after the first rejection were never judged and teach nothing."""
-    from types import SimpleNamespace
-
-    from vllm_cmasd.budget import AcceptanceHistory
-    from vllm_cmasd.proposer import CmasdProposer
-
-    proposer = SimpleNamespace(
-        trace=None, config=CmasdConfig(k_max=4), acceptance=AcceptanceHistory(),
-        calibration=AcceptanceCalibration(decay=1.0),
-        lookahead=AcceptanceCalibration(decay=1.0),
-        _signals={
-            "a": {"confidence": torch.tensor([0.92, 0.12, 0.52, 0.72])},  # 2 accepted, the third rejected
-            "b": {"confidence": torch.tensor([0.92, 0.92])},  # both accepted
-            "c": {"confidence": torch.tensor([0.32, 0.52])},  # the first rejected
-        },
-    )
-    CmasdProposer.observe_verification(proposer, ["a", "b", "c"], [4, 2, 2], torch.tensor([2, 2, 0]))
-    bin_of = lambda confidence: int(confidence * NUM_BINS)  # noqa: E731
-    reached, accepted = proposer.lookahead.reached, proposer.lookahead.accepted
-    # a: (0.92 -> accepted), (0.12 -> rejected); b: (0.92 -> accepted); c: none.
-    assert sum(reached) == 3 and reached[bin_of(0.92)] == 2 and reached[bin_of(0.12)] == 1
-    assert accepted[bin_of(0.92)] == 2 and accepted[bin_of(0.12)] == 0
-    # The calibration itself: a's first three tokens, b's two, c's first.
-    assert sum(proposer.calibration.reached) == 6 and sum(proposer.calibration.accepted) == 4
 
 
 def test_profile_points_are_capped():
@@ -475,21 +427,6 @@ def test_a_draft_is_worth_its_expected_accepted_tokens():
     assert expected_draft(model, [0.5], batch_size=4, k_max=8)[0][0] == pytest.approx(0.5)
 
 
-def test_a_draft_s_later_positions_are_valued_by_the_lookahead_s_rate():
-    """A token after an accepted one is accepted at the lookahead's rate, not at
-    the request's (mostly first-position) rate: a request accepted at 0.3 whose
-    drafts go on at 0.5 is worth a second position (0.3 x 0.5 = 0.15 > 0.1),
-    which at 0.3 x 0.3 = 0.09 it is not; and the other way for a request at 0.8
-    whose next tokens are seldom accepted."""
-    from vllm_cmasd.budget import expected_draft
-
-    model = costs(lambda n: 0.1, lambda n: 0.01)  # a position must beat 0.1 (see above)
-    (tokens,), (seconds,) = expected_draft(model, [0.3], batch_size=1, k_max=8, next_acceptance=0.5)
-    assert tokens == pytest.approx(0.3 + 0.3 * 0.5) and seconds == pytest.approx(0.01)  # 0.075 < 0.1: two
-    (tokens,), _ = expected_draft(model, [0.8], batch_size=1, k_max=8, next_acceptance=0.2)
-    assert tokens == pytest.approx(0.8 + 0.8 * 0.2)  # 0.8 x 0.2^2 = 0.032 < 0.1: two positions
-
-
 def test_a_long_pass_s_extra_tokens_are_priced_at_their_own_measured_rate():
     """Tokens a first pass runs beyond a decode step's (a prefill, a catch-up)
     cost less each than the short passes' slope: their own rate, from the
@@ -544,28 +481,6 @@ def test_only_requests_whose_catch_up_pays_draft_and_only_they_catch_up(one_rank
     lag.ran(["current", "lagging"], plan, new_slots=1)
     assert lag.lag_start == {"lagging": 0}  # still lags from its prompt's start
 
-
-
-def test_whether_a_step_drafts_counts_its_later_positions_at_the_lookahead_s_rate(one_rank):
-    """Four requests at 0.25 accepted per drafted token, just short of paying
-    for a shared first pass by their first tokens: they draft where the
-    lookahead says a token after an accepted one is accepted 90% of the time,
-    not where it says 10%."""
-    import numpy as np
-
-    from vllm_cmasd.proposer import CmasdProposer
-
-    model = costs(lambda n: 0.1 + 0.002 * n, lambda n: 0.01)
-    ids = [f"r{i}" for i in range(4)]
-
-    def drafts(next_rate: float) -> list[bool]:
-        proposer = deciding_proposer(model, acceptance_prior=0.25)
-        proposer.lookahead = flat_calibration(next_rate)
-        decided, _ = CmasdProposer._who_drafts(proposer, ids, np.ones(4, dtype=np.int64), np.zeros(4, dtype=np.int64))
-        return decided.tolist()
-
-    assert drafts(0.9) == [True] * 4
-    assert drafts(0.1) == [False] * 4
 
 
 def test_a_drafting_run_is_long_while_requests_draft_on_and_short_after_switch_ons_that_end():

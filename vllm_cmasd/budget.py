@@ -177,18 +177,15 @@ class StepBudget:
 
 
 def expected_draft(
-    costs: CostModel | MeasuredCosts, acceptance: np.ndarray, batch_size: int, k_max: int,
-    next_acceptance: float | None = None,
+    costs: CostModel | MeasuredCosts, acceptance: np.ndarray, batch_size: int, k_max: int
 ) -> tuple[np.ndarray, np.ndarray]:
     """What each request expects from drafting this step, known before the first
     pass: ``(tokens, seconds)`` per request (arrays like ``acceptance``), the
     expected accepted tokens of the draft the rule would make and what its
     positions after the first cost.
 
-    With per-token acceptance ``a`` (the first position's) and ``n`` for a
-    token after an accepted one (``next_acceptance``, the lookahead's rate;
-    None: ``a`` again), position j survives with ``a n^(j-1)``; it is
-    drafted while that per its cost beats a plain step's rate, its cost being
+    With per-token acceptance ``a``, position j survives with ``a^j``; it is
+    drafted while ``a^j`` per its cost beats a plain step's rate, its cost being
     its share of a drafter pass over the batch and one more verified token.
     The first position's cost is not here: the caller prices the first pass
     (shared by the batch) and the first verified token. Valuing a first pass by
@@ -199,9 +196,8 @@ def expected_draft(
     acceptance = np.asarray(acceptance, dtype=np.float64)
     rate = batch_size / max(costs.target(batch_size), 1e-12)  # tokens per second without drafting
     per_position = costs.draft(batch_size) / batch_size + costs.verified_token(batch_size)
-    # Positions 2..k_max survive with a n..a n^(k_max-1); drafting stops at the first that does not pay.
-    following = acceptance[:, None] if next_acceptance is None else next_acceptance
-    survival = acceptance[:, None] * following ** np.arange(1, k_max)
+    # Positions 2..k_max survive with a^2..a^k_max; drafting stops at the first that does not pay.
+    survival = acceptance[:, None] ** np.arange(2, k_max + 1)
     drafted = np.cumprod(survival > rate * per_position, axis=1, dtype=bool)
     return acceptance + (survival * drafted).sum(axis=1), drafted.sum(axis=1) * per_position
 

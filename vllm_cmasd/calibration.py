@@ -25,11 +25,6 @@ learns it from every verification's outcome, for the policy the engine runs:
 A second table keeps the reliability diagram: reached and accepted tokens
 binned by the *predicted* probability the controller used, with the mean
 prediction per bin (docs/confidence.md, "Calibrated acceptance").
-
-The same estimator, fed other pairs, answers what the controller must know
-before a drafter pass: P(the *next* drafted token is accepted | this token's
-confidence, this token accepted), the lookahead (proposer.py keeps one,
-started from the same prior: :meth:`AcceptanceCalibration.with_same_prior`).
 """
 
 from __future__ import annotations
@@ -97,10 +92,6 @@ class AcceptanceCalibration:
             return None
         return cls(prior_accepted=entry["accepted"], prior_reached=entry["reached"])
 
-    def with_same_prior(self) -> "AcceptanceCalibration":
-        """A calibration with this one's prior and decay and no observations."""
-        return AcceptanceCalibration(prior_accepted=self.prior[0], prior_reached=self.prior[1], decay=self.decay)
-
     @staticmethod
     def bins(confidence: torch.Tensor) -> torch.Tensor:
         return (confidence.float().clamp(0.0, 1.0) * NUM_BINS).long().clamp_(max=NUM_BINS - 1)
@@ -111,12 +102,6 @@ class AcceptanceCalibration:
         rates = [a / r if r > 0 else (b + 0.5) / NUM_BINS for b, (a, r) in enumerate(zip(accepted, reached))]
         self.curve = [min(max(p, 0.0), 1.0) for p in isotonic(rates, reached)]
         self._table = None
-
-    @property
-    def overall_rate(self) -> float:
-        """Accepted per reached token over every bin, the prior's pseudo-tokens included."""
-        reached = sum(self.prior[1]) + sum(self.reached)
-        return (sum(self.prior[0]) + sum(self.accepted)) / reached if reached > 0 else 0.0
 
     def predict(self, confidence: torch.Tensor) -> torch.Tensor:
         """Calibrated acceptance of each drafted token, from its confidence (same shape, float32)."""

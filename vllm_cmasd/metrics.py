@@ -128,9 +128,6 @@ class CmasdPrometheus:
         self.curve = gauge("vllm:cmasd_calibration_acceptance",
                            "CM-ASD's calibrated P(accepted | drafter confidence in bin [lower, lower + 1/bins)).",
                            "confidence_bin")
-        self.next_curve = gauge("vllm:cmasd_calibration_next_acceptance",
-                                "CM-ASD's lookahead: P(the next drafted token is accepted | this token accepted, "
-                                "its drafter confidence in bin [lower, lower + 1/bins)).", "confidence_bin")
         self.predicted = gauge("vllm:cmasd_calibration_predicted",
                                "Reliability diagram: mean predicted acceptance of the drafted tokens verified, "
                                "by bin of that prediction.", "predicted_bin")
@@ -165,11 +162,6 @@ class CmasdPrometheus:
                 self.predicted[engine_idx](label).set(row["predicted"])
                 self.observed[engine_idx](label).set(row["observed"])
                 self.verified[engine_idx](label).set(row["tokens"])
-        lookahead = report.get("lookahead")
-        if lookahead:
-            bins = lookahead["num_bins"]
-            for b, value in enumerate(lookahead["curve"]):
-                self.next_curve[engine_idx](f"{b / bins:.2f}").set(value)
         for term, seconds in (report.get("costs") or {}).items():
             self.cost[engine_idx](term).set(seconds)
         for term, value in (report.get("acceptance") or {}).items():

@@ -82,9 +82,7 @@ class DraftWindow:
       a token is kept only where the budget admits it by its survival (the
       product of the calibrated acceptances of the request's drafted tokens so
       far, calibration.py) against its marginal verification cost, and the
-      request drafts on only where the next drafter pass also pays, its token
-      priced by the ``lookahead`` (the next token's acceptance given this
-      token's confidence; without one, this token's acceptance).
+      request drafts on only where the next drafter pass also pays.
     * ``draft_length="window"``: the paper's window. A request goes on while it
       has fewer than k_min tokens or its stop signal (running product or
       running mean of the confidences of positions 0..j) is at least
@@ -102,12 +100,10 @@ class DraftWindow:
         budget: StepBudget | None = None,
         calibration: AcceptanceCalibration | None = None,
         drafting: torch.Tensor | None = None,
-        lookahead: AcceptanceCalibration | None = None,
     ):
         self.config = config
         self.budget = budget
         self.calibration = calibration
-        self.lookahead = lookahead
         self.tokens: list[torch.Tensor] = []
         self.probs: list[torch.Tensor] = []
         self.confidences: list[torch.Tensor] = []
@@ -139,7 +135,7 @@ class DraftWindow:
             assert self.calibration is not None
             acceptance = self.calibration.predict(confidence)
             self.survival = self.survival * acceptance
-            self._apply_budget(position, confidence, acceptance, goes_on)
+            self._apply_budget(position, acceptance, goes_on)
         self.lengths += self.drafting
         self.drafting &= goes_on & (position + 1 < self.config.k_max)
         self.tokens.append(tokens)
@@ -151,9 +147,7 @@ class DraftWindow:
         # One host sync per drafted position: the loop must know whether to go on.
         return bool(self.drafting.any())
 
-    def _apply_budget(
-        self, position: int, confidence: torch.Tensor, acceptance: torch.Tensor, goes_on: torch.Tensor
-    ) -> None:
+    def _apply_budget(self, position: int, acceptance: torch.Tensor, goes_on: torch.Tensor) -> None:
         """Narrow ``drafting`` (keep this token) and ``goes_on`` (draft another) to
         what pays; the first ``min_draft`` tokens are kept and drafted regardless."""
         assert self.budget is not None
@@ -162,17 +156,10 @@ class DraftWindow:
         candidates = [k and g for k, g in zip(kept, goes_on.tolist())]
         more = [False] * len(kept)
         if position + 1 < self.config.k_max and any(candidates):
-            # The next token survives if this draft does and it is accepted. Its
-            # confidence is unknown before its pass: the lookahead predicts its
-            # acceptance from this token's. Taking this token's acceptance
-            # instead misprices it both ways: on the head a token's confidence
-            # says little about the next token's (benchmark-domain prompts that
-            # are not the benchmark's, 2026-12-06: after accepted tokens
-            # calibrated at 0.0-0.2 the next was accepted 24% of the time, after
-            # 0.8-1.0 41%; docs/notes/eagle3-training.md, twenty-seventh session).
-            next_acceptance = acceptance if self.lookahead is None else self.lookahead.predict(confidence)
+            # The next token survives if this draft does and it is accepted:
+            # its acceptance is predicted to be this position's.
             more = self.budget.another_pass(
-                (self.survival * next_acceptance).tolist(), candidates, force=position + 1 < min_draft
+                (self.survival * acceptance).tolist(), candidates, force=position + 1 < min_draft
             )
         device = self.drafting.device
         self.drafting &= torch.tensor(kept, device=device)
@@ -237,10 +224,6 @@ class CmasdProposerMixin:
         self.acceptance = AcceptanceHistory(max_tracked=self._max_signal_rows)
         self.runs = DraftingRuns(prior_run=MAX_HORIZON)
         self.calibration = self._warm_start(vllm_config.speculative_config.draft_model_config.model)
-        # P(next drafted token accepted | this token's confidence, this one accepted):
-        # what another drafter pass is priced by (DraftWindow). From the same prior,
-        # so it starts where pricing the next token by this one's acceptance did.
-        self.lookahead = self.calibration.with_same_prior()
         self._skipped_in_a_row = 0
         self._explore_every = EXPLORE_EVERY
         # Off (None) unless someone asks (the demo's --show): per request id, each
@@ -434,9 +417,7 @@ class CmasdProposerMixin:
         # A request whose catch-up did not fit (whole) drafts nothing this step.
         drafts &= ~plan.blocked
         drafting = None if drafts.all() else torch.from_numpy(drafts).to(self.device)
-        window = self._window = DraftWindow(
-            batch_size, self.config, self.device, budget, self.calibration, drafting, lookahead=self.lookahead
-        )
+        window = self._window = DraftWindow(batch_size, self.config, self.device, budget, self.calibration, drafting)
         try:
             super().propose(num_speculative_tokens=min(num_speculative_tokens, self.config.k_max), **kwargs)
         except _DraftingFinished:
@@ -518,7 +499,6 @@ class CmasdProposerMixin:
         from what is known now: each request's recent acceptance per drafted
         token ``a``, the batch, the measured costs. A request's draft is worth
         the expected accepted tokens of the draft the rule would make at ``a``
-        for its first token and the lookahead's rate for each later one
         (:func:`~vllm_cmasd.budget.expected_draft`), and costs, beyond the
         first pass (its decode tokens, at most k_max + 2 per request, shared by
         the batch) and the first verified token, its later positions and its
@@ -545,8 +525,8 @@ class CmasdProposerMixin:
         pass_tokens = int((own_lens - beyond).sum())
         remaining = self._remaining_tokens(req_ids)
 
-        def rule(acceptance: np.ndarray, warm_ups: np.ndarray, next_rate: float | None) -> np.ndarray:
-            values, seconds = expected_draft(self.costs, acceptance, batch_size, k_max, next_acceptance=next_rate)
+        def rule(acceptance: np.ndarray, warm_ups: np.ndarray) -> np.ndarray:
+            values, seconds = expected_draft(self.costs, acceptance, batch_size, k_max)
             steps_left = remaining / (1.0 + values)  # the steps it may still run
             horizons = np.clip(np.minimum(steps_left, self.runs.expected_run), 1.0, MAX_HORIZON)
             extra = (seconds + self.costs.warm_up(warm_ups / horizons)).tolist()
@@ -556,19 +536,15 @@ class CmasdProposerMixin:
                 dtype=bool,
             )
 
-        # A request's history is mostly of first positions (most drafts are one
-        # token long): a token after an accepted one is priced by the lookahead.
-        drafts = rule(np.array([self.acceptance.predict(r) for r in req_ids]), warm_ups=beyond + catch_ups,
-                      next_rate=self.lookahead.overall_rate)
+        drafts = rule(np.array([self.acceptance.predict(r) for r in req_ids]), warm_ups=beyond + catch_ups)
         explore_room = None
         if drafts.any():  # the rule drafts by itself: when it stops, explore soon again
             self._explore_every = EXPLORE_EVERY
         elif self._skipped_in_a_row >= self._explore_every and rule(
-            self.acceptance.predict_if_accepted(req_ids), warm_ups=np.zeros(batch_size), next_rate=None
+            self.acceptance.predict_if_accepted(req_ids), warm_ups=np.zeros(batch_size)
         ).any():
             # Exploring only where its best outcome (every request's draft
-            # accepted, its later tokens as often as its first, every catch-up run)
-            # would switch drafting on: at 32
+            # accepted, every catch-up run) would switch drafting on: at 32
             # streams on the head the rule needs ~0.9 accepted per drafted
             # token, the head shows ~0.35, and exploring that could not change
             # a decision cost ~2% (bench-serve, 2026-12-05: the rounds that
@@ -644,17 +620,16 @@ class CmasdProposerMixin:
         self.stats.record_skipped_pass(len(req_ids))
 
     def observe_verification(self, req_ids: list[str], num_draft_tokens: list[int], num_accepted: torch.Tensor) -> None:
-        """Each verification's outcome: the requests' acceptance history, the
-        calibration (every drafted token the verifier reached, by its confidence)
-        and the lookahead (every drafted token after an accepted one, by that
-        one's confidence). The window learns them too, for /metrics and for
-        fitting a warm start (calibration.fit_warm_start)."""
+        """Each verification's outcome: the requests' acceptance history, and the
+        calibration (every drafted token the verifier reached, by its confidence).
+        The window learns the calibration too, for /metrics and for fitting a
+        warm start (calibration.fit_warm_start)."""
         accepted_counts = num_accepted.tolist()
         if self.trace is not None:
             self.step_outcomes = {r: (d, a) for r, d, a in zip(req_ids, num_draft_tokens, accepted_counts) if d}
         if self.config.measures_costs:
             self.acceptance.observe(req_ids, num_draft_tokens, accepted_counts)
-        confidences, outcomes, previous, next_outcomes = [], [], [], []
+        confidences, outcomes = [], []
         for req_id, drafted, accepted in zip(req_ids, num_draft_tokens, accepted_counts):
             entry = self._signals.get(req_id) if drafted else None
             if entry is None or entry["confidence"].numel() < drafted:
@@ -662,12 +637,8 @@ class CmasdProposerMixin:
             reached = min(accepted + 1, drafted)
             confidences.append(entry["confidence"][:reached])
             outcomes.append(torch.arange(reached) < accepted)
-            # Tokens 1 .. reached - 1 follow an accepted token: paired with its confidence.
-            previous.append(entry["confidence"][: reached - 1])
-            next_outcomes.append(outcomes[-1][1:])
         if confidences:
             self.calibration.observe(torch.cat(confidences), torch.cat(outcomes))
-            self.lookahead.observe(torch.cat(previous), torch.cat(next_outcomes))
 
     def totals(self) -> dict[str, float]:
         """The controller's running totals (metrics.CONTROLLER_TOTALS)."""
@@ -683,8 +654,8 @@ class CmasdProposerMixin:
     def report(self) -> dict:
         """What the controller has done and learnt so far, for ``/metrics``
         (vllm_patch.py carries it to the front end with the scheduler's stats):
-        running totals, the calibration and its lookahead, the cost fit."""
-        out = {**self.totals(), "calibration": self.calibration.summary(), "lookahead": self.lookahead.summary()}
+        running totals, the calibration, the cost fit."""
+        out = {**self.totals(), "calibration": self.calibration.summary()}
         if self.costs is not None:
             out["costs"] = self.costs.coefficients
             out["acceptance"] = self.acceptance.summary()

@@ -266,13 +266,13 @@ def measured_call(llm, probe: Probe, prompts: list[list[int]], params) -> dict[s
 
 def controller_state(llm) -> dict[str, Any]:
     """What the controller learnt by now: the cost fit (budget.MeasuredCosts.summary),
-    the calibration and its lookahead (calibration.AcceptanceCalibration.summary) and the acceptance
+    the calibration (calibration.AcceptanceCalibration.summary) and the acceptance
     history's rate and shrinkage weight (budget.AcceptanceHistory.summary)."""
     drafter = getattr(model_runner(llm), "drafter", None)
     if getattr(drafter, "costs", None) is None:
         return {}
     return {"cost_fit": drafter.costs.summary(), "calibration": drafter.calibration.summary(),
-            "lookahead": drafter.lookahead.summary(), "acceptance": drafter.acceptance.summary()}
+            "acceptance": drafter.acceptance.summary()}
 
 
 def weight_memory(llm) -> dict[str, int]:

@@ -572,19 +572,15 @@ def plots(bench: dict[str, Any], out_dir: Path) -> list[Path]:
             axes[0].plot([r["predicted"] for r in rows], [r["observed"] for r in rows], "o-", markersize=3,
                          label=f"{e['label']} (round {e.get('round', '?')})")
             bins = e["calibration"]["num_bins"]
-            centres = [(b + 0.5) / bins for b in range(bins)]
-            step = axes[1].step(centres, e["calibration"]["curve"], where="mid", label=e["label"])
-            if e.get("lookahead"):
-                axes[1].step(centres, e["lookahead"]["curve"], ":", where="mid", color=step[0].get_color(),
-                             label=f"{e['label']}: next token's")
+            axes[1].step([(b + 0.5) / bins for b in range(bins)], e["calibration"]["curve"], where="mid",
+                         label=e["label"])
             fit = e["cost_fit"]
             line = axes[2].plot(fit["tokens"], [1e3 * t for t in fit["target_s"]], "-", label=f"{e['label']}: target step")
             axes[2].plot(fit["tokens"], [1e3 * t for t in fit["draft_s"]], "--", color=line[0].get_color(),
                          label=f"{e['label']}: drafter pass")
         axes[0].set(xlabel="predicted acceptance", ylabel="observed acceptance", title="Reliability diagram",
                     xlim=(0, 1), ylim=(0, 1))
-        axes[1].set(xlabel="drafter confidence", ylabel="P(accepted | confidence)",
-                    title="Calibration, dotted: lookahead (end of run)",
+        axes[1].set(xlabel="drafter confidence", ylabel="P(accepted | confidence)", title="Calibration (end of run)",
                     xlim=(0, 1), ylim=(0, 1))
         axes[2].set(xlabel="tokens in the pass", ylabel="ms", title="Measured cost fit", xscale="log")
         for ax in axes:
