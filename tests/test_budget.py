@@ -326,6 +326,23 @@ def test_acceptance_history_predicts_per_request_and_falls_back_to_all():
     assert history.predict("b") == pytest.approx(history.predict("new"), abs=0.01)
 
 
+def test_a_batch_of_predictions_is_each_requests_own():
+    """predict_batch (the rule's, all requests at once) gives each request its
+    counts shrunk toward the overall rate, averaged over the weights' posterior."""
+    from vllm_cmasd.budget import SHRINKAGE_WEIGHTS, AcceptanceHistory
+
+    history = AcceptanceHistory(prior=0.5)
+    history.observe(["a", "b", "c"], [4, 2, 3], [4, 0, 1])
+    history.observe(["a", "c"], [3, 3], [1, 3])
+    ids = ["c", "new", "a", "b"]
+    rate = history.overall_rate
+    for req_id, value in zip(ids, history.predict_batch(ids).tolist()):
+        accepted, reached = history.per_request.get(req_id, (0.0, 0.0))
+        shrunk = [(accepted + w * rate) / (reached + w) for w in SHRINKAGE_WEIGHTS]
+        assert value == pytest.approx(sum(p * x for p, x in zip(history.posterior, shrunk))), req_id
+    assert len(set(history.predict_batch(ids).round(6).tolist())) == 4
+
+
 def test_the_shrinkage_weight_is_learnt_from_how_far_requests_differ():
     """Where every request drafts at one rate (the head's, near enough), one
     request's rejections say little of its next draft: the history learns to

@@ -27,6 +27,16 @@ def test_learns_acceptance_by_confidence_and_stays_monotone():
     assert low == pytest.approx(0.2, abs=0.06) and high == pytest.approx(0.9, abs=0.06)
 
 
+def test_host_and_device_binning_agree_at_every_edge():
+    """observe() bins on the host (numpy), predict() on the confidences' device:
+    one token must land in the same bin both ways, edges and out-of-range values included."""
+    edges = torch.arange(NUM_BINS + 1, dtype=torch.float32) / NUM_BINS
+    values = torch.cat([edges, edges + 1e-7, edges - 1e-7, torch.tensor([-0.5, 1.5]), torch.rand(1000)])
+    device_bins = AcceptanceCalibration.bins(values)
+    assert AcceptanceCalibration.bins(values.numpy()).tolist() == device_bins.tolist()
+    assert device_bins.min() == 0 and device_bins.max() == NUM_BINS - 1
+
+
 def test_reliability_diagram_compares_what_was_predicted_with_what_happened():
     calibration = AcceptanceCalibration(prior_accepted=[0.0] * NUM_BINS, prior_reached=[1e6] * NUM_BINS)
     # Predicts 0 everywhere (a strong, wrong prior); every token is accepted.

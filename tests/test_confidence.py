@@ -4,6 +4,8 @@ import math
 
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from vllm_cmasd.confidence import (
     entropy,
@@ -47,6 +49,33 @@ def test_unified_is_weighted_mean_and_orders_rows():
     ) / 4
     assert torch.allclose(unified_confidence(sharp, config), expected, atol=1e-6)
     assert (unified_confidence(sharp, config) > unified_confidence(flat, config)).all()
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    seed=st.integers(0, 2**31 - 1),
+    rows=st.integers(1, 6),
+    vocab=st.integers(2, 300),
+    scale=st.sampled_from([0.01, 1.0, 8.0, 40.0]),
+    ruled_out=st.floats(0.0, 0.95),
+    weights=st.tuples(*[st.sampled_from([0.0, 0.2, 1.0])] * 3).filter(any),
+)
+def test_unified_in_one_pass_equals_the_weighted_mean_of_the_signals(seed, rows, vocab, scale, ruled_out, weights):
+    """unified_confidence shares one softmax between the signals: the same
+    values as the three definitions apart, on rows with ruled-out (-inf)
+    tokens, near-ties and one-hot rows, for any weights (zeros skipped)."""
+    g = torch.Generator().manual_seed(seed)
+    logits = torch.randn(rows, vocab, generator=g) * scale
+    logits[torch.rand(rows, vocab, generator=g) < ruled_out] = float("-inf")
+    logits[:, 0] = logits[:, 0].nan_to_num(neginf=0.0)  # every row keeps a finite token
+    config = CmasdConfig.from_dict({"weights": dict(zip(CONFIDENCE_SIGNALS, weights))}, k_max=4)
+    w_entropy, w_softmax, w_logit = config.normalized_weights
+    expected = (
+        w_entropy * entropy_confidence(logits, 1000)
+        + w_softmax * softmax_margin(logits)
+        + w_logit * logit_margin_confidence(logits, config.logit_margin_scale)
+    ).clamp(0.0, 1.0)
+    assert torch.allclose(unified_confidence(logits, config, 1000), expected, atol=2e-6)
 
 
 def broken_rows(vocab=10):

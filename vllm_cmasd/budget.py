@@ -557,16 +557,21 @@ class AcceptanceHistory:
         return {"overall_rate": self.overall_rate, "shrinkage_weight": self.shrinkage_weight}
 
     @staticmethod
-    def _candidates(accepted: float, reached: float, overall_rate: float) -> np.ndarray:
-        """A request's counts shrunk toward ``overall_rate`` by each candidate weight."""
+    def _candidates(accepted, reached, overall_rate: float) -> np.ndarray:
+        """Counts shrunk toward ``overall_rate`` by each candidate weight (the
+        last axis; counts may be arrays of column vectors)."""
         weights = np.asarray(SHRINKAGE_WEIGHTS)
         return (accepted + weights * overall_rate) / (reached + weights)
 
-    def _shrunk(self, accepted: float, reached: float, overall_rate: float) -> float:
-        return float(self.posterior @ self._candidates(accepted, reached, overall_rate))
+    def predict_batch(self, req_ids: list[str]) -> np.ndarray:
+        """Each request's predicted acceptance per drafted token, all at once:
+        one request at a time cost ~10 us each a step (0.16 ms at 16 requests,
+        2-core CPU)."""
+        counts = np.array([self.per_request.get(r, (0.0, 0.0)) for r in req_ids], dtype=np.float64).reshape(-1, 2)
+        return self._candidates(counts[:, :1], counts[:, 1:], self.overall_rate) @ self.posterior
 
     def predict(self, req_id: str) -> float:
-        return self._shrunk(*self.per_request.get(req_id, (0.0, 0.0)), self.overall_rate)
+        return float(self.predict_batch([req_id])[0])
 
     def predict_if_accepted(self, req_ids: list[str]) -> np.ndarray:
         """Each request's prediction were every one of them to draft one token
@@ -577,7 +582,7 @@ class AcceptanceHistory:
         trial.overall = list(self.overall)
         trial.per_request = {r: list(self.per_request[r]) for r in req_ids if r in self.per_request}
         trial.observe(req_ids, [1] * len(req_ids), [1] * len(req_ids))
-        return np.array([trial.predict(r) for r in req_ids])
+        return trial.predict_batch(req_ids)
 
 
 class DraftingRuns:

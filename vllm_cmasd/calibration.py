@@ -32,6 +32,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import numpy as np
 import torch
 
 NUM_BINS = 20
@@ -93,7 +94,10 @@ class AcceptanceCalibration:
         return cls(prior_accepted=entry["accepted"], prior_reached=entry["reached"])
 
     @staticmethod
-    def bins(confidence: torch.Tensor) -> torch.Tensor:
+    def bins(confidence: torch.Tensor | np.ndarray) -> torch.Tensor | np.ndarray:
+        """Each confidence's bin, on its device, or on the host for a host array (:meth:`observe`)."""
+        if isinstance(confidence, np.ndarray):
+            return np.minimum((np.clip(confidence.astype(np.float32), 0.0, 1.0) * NUM_BINS).astype(np.int64), NUM_BINS - 1)
         return (confidence.float().clamp(0.0, 1.0) * NUM_BINS).long().clamp_(max=NUM_BINS - 1)
 
     def _refit(self) -> None:
@@ -111,25 +115,26 @@ class AcceptanceCalibration:
 
     def observe(self, confidence: torch.Tensor, accepted: torch.Tensor) -> None:
         """One step's verified tokens: the confidence of each drafted token the
-        verifier reached, and whether it was accepted (flat, same length)."""
+        verifier reached, and whether it was accepted (flat, same length).
+
+        On the host, in numpy: a handful of values a step, where a dozen small
+        torch ops cost ~0.3 ms of every verifying step (batch 1, 2-core CPU)."""
         if confidence.numel() == 0:
             return
-        predicted = self.predict(confidence).cpu()
-        bins = self.bins(confidence).cpu()
-        accepted = accepted.to(dtype=torch.float32, device="cpu")
-        reached_per_bin = torch.bincount(bins, minlength=NUM_BINS).tolist()
-        accepted_per_bin = torch.bincount(bins, weights=accepted, minlength=NUM_BINS).tolist()
-        for b in range(NUM_BINS):
-            self.accepted[b] = self.decay * self.accepted[b] + accepted_per_bin[b]
-            self.reached[b] = self.decay * self.reached[b] + reached_per_bin[b]
+        confidence = confidence.detach().float().cpu().numpy()
+        accepted = accepted.detach().cpu().numpy().astype(np.float64)
+        bins = self.bins(confidence)
+        predicted = np.asarray(self.curve, dtype=np.float32)[bins]  # what predict() gave these tokens
+
+        def per_bin(index: np.ndarray, weights: np.ndarray | None = None) -> np.ndarray:
+            return np.bincount(index, weights=weights, minlength=NUM_BINS)
+
+        self.accepted = (self.decay * np.asarray(self.accepted) + per_bin(bins, accepted)).tolist()
+        self.reached = (self.decay * np.asarray(self.reached) + per_bin(bins)).tolist()
         by_prediction = self.bins(predicted)
-        for name, values in (("predicted_sum", predicted), ("predicted_accepted", accepted),
-                             ("predicted_reached", torch.ones_like(predicted))):
-            counts = torch.bincount(by_prediction, weights=values, minlength=NUM_BINS).tolist()
-            table = getattr(self, name)
-            for b in range(NUM_BINS):
-                table[b] += counts[b]
-        self.num_observed += confidence.numel()
+        for name, values in (("predicted_sum", predicted), ("predicted_accepted", accepted), ("predicted_reached", None)):
+            setattr(self, name, (np.asarray(getattr(self, name)) + per_bin(by_prediction, values)).tolist())
+        self.num_observed += confidence.size
         self._refit()
 
     def summary(self) -> dict:

@@ -536,7 +536,7 @@ class CmasdProposerMixin:
                 dtype=bool,
             )
 
-        drafts = rule(np.array([self.acceptance.predict(r) for r in req_ids]), warm_ups=beyond + catch_ups)
+        drafts = rule(self.acceptance.predict_batch(req_ids), warm_ups=beyond + catch_ups)
         explore_room = None
         if drafts.any():  # the rule drafts by itself: when it stops, explore soon again
             self._explore_every = EXPLORE_EVERY
