@@ -97,6 +97,27 @@ def test_the_held_out_draw_does_not_depend_on_the_training_pool(monkeypatch):
     assert same_held == held
 
 
+def test_the_held_out_prompt_set_is_the_held_out_documents_in_the_benchmarks_format(monkeypatch, tmp_path):
+    """``python -m vllm_cmasd.bench.prompts --heldout-docs``: a set the benchmark
+    loads (--prompts), every prompt on a document the training stages hold out."""
+    from vllm_cmasd.bench.prompts import main
+
+    pool = [{"task": task, "prompt": f"{task} prompt on document {i}", "source": f"pypi-metadata:pkg{i}==1.0#{task}",
+             "origin": f"pypi:pkg{i}"} for i in range(400) for task in TASKS]
+    monkeypatch.setattr(sources, "training_prompts", lambda: pool)
+    _, held = sources.docs_prompts(seed=1234)
+    held_prompts = {q["prompt"] for q in held}
+    origin = {q["source"]: q["origin"] for q in pool}
+    main(["--heldout-docs", "--per-task", "3", "--out", str(tmp_path / "held.json")])
+    data = load_prompts(tmp_path / "held.json")
+    assert [len(data["tasks"][task]) for task in TASKS] == [3, 3, 3]
+    for task in TASKS:
+        for item in data["tasks"][task]:
+            assert item["prompt"] in held_prompts and item["prompt"].startswith(task)
+            assert stable_hash(origin[item["source"]]) % 1000 < 100
+    assert len({item["id"] for items in data["tasks"].values() for item in items}) == 9
+
+
 def test_vendored_distributions_are_not_documents():
     """setuptools' vendored copies (on ``sys.path`` once it is imported) are not
     installed packages: the document pool does not depend on what was imported."""

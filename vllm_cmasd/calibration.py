@@ -97,7 +97,8 @@ class AcceptanceCalibration:
     def bins(confidence: torch.Tensor | np.ndarray) -> torch.Tensor | np.ndarray:
         """Each confidence's bin, on its device, or on the host for a host array (:meth:`observe`)."""
         if isinstance(confidence, np.ndarray):
-            return np.minimum((np.clip(confidence.astype(np.float32), 0.0, 1.0) * NUM_BINS).astype(np.int64), NUM_BINS - 1)
+            scaled = np.clip(confidence.astype(np.float32), 0.0, 1.0) * NUM_BINS
+            return np.minimum(scaled.astype(np.int64), NUM_BINS - 1)
         return (confidence.float().clamp(0.0, 1.0) * NUM_BINS).long().clamp_(max=NUM_BINS - 1)
 
     def _refit(self) -> None:
@@ -132,7 +133,8 @@ class AcceptanceCalibration:
         self.accepted = (self.decay * np.asarray(self.accepted) + per_bin(bins, accepted)).tolist()
         self.reached = (self.decay * np.asarray(self.reached) + per_bin(bins)).tolist()
         by_prediction = self.bins(predicted)
-        for name, values in (("predicted_sum", predicted), ("predicted_accepted", accepted), ("predicted_reached", None)):
+        tables = (("predicted_sum", predicted), ("predicted_accepted", accepted), ("predicted_reached", None))
+        for name, values in tables:
             setattr(self, name, (np.asarray(getattr(self, name)) + per_bin(by_prediction, values)).tolist())
         self.num_observed += confidence.size
         self._refit()

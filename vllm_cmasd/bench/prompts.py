@@ -51,7 +51,7 @@ from vllm_cmasd.bench.templates import (
 # are re-exported: the training code and the tests import them from here.
 __all__ = [
     "PER_TASK", "PROMPTS_FILE", "PROMPTS_VERSION", "SUMMARIZATION_TEMPLATE", "TASKS", "TUNING_PROMPTS",
-    "benchmark_origins", "benchmark_paragraphs", "extract", "load_prompts", "main", "origin_key",
+    "benchmark_origins", "benchmark_paragraphs", "extract", "heldout_docs", "load_prompts", "main", "origin_key",
     "shares_paragraph", "training_prompts",
 ]
 
@@ -322,13 +322,38 @@ def training_prompts(
     return out
 
 
+def heldout_docs(per_task: int = PER_TASK) -> dict:
+    """A prompt set like the committed one, on documents no drafter was trained
+    on: the held-out part of the training pool (:func:`training_prompts`, split
+    by a hash of each document in ``training.sources.docs_prompts``; every
+    training stage asks only the other part), READMEs and man pages first. For
+    a drafter's acceptance on unseen text of the benchmark's kinds
+    (``vllm-cmasd bench --prompts``); built on this machine's offline text."""
+    from vllm_cmasd.training.sources import docs_prompts  # training imports this module
+
+    _, held_out = docs_prompts(seed=0)  # the seed orders each part; the split is the hash's
+    tasks: dict[str, list[dict]] = {task: [] for task in TASKS}
+    for q in held_out:
+        items = tasks[q["kind"].removeprefix("docs:")]
+        if len(items) < per_task:
+            items.append({"id": f"{q['kind'][5:8]}-held-{len(items):02d}", "prompt": q["prompt"],
+                          "source": q["sid"].removeprefix("docs:")})
+    return {"version": PROMPTS_VERSION, "tasks": tasks,
+            "description": "Held-out documents of the training pool (vllm_cmasd.bench.prompts.heldout_docs): "
+            "the benchmark's templates on documents no drafter was trained on."}
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description="Extract the benchmark prompts from offline text.")
     parser.add_argument("--write", action="store_true", help=f"overwrite {PROMPTS_FILE.name}")
     parser.add_argument("--out", default=None, help="write here instead")
     parser.add_argument("--per-task", type=int, default=PER_TASK)
+    parser.add_argument("--heldout-docs", action="store_true",
+                        help="the training pool's held-out documents instead (heldout_docs); use with --out")
     args = parser.parse_args(argv)
-    data = extract(args.per_task)
+    if args.heldout_docs and args.write:
+        parser.error("--heldout-docs writes a set of its own: give --out, not --write")
+    data = heldout_docs(args.per_task) if args.heldout_docs else extract(args.per_task)
     text = json.dumps(data, indent=1, ensure_ascii=False) + "\n"
     if args.write or args.out:
         Path(args.out or PROMPTS_FILE).write_text(text, encoding="utf-8")
