@@ -323,24 +323,24 @@ def training_prompts(
 
 
 def heldout_docs(per_task: int = PER_TASK) -> dict:
-    """A prompt set like the committed one, on documents no drafter was trained
-    on: the held-out part of the training pool (:func:`training_prompts`, split
-    by a hash of each document in ``training.sources.docs_prompts``; every
-    training stage asks only the other part), READMEs and man pages first. For
-    a drafter's acceptance on unseen text of the benchmark's kinds
-    (``vllm-cmasd bench --prompts``); built on this machine's offline text."""
+    """A prompt set like the committed one, on the documents every training
+    stage holds out: the held-out part of the training pool
+    (:func:`training_prompts`, split by a hash of each document in
+    ``training.sources.docs_prompts``), READMEs and man pages first. For a
+    drafter's acceptance on unseen text of the benchmark's kinds (``vllm-cmasd
+    bench --prompts``); built on this machine's offline text."""
     from vllm_cmasd.training.sources import docs_prompts  # training imports this module
 
     _, held_out = docs_prompts(seed=0)  # the seed orders each part; the split is the hash's
     tasks: dict[str, list[dict]] = {task: [] for task in TASKS}
     for q in held_out:
-        items = tasks[q["kind"].removeprefix("docs:")]
-        if len(items) < per_task:
-            items.append({"id": f"{q['kind'][5:8]}-held-{len(items):02d}", "prompt": q["prompt"],
-                          "source": q["sid"].removeprefix("docs:")})
+        task = q["kind"].removeprefix("docs:")
+        if len(tasks[task]) < per_task:
+            tasks[task].append({"id": f"{task[:3]}-held-{len(tasks[task]):02d}", "prompt": q["prompt"],
+                                "source": q["sid"].removeprefix("docs:")})
     return {"version": PROMPTS_VERSION, "tasks": tasks,
             "description": "Held-out documents of the training pool (vllm_cmasd.bench.prompts.heldout_docs): "
-            "the benchmark's templates on documents no drafter was trained on."}
+            "the benchmark's templates on documents the training stages hold out."}
 
 
 def main(argv: list[str] | None = None) -> int:
