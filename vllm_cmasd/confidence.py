@@ -3,6 +3,9 @@
 All functions take a batch of drafter logits ``[batch, vocab]`` and return one
 value per row in ``[0, 1]``, 1 meaning certain. They run batched on the
 logits' device; there is no loop over tokens. Equations: docs/confidence.md.
+The three signal functions are their definitions (R-Stitch routes on
+:func:`entropy`); the drafting loop calls :func:`unified_confidence`, which
+computes their weighted mean in one pass, held to them by the tests.
 
 A row without a finite maximum (a NaN anywhere, a +inf, or all -inf: a
 broken drafter) is least confident for every signal: confidence 0, entropy
