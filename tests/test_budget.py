@@ -311,19 +311,19 @@ def test_acceptance_history_predicts_per_request_and_falls_back_to_all():
     from vllm_cmasd.budget import AcceptanceHistory
 
     history = AcceptanceHistory(prior=0.5)
-    assert history.predict("new") == pytest.approx(0.5)
+    assert history.predict_batch(["new"])[0] == pytest.approx(0.5)
     for _ in range(40):
         # "a" accepts all 4 drafted tokens; "b" rejects its first; "c" drafted nothing.
         history.observe(["a", "b", "c"], [4, 4, 0], [4, 0, 0])
     # Each shrunk toward the overall rate by two pseudo-tokens.
-    assert history.predict("a") > 0.95 and history.predict("b") < 0.15
-    assert 0.6 < history.predict("new") < 0.9  # 4 accepted of 5 reached per step overall
+    assert history.predict_batch(["a"])[0] > 0.95 and history.predict_batch(["b"])[0] < 0.15
+    assert 0.6 < history.predict_batch(["new"])[0] < 0.9  # 4 accepted of 5 reached per step overall
     assert "c" not in history.per_request
     # "b" stops drafting: on the steps it drafts nothing it returns to the
     # overall rate (and so drafts again), rather than keeping its bad stretch.
     for _ in range(40):
         history.forget(["b"])
-    assert history.predict("b") == pytest.approx(history.predict("new"), abs=0.01)
+    assert history.predict_batch(["b"])[0] == pytest.approx(history.predict_batch(["new"])[0], abs=0.01)
 
 
 def test_a_batch_of_predictions_is_each_requests_own():
@@ -365,11 +365,11 @@ def test_the_shrinkage_weight_is_learnt_from_how_far_requests_differ():
     alike = history_of([0.28] * 40)
     assert alike.shrinkage_weight >= 32
     alike.observe(["new", "new"], [1, 1], [0, 0])
-    assert alike.predict("new") > 0.2
+    assert alike.predict_batch(["new"])[0] > 0.2
     differing = history_of([0.95, 0.05] * 20)
     assert differing.shrinkage_weight <= 2
     differing.observe(["new", "new"], [1, 1], [0, 0])
-    assert differing.predict("new") < 0.2
+    assert differing.predict_batch(["new"])[0] < 0.2
 
 
 def test_a_few_early_rejections_do_not_settle_the_shrinkage_weight():
@@ -384,7 +384,7 @@ def test_a_few_early_rejections_do_not_settle_the_shrinkage_weight():
     history.observe(["warm-up", "warm-up"], [1, 1], [0, 0])
     history.observe(["next"], [1], [0])
     assert 0.5 < history.shrinkage_weight < 32
-    assert history.predict("next") > 0.2
+    assert history.predict_batch(["next"])[0] > 0.2
 
 
 def test_the_best_outcome_of_exploring_is_what_observing_it_would_leave():
@@ -404,8 +404,8 @@ def test_the_best_outcome_of_exploring_is_what_observing_it_would_leave():
     assert (history.overall, history.per_request) == before  # nothing changed
     observed = copy.deepcopy(history)
     observed.observe(ids, [1, 1, 1], [1, 1, 1])
-    assert best.tolist() == pytest.approx([observed.predict(r) for r in ids])
-    assert (best > [history.predict(r) for r in ids]).all()
+    assert best.tolist() == pytest.approx(observed.predict_batch(ids).tolist())
+    assert (best > history.predict_batch(ids)).all()
 
 
 def test_the_overall_rate_outlives_one_request_s_tail():
@@ -419,8 +419,8 @@ def test_the_overall_rate_outlives_one_request_s_tail():
         history.observe(["good"], [4], [3])
     for _ in range(10):  # then one request whose drafts are all rejected
         history.observe(["tail"], [2], [0])
-    assert history.predict("tail") < 0.3
-    assert history.predict("new") > 0.6
+    assert history.predict_batch(["tail"])[0] < 0.3
+    assert history.predict_batch(["new"])[0] > 0.6
 
 
 def test_a_draft_is_worth_its_expected_accepted_tokens():

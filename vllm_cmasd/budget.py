@@ -570,9 +570,6 @@ class AcceptanceHistory:
         counts = np.array([self.per_request.get(r, (0.0, 0.0)) for r in req_ids], dtype=np.float64).reshape(-1, 2)
         return self._candidates(counts[:, :1], counts[:, 1:], self.overall_rate) @ self.posterior
 
-    def predict(self, req_id: str) -> float:
-        return float(self.predict_batch([req_id])[0])
-
     def predict_if_accepted(self, req_ids: list[str]) -> np.ndarray:
         """Each request's prediction were every one of them to draft one token
         now and have it accepted (what :meth:`observe` would then leave, the
